@@ -1,0 +1,23 @@
+"""ihdm_jax: the Inverse Heat Dissipation Model in JAX/Flax."""
+
+import pathlib
+
+import setuptools
+
+here = pathlib.Path(__file__).parent
+requirements = [line.strip() for line in (here / 'requirements.txt').read_text().splitlines()
+                if line.strip() and not line.startswith('#')]
+
+setuptools.setup(
+    name='ihdm_jax',
+    version='0.1.0',
+    description='Generative modelling with inverse heat dissipation (Rissanen et al., ICLR 2023) '
+                'in JAX and Flax.',
+    long_description=(here / 'README.md').read_text(),
+    long_description_content_type='text/markdown',
+    license='MIT',
+    python_requires='>=3.11',
+    packages=setuptools.find_packages(include=['ihdm_jax', 'ihdm_jax.*', 'configs']),
+    install_requires=requirements,
+    extras_require={'test': ['pytest>=8', 'scipy>=1.11']},
+)
