@@ -81,3 +81,73 @@ def test_trajectory_steps_out_of_range_are_refused():
     with pytest.raises(ValueError, match='0..6'):
         sampling.sample(lambda u, k: u, np.zeros((1, 2, 2, 1)), K, 0.0, jax.random.key(0),
                         trajectory_steps=(7,))
+
+
+def _linear_f(u, k):
+    return -0.05 * u + 0.01 * k[:, None, None, None]
+
+
+def test_stop_runs_part_of_the_chain_and_composes():
+    u_K = _images((2, 4, 4, 1), seed=7)
+    noise = sampling.example_noise(jax.random.split(jax.random.key(7), 2), (4, 4, 1))
+    full = sampling.sample_with_noise(_linear_f, u_K, K, 0.1, noise)
+    half = sampling.sample_with_noise(_linear_f, u_K, K, 0.1, noise, stop=3)
+    rest = sampling.sample_with_noise(_linear_f, half, 3, 0.1, noise)
+    np.testing.assert_allclose(rest, full, atol=1e-6)
+
+
+def test_same_init_and_share_noise():
+    u_K = _images((1, 4, 4, 1), seed=8)
+    same_init = sampling.sample(_linear_f, np.repeat(u_K, 3, axis=0), K, 0.1, jax.random.key(8))
+    assert not np.allclose(same_init[0], same_init[1])  # one u_K, different noise sequences
+    u_Ks = np.concatenate([u_K, u_K, _images((1, 4, 4, 1), seed=9)])
+    shared = sampling.example_noise(jnp.stack([jax.random.key(9)] * 3), (4, 4, 1))
+    out = sampling.sample_with_noise(_linear_f, u_Ks, K, 0.1, shared)
+    np.testing.assert_array_equal(out[0], out[1])  # same u_K and same noise: identical
+    assert not np.allclose(out[0], out[2])
+
+
+def test_slerp_keeps_norm_and_hits_endpoints():
+    rng = np.random.default_rng(10)
+    a = rng.normal(size=(1, 8, 8, 3)).astype(np.float32)
+    b = rng.normal(size=(1, 8, 8, 3)).astype(np.float32)
+    b *= np.linalg.norm(a) / np.linalg.norm(b)
+    w = jnp.linspace(0, 1, 9).reshape(-1, 1, 1, 1)
+    path = np.asarray(sampling.slerp(jnp.asarray(a), jnp.asarray(b), w))
+    norms = np.linalg.norm(path.reshape(9, -1), axis=1)
+    np.testing.assert_allclose(norms, np.linalg.norm(a), rtol=1e-5)
+    np.testing.assert_allclose(path[0], a[0], atol=1e-5)
+    np.testing.assert_allclose(path[-1], b[0], atol=1e-5)
+    # The midpoint lies on the great circle: equal angles to both endpoints.
+    cos = lambda x, y: np.sum(x * y) / np.linalg.norm(x) / np.linalg.norm(y)
+    np.testing.assert_allclose(cos(path[4], a[0]), cos(path[4], b[0]), atol=1e-5)
+
+
+def test_interpolation_endpoints_are_the_two_samples():
+    u_a, u_b = _images((4, 4, 1), seed=11), _images((4, 4, 1), seed=12)
+    ka, kb = jax.random.key(11), jax.random.key(12)
+    frames = sampling.interpolate(_linear_f, jnp.asarray(u_a), jnp.asarray(u_b), ka, kb, K, 0.1, 5)
+    assert frames.shape == (5, 4, 4, 1)
+    for frame, u, key in ((frames[0], u_a, ka), (frames[-1], u_b, kb)):
+        alone = sampling.sample_with_noise(_linear_f, u[None], K, 0.1,
+                                           sampling.example_noise(key[None], u.shape))
+        np.testing.assert_allclose(frame, alone[0], atol=1e-5)
+
+
+def test_hierarchical_branches_continue_from_their_parent():
+    u_K = jnp.asarray(_images((4, 4, 1), seed=13))
+    key = jax.random.key(13)
+    states = sampling.hierarchical(_linear_f, u_K, K, 0.1, key, splits=(4, 2), branches=2)
+    assert [s.shape[0] for s in states] == [1, 2, 4]
+    # The parent's state at the first split is the unbranched chain stopped there.
+    parent = sampling.sample_with_noise(_linear_f, u_K[None], K, 0.1,
+                                        sampling.example_noise(key[None], (4, 4, 1)), stop=4)
+    np.testing.assert_allclose(states[0], parent, atol=1e-6)
+    # Every branch starts from its parent's state: children of one parent differ only after it.
+    child_keys = jnp.stack([jax.random.fold_in(key, i) for i in range(2)])
+    children = sampling.sample_with_noise(_linear_f, jnp.repeat(parent, 2, axis=0), 4, 0.1,
+                                          sampling.example_noise(child_keys, (4, 4, 1)), stop=2)
+    np.testing.assert_allclose(states[1], children, atol=1e-6)
+    assert not np.allclose(states[2][0], states[2][1])
+    with pytest.raises(ValueError, match='descending'):
+        sampling.hierarchical(_linear_f, u_K, K, 0.1, key, splits=(2, 4), branches=2)
