@@ -1,0 +1,24 @@
+"""FFHQ 128x128 (paper Tables 1-2)."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_default_config()
+    config.data.dataset = 'ffhq'
+    config.data.image_size = 128
+    config.data.num_channels = 3
+
+    model = config.model
+    model.K = 200
+    model.blur_sigma_max = 128.0
+    model.channel_mult = (1, 2, 3, 4, 5)
+    model.num_res_blocks = 2
+    model.attention_levels = (2, 3, 4)  # 32x32, 16x16, 8x8
+    model.dropout = 0.1
+    model.ema_rate = 0.999
+
+    config.training.batch_size = 32
+    config.optim.lr = 2e-5  # original code: 2e-4
+    config.sampling.delta = 0.0125
+    return config

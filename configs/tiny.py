@@ -1,0 +1,32 @@
+"""A very small setting for tests: 8x8 grayscale digits and a two-level U-Net."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_default_config()
+    config.data.dataset = 'digits'
+    config.data.image_size = 8
+    config.data.num_channels = 1
+
+    model = config.model
+    model.K = 10
+    model.blur_sigma_max = 4.0
+    model.model_channels = 32
+    model.channel_mult = (1, 2)
+    model.num_res_blocks = 1
+    model.attention_levels = (1,)  # 4x4
+    model.dropout = 0.1
+
+    training = config.training
+    training.batch_size = 8
+    training.n_iters = 20
+    training.snapshot_freq = 10
+    training.log_freq = 5
+    training.sampling_freq = 10
+
+    config.optim.lr = 1e-3
+    config.optim.warmup = 5
+    config.sampling.num_samples = 8
+    config.sampling.batch_size = 8
+    return config

@@ -1,0 +1,324 @@
+"""The U-Net f(u, k) of the paper (App. B.1), built as the original code builds it.
+
+Improved-diffusion lineage: ResBlocks with an additive time embedding, single-head
+self-attention at chosen levels and in the middle, every encoder output used as a skip.
+The last convolutions of each residual branch and of the output are zero-initialised, so
+f == 0 at initialisation and the prediction μ(u, k) = u + f(u, k) starts as the identity.
+Other weights and biases follow PyTorch's default initialisation, as in the original code.
+"""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_GROUPS = 32
+_EPS = 1e-5
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+# PyTorch's default: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_torch_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def _torch_bias_init(fan_in):
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _conv(in_ch, out_ch, kernel, *, dtype, rngs, stride=1, zero=False):
+    pad = kernel // 2
+    return nnx.Conv(
+        in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+        dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.zeros_init() if zero else _torch_kernel_init,
+        bias_init=nnx.initializers.zeros_init() if zero else _torch_bias_init(in_ch * kernel**2),
+        rngs=rngs)
+
+
+def _dense(in_features, out_features, *, dtype, rngs):
+    return nnx.Linear(
+        in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(in_features), rngs=rngs)
+
+
+def _group_norm(ch, *, dtype, rngs):
+    return nnx.GroupNorm(ch, num_groups=_GROUPS, epsilon=_EPS, use_fast_variance=False,
+                         dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class _ParamKeys:
+    """Stands in for nnx.Rngs when building layers: a 'params' stream from one key.
+
+    nnx.Rngs stores its draw counter in a Variable, and under jit or eval_shape every draw
+    then scans the whole trace so far (jax 0.10), which makes building the model quadratic
+    in its size. Layers only call rngs.params(), so a Python counter does the same job.
+    """
+
+    def __init__(self, key):
+        self._key = key
+        self._count = 0
+
+    def params(self):
+        self._count += 1
+        return jax.random.fold_in(self._key, self._count)
+
+
+def timestep_embedding(k, dim, max_period=10000.0):
+    """Sinusoidal embedding [cos | sin] of the raw integer level k, shape (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = k.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class ResBlock(nnx.Module):
+    """GN-SiLU-conv, + Dense(SiLU(temb)), GN-SiLU-Dropout-conv(zero); identity or 1x1 skip."""
+
+    def __init__(self, in_ch, out_ch, temb_ch, dropout, *, dtype, rngs):
+        self.norm1 = _group_norm(in_ch, dtype=dtype, rngs=rngs)
+        self.conv1 = _conv(in_ch, out_ch, 3, dtype=dtype, rngs=rngs)
+        self.temb_proj = _dense(temb_ch, out_ch, dtype=dtype, rngs=rngs)
+        self.norm2 = _group_norm(out_ch, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
+        self.conv2 = _conv(out_ch, out_ch, 3, dtype=dtype, rngs=rngs, zero=True)
+        self.skip = _conv(in_ch, out_ch, 1, dtype=dtype, rngs=rngs) if in_ch != out_ch else None
+
+    def __call__(self, x, temb, *, train, key):
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = h + self.temb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.dropout(jax.nn.silu(self.norm2(h)), deterministic=not train, rngs=key)
+        h = self.conv2(h)
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class Attention(nnx.Module):
+    """Single-head self-attention over all positions: GN, 1x1 qkv, softmax (f32), 1x1 proj."""
+
+    def __init__(self, ch, *, dtype, rngs):
+        self.norm = _group_norm(ch, dtype=dtype, rngs=rngs)
+        self.qkv = _conv(ch, 3 * ch, 1, dtype=dtype, rngs=rngs)
+        self.proj = _conv(ch, ch, 1, dtype=dtype, rngs=rngs, zero=True)
+
+    def __call__(self, x):
+        b, height, width, ch = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, height * width, 3, 1, ch)
+        # The XLA implementation computes the softmax in float32 for any input dtype.
+        h = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        return x + self.proj(h.reshape(b, height, width, ch))
+
+
+class ResAttnBlock(nnx.Module):
+    """A ResBlock, followed by self-attention at attention levels."""
+
+    def __init__(self, in_ch, out_ch, temb_ch, dropout, attention, *, dtype, rngs):
+        self.res = ResBlock(in_ch, out_ch, temb_ch, dropout, dtype=dtype, rngs=rngs)
+        self.attn = Attention(out_ch, dtype=dtype, rngs=rngs) if attention else None
+
+    def __call__(self, x, temb, *, train, key):
+        h = self.res(x, temb, train=train, key=key)
+        return h if self.attn is None else self.attn(h)
+
+
+class Downsample(nnx.Module):
+    """Halves the resolution: strided 3x3 conv ('conv') or 2x2 average pooling ('avgpool')."""
+
+    def __init__(self, ch, mode, *, dtype, rngs):
+        if mode not in ('conv', 'avgpool'):
+            raise ValueError(f"downsample must be 'conv' or 'avgpool', got {mode!r}")
+        self.conv = _conv(ch, ch, 3, dtype=dtype, rngs=rngs, stride=2) if mode == 'conv' else None
+
+    def __call__(self, x):
+        if self.conv is not None:
+            return self.conv(x)
+        b, height, width, ch = x.shape
+        return x.reshape(b, height // 2, 2, width // 2, 2, ch).mean(axis=(2, 4))
+
+
+class Upsample(nnx.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
+
+    def __init__(self, ch, *, dtype, rngs):
+        self.conv = _conv(ch, ch, 3, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+class UNet(nnx.Module):
+    """f(u, k): NHWC images and int32 levels (B,) -> float32 array shaped like u.
+
+    Level i of the U-Net works at resolution image_size / 2**i with
+    model_channels * channel_mult[i] channels; attention_levels lists level indices.
+    dtype ('float32' | 'bfloat16') is the compute dtype; parameters are always float32.
+    """
+
+    def __init__(self, *, num_channels, model_channels, channel_mult, num_res_blocks,
+                 attention_levels, dropout, downsample, dtype, rngs):
+        if dtype not in _DTYPES:
+            raise ValueError(f'dtype must be one of {sorted(_DTYPES)}, got {dtype!r}')
+        num_levels = len(channel_mult)
+        if any(not 0 <= level < num_levels for level in attention_levels):
+            raise ValueError(f'attention_levels {attention_levels} outside 0..{num_levels - 1}')
+        dtype = _DTYPES[dtype]
+        rngs = _ParamKeys(rngs.params())
+        self.model_channels = model_channels
+        temb_ch = 4 * model_channels
+        level_ch = [model_channels * mult for mult in channel_mult]
+
+        def block(in_ch, level):
+            return ResAttnBlock(in_ch, level_ch[level], temb_ch, dropout,
+                                level in attention_levels, dtype=dtype, rngs=rngs)
+
+        self.temb_dense1 = _dense(model_channels, temb_ch, dtype=dtype, rngs=rngs)
+        self.temb_dense2 = _dense(temb_ch, temb_ch, dtype=dtype, rngs=rngs)
+        self.stem = _conv(num_channels, level_ch[0], 3, dtype=dtype, rngs=rngs)
+
+        ch = level_ch[0]
+        skip_ch = [ch]
+        encoder, downsamplers = [], []
+        for level in range(num_levels):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(block(ch, level))
+                ch = level_ch[level]
+                skip_ch.append(ch)
+            encoder.append(nnx.List(blocks))
+            if level < num_levels - 1:
+                downsamplers.append(Downsample(ch, downsample, dtype=dtype, rngs=rngs))
+                skip_ch.append(ch)
+        self.encoder = nnx.List(encoder)
+        self.downsample = nnx.List(downsamplers)
+
+        self.mid_res1 = ResBlock(ch, ch, temb_ch, dropout, dtype=dtype, rngs=rngs)
+        self.mid_attn = Attention(ch, dtype=dtype, rngs=rngs)
+        self.mid_res2 = ResBlock(ch, ch, temb_ch, dropout, dtype=dtype, rngs=rngs)
+
+        decoder, upsamplers = {}, {}
+        for level in reversed(range(num_levels)):
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(block(ch + skip_ch.pop(), level))
+                ch = level_ch[level]
+            decoder[level] = nnx.List(blocks)
+            if level > 0:
+                upsamplers[level] = Upsample(ch, dtype=dtype, rngs=rngs)
+        # decoder[i] and upsample[i - 1] belong to level i.
+        self.decoder = nnx.List([decoder[level] for level in range(num_levels)])
+        self.upsample = nnx.List([upsamplers[level] for level in range(1, num_levels)])
+
+        self.out_norm = _group_norm(ch, dtype=dtype, rngs=rngs)
+        self.out_conv = _conv(ch, num_channels, 3, dtype=dtype, rngs=rngs, zero=True)
+
+    def __call__(self, x, k, *, train=False, rngs=None):
+        """rngs: nnx.Rngs with a 'dropout' stream, required when train=True."""
+        if train:
+            if rngs is None:
+                raise ValueError('UNet(train=True) needs rngs with a dropout stream.')
+            num_blocks = 2 + sum(len(blocks) for blocks in (*self.encoder, *self.decoder))
+            keys = iter(jax.random.split(rngs.dropout(), num_blocks))
+        else:
+            keys = itertools.repeat(None)
+
+        temb = timestep_embedding(k, self.model_channels)
+        temb = self.temb_dense2(jax.nn.silu(self.temb_dense1(temb)))
+
+        h = self.stem(x)
+        skips = [h]
+        for level, blocks in enumerate(self.encoder):
+            for blk in blocks:
+                h = blk(h, temb, train=train, key=next(keys))
+                skips.append(h)
+            if level < len(self.downsample):
+                h = self.downsample[level](h)
+                skips.append(h)
+
+        h = self.mid_res1(h, temb, train=train, key=next(keys))
+        h = self.mid_attn(h)
+        h = self.mid_res2(h, temb, train=train, key=next(keys))
+
+        for level in reversed(range(len(self.decoder))):
+            for blk in self.decoder[level]:
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = blk(h, temb, train=train, key=next(keys))
+            if level > 0:
+                h = self.upsample[level - 1](h)
+
+        h = self.out_conv(jax.nn.silu(self.out_norm(h)))
+        return h.astype(jnp.float32)
+
+
+def from_config(config, rngs):
+    """Builds the UNet of config.model for config.data.num_channels channels."""
+    m = config.model
+    return UNet(num_channels=config.data.num_channels, model_channels=m.model_channels,
+                channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
+                attention_levels=tuple(m.attention_levels), dropout=m.dropout,
+                downsample=m.downsample, dtype=m.dtype, rngs=rngs)
+
+
+def init(config, key):
+    """Returns (graphdef, params); params is an nnx.State holding only nnx.Param."""
+    model = from_config(config, nnx.Rngs(params=key))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
+
+
+def apply(graphdef, params, x, k, *, train, key=None):
+    """f(x, k) for the split model; key is the dropout key, required when train=True."""
+    model = nnx.merge(graphdef, params)
+    rngs = None if key is None else nnx.Rngs(dropout=key)
+    return model(x, k, train=train, rngs=rngs)
+
+
+_TOP_ORDER = ('temb_dense1', 'temb_dense2', 'stem', 'encoder', 'mid_res1', 'mid_attn', 'mid_res2',
+              'decoder', 'out_norm', 'out_conv')
+_INNER_ORDER = ('res', 'attn', 'norm1', 'conv1', 'temb_proj', 'norm2', 'conv2', 'skip', 'norm',
+                'qkv', 'proj', 'conv', 'kernel', 'scale', 'bias')
+
+
+def _forward_key(path):
+    """Sort key listing parameter paths in the order the forward pass uses them."""
+    head = path[0]
+    if head in ('encoder', 'downsample'):
+        stage = (_TOP_ORDER.index('encoder'), path[1], head == 'downsample')
+    elif head in ('decoder', 'upsample'):
+        level = path[1] + (head == 'upsample')
+        stage = (_TOP_ORDER.index('decoder'), -level, head == 'upsample')
+    else:
+        stage = (_TOP_ORDER.index(head),)
+    return stage, [p if isinstance(p, int) else _INNER_ORDER.index(p) for p in path[1:]]
+
+
+def summary(config):
+    """Per-module parameter shapes, input/output shapes and the parameter count, abstractly."""
+    model = nnx.eval_shape(lambda: from_config(config, nnx.Rngs(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    size = config.data.image_size
+    x = jax.ShapeDtypeStruct((1, size, size, config.data.num_channels), jnp.float32)
+    k = jax.ShapeDtypeStruct((1,), jnp.int32)
+    out = jax.eval_shape(lambda p, x, k: apply(graphdef, p, x, k, train=False), params, x, k)
+
+    modules = {}
+    for path, value in sorted(nnx.to_flat_state(params), key=lambda item: _forward_key(item[0])):
+        modules.setdefault('.'.join(map(str, path[:-1])), []).append((path[-1], value.shape))
+    rows = [(name, '  '.join(f'{leaf} {shape}' for leaf, shape in leaves),
+             sum(math.prod(shape) for _, shape in leaves))
+            for name, leaves in modules.items()]
+    total = sum(count for _, _, count in rows)
+
+    width_name = max(len('module'), *(len(r[0]) for r in rows))
+    width_shapes = max(len('parameter shapes'), *(len(r[1]) for r in rows))
+    lines = [f'UNet: input {x.shape} {x.dtype}, k {k.shape} {k.dtype} -> f {out.shape} {out.dtype}',
+             f'compute dtype {config.model.dtype}, parameters float32', '',
+             f'{"module":<{width_name}}  {"parameter shapes":<{width_shapes}}  {"count":>12}']
+    lines += [f'{name:<{width_name}}  {shapes:<{width_shapes}}  {count:>12,}'
+              for name, shapes, count in rows]
+    lines.append(f'parameters: {total}')
+    return '\n'.join(lines)
