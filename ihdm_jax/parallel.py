@@ -1,0 +1,93 @@
+"""Multi-process start-up, the device mesh and the shardings of the training state and batches.
+
+One mesh axis, 'data', spans every device of every process. Batches are split along it; the
+training state is replicated. No pmap: jitted functions get these shardings explicitly.
+"""
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def launched_by_cluster() -> bool:
+    """True inside an srun step of several tasks or a TPU pod runtime with several workers."""
+    if int(os.environ.get('SLURM_STEP_NUM_TASKS', '1')) > 1:
+        return True
+    return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
+
+
+def initialize(*, multihost=False, coordinator_address=None, num_processes=None,
+               process_id=None):
+    """Joins the processes of a multi-process job; does nothing on a plain single machine.
+
+    Args:
+      multihost: force jax.distributed's cluster auto-detection (TPU pods, SLURM, ...).
+      coordinator_address: 'host:port' of process 0, for jobs started by hand (all three
+        explicit arguments then go together).
+      num_processes: number of processes in the job.
+      process_id: this process's index.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError('coordinator_address, num_processes and process_id go together; '
+                             f'got {explicit}.')
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    elif multihost or launched_by_cluster():
+        jax.distributed.initialize()
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis 'data' over `devices` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over 'data'; everything else whole."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device."""
+    return NamedSharding(mesh, P())
+
+
+def check_divisible(batch_size: int, mesh: Mesh, what: str):
+    """Raises when a global batch cannot be split evenly over the mesh."""
+    if batch_size % mesh.size:
+        raise ValueError(f'{what}={batch_size} must be a multiple of the number of devices '
+                         f'({mesh.size}).')
+
+
+def local_rows(sharding: NamedSharding, global_shape) -> slice:
+    """The contiguous rows of a batch-sharded global array that this process holds."""
+    index_map = sharding.addressable_devices_indices_map(tuple(global_shape))
+    spans = sorted({(idx[0].start or 0, idx[0].stop or global_shape[0])
+                    for idx in index_map.values()})
+    for (_, stop), (start, _) in zip(spans, spans[1:]):
+        if stop != start:
+            raise ValueError(f'this process holds non-contiguous batch rows {spans}.')
+    return slice(spans[0][0], spans[-1][1])
+
+
+def to_global(local: np.ndarray, sharding: NamedSharding, global_shape) -> jax.Array:
+    """Assembles a global batch-sharded array from each process's rows."""
+    return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+
+def gather(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-process) array as numpy, on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0

@@ -1,0 +1,173 @@
+"""Data sources and the loader: determinism, sharding, preprocessing, tfds without TensorFlow."""
+
+import io
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from configs import tiny
+from ihdm_jax import data
+from ihdm_jax import parallel
+
+
+@pytest.fixture(scope='module')
+def sharding():
+    return parallel.batch_sharding(parallel.make_mesh())
+
+
+@pytest.fixture(scope='module')
+def digits():
+    return data.ArraySource(data.digits_images(16))
+
+
+def _loader(source, sharding, seed=0, batch_size=24, random_flip=False):
+    shape = source.load(np.zeros(1, np.int64)).shape[1:]
+    return data.Loader(source, shape, batch_size, sharding, seed, random_flip)
+
+
+def test_digits_images():
+    images = data.digits_images(16)
+    assert images.shape == (1797, 16, 16, 1) and images.dtype == np.uint8
+    assert images.min() == 0 and images.max() >= 250
+    assert data.digits_images(8).max() == 255  # 16 levels map to 255 when not resized
+
+
+def test_batches_are_a_function_of_seed_and_step(digits, sharding):
+    first, second = _loader(digits, sharding), _loader(digits, sharding)
+    for step in (0, 7, 75, 1000):
+        np.testing.assert_array_equal(first.batch_indices(step), second.batch_indices(step))
+    other_seed = _loader(digits, sharding, seed=1)
+    assert not np.array_equal(first.batch_indices(0), other_seed.batch_indices(0))
+
+
+def test_every_epoch_visits_each_image_once(digits, sharding):
+    loader = _loader(digits, sharding)
+    n = len(digits)
+    steps = -(-2 * n // loader.batch_size) + 1
+    stream = np.concatenate([loader.batch_indices(s) for s in range(steps)])
+    for epoch in range(2):
+        np.testing.assert_array_equal(np.sort(stream[epoch * n:(epoch + 1) * n]), np.arange(n))
+    assert not np.array_equal(stream[:n], stream[n:2 * n])
+
+
+def test_global_batch_is_sharded_over_all_devices(digits, sharding):
+    loader = _loader(digits, sharding)
+    batch = loader.batch(5)
+    assert isinstance(batch, jax.Array) and batch.shape == (24, 16, 16, 1)
+    assert batch.dtype == np.float32 and len(batch.sharding.device_set) == 8
+    assert {shard.data.shape[0] for shard in batch.addressable_shards} == {3}
+    expected = digits.load(loader.batch_indices(5)) / 255.0
+    np.testing.assert_allclose(np.asarray(batch), expected, rtol=1e-6)
+    prefetched = loader.batches(4)
+    for step in (4, 5, 6):
+        np.testing.assert_array_equal(np.asarray(next(prefetched)), np.asarray(loader.batch(step)))
+    prefetched.close()
+
+
+def test_random_flips_are_deterministic(digits, sharding):
+    plain = np.asarray(_loader(digits, sharding).batch(3))
+    flipped = np.asarray(_loader(digits, sharding, random_flip=True).batch(3))
+    mirrored = plain[:, :, ::-1]
+    is_flipped = np.all(flipped == mirrored, axis=(1, 2, 3))
+    assert np.all(is_flipped | np.all(flipped == plain, axis=(1, 2, 3)))
+    asymmetric = ~np.all(plain == mirrored, axis=(1, 2, 3))
+    assert 0 < np.sum(is_flipped & asymmetric) < np.sum(asymmetric)
+    np.testing.assert_array_equal(flipped,
+                                  np.asarray(_loader(digits, sharding, random_flip=True).batch(3)))
+
+
+def test_prior_images_are_fixed_per_draw(digits, sharding):
+    loader = _loader(digits, sharding)
+    np.testing.assert_array_equal(np.asarray(loader.prior_images(16, 0)),
+                                  np.asarray(_loader(digits, sharding).prior_images(16, 0)))
+    assert not np.array_equal(np.asarray(loader.prior_images(16, 0)),
+                              np.asarray(loader.prior_images(16, 1)))
+
+
+def test_batch_size_must_split_over_devices(digits, sharding):
+    with pytest.raises(ValueError, match='multiple of the number of devices'):
+        _loader(digits, sharding, batch_size=12)
+
+
+def _save(path, pixels):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def test_folder_source_crops_the_centre_and_resizes(tmp_path):
+    wide = np.zeros((20, 30, 3), np.uint8)
+    wide[:, :5] = wide[:, 25:] = (255, 0, 0)
+    wide[:, 5:25] = (0, 200, 0)
+    _save(tmp_path / 'cats' / 'a.png', wide)
+    _save(tmp_path / 'dogs' / 'b.jpg', np.full((40, 40, 3), 90, np.uint8))
+    source = data.FolderSource(str(tmp_path), 16, 3)
+    assert len(source) == 2
+    images = source.load(np.array([0, 1]))
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[0], np.broadcast_to([0, 200, 0], (16, 16, 3)))
+    assert np.all(np.abs(images[1].astype(int) - 90) <= 2)
+    gray = data.FolderSource(str(tmp_path), 8, 1).load(np.array([1]))
+    assert gray.shape == (1, 8, 8, 1)
+
+
+def test_bad_data_settings_raise(tmp_path):
+    config = tiny.get_config()
+    config.data.dataset = 'afhq'
+    with pytest.raises(ValueError, match='data_dir'):
+        data.make_source(config)
+    config.data.data_dir = str(tmp_path)
+    with pytest.raises(ValueError, match='holds no images'):
+        data.make_source(config)
+    config.data.dataset = 'imagenet'
+    with pytest.raises(ValueError, match='Unknown config.data.dataset'):
+        data.make_source(config)
+    config = tiny.get_config()
+    config.data.num_channels = 3
+    with pytest.raises(ValueError, match='1 channels but config.data.num_channels=3'):
+        data.make_source(config)
+
+
+@pytest.mark.parametrize('name,size,channels', [('mnist', 28, 1), ('cifar10', 32, 3)])
+def test_tfds_datasets_through_mock_data(sharding, name, size, channels):
+    config = tiny.get_config()
+    config.data.dataset = name
+    config.data.image_size = size
+    config.data.num_channels = channels
+    with tfds.testing.mock_data(num_examples=20):
+        loader = data.make_loader(config, sharding)
+    assert len(loader.source) == 20
+    batch = np.asarray(loader.batch(3))
+    assert batch.shape == (8, size, size, channels) and batch.dtype == np.float32
+    assert 0.0 <= batch.min() and batch.max() <= 1.0 and batch.std() > 0
+
+
+class TinyPngImages(tfds.core.GeneratorBasedBuilder):
+    """A prepared-offline tfds data set; PNG bytes keep its preparation free of TensorFlow."""
+
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {'image': tfds.features.Image(shape=(12, 10, 3))}))
+
+    def _split_generators(self, dl_manager):
+        return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(6):
+            png = io.BytesIO()
+            Image.fromarray(np.full((12, 10, 3), 40 * i, np.uint8)).save(png, format='PNG')
+            yield i, {'image': png.getvalue()}
+
+
+def test_tfds_source_reads_array_record_without_tensorflow(tmp_path):
+    TinyPngImages(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+    source = data.TfdsSource('tiny_png_images', str(tmp_path), 8)
+    images = source.load(np.arange(6))
+    assert images.shape == (6, 8, 8, 3)
+    np.testing.assert_array_equal(np.sort(images[:, 0, 0, 0]), 40 * np.arange(6))
+    assert 'tensorflow' not in sys.modules
