@@ -15,7 +15,8 @@ if [[ $# -lt 1 ]]; then
     echo "usage: $0 WORKDIR [flags for ihdm_jax.main ...]" >&2
     exit 2
 fi
-workdir=$1
+mkdir -p "$1/logs"
+workdir=$(cd "$1" && pwd)  # absolute: the processes run from the repository root
 shift
 num_processes=${NUM_PROCESSES:-2}
 devices=${DEVICES_PER_PROCESS:-2}
@@ -23,7 +24,6 @@ config=${CONFIG:-configs/digits.py}
 python=${PYTHON:-python3}
 
 cd "$(dirname "$0")/.."
-mkdir -p "$workdir/logs"
 port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
 
 pids=()
