@@ -20,7 +20,7 @@ from ihdm_jax import parallel
 
 TFDS_DATASETS = ('mnist', 'cifar10')
 FOLDER_DATASETS = ('afhq', 'ffhq', 'lsun_church')
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
+IMAGE_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
 
 # Streams of the seed, so that permutations, flips and prior picks never share random numbers.
 _PERMUTATION, _FLIP, _PRIOR = 0, 1, 2
@@ -76,12 +76,17 @@ class TfdsSource:
                          for i in indices])
 
 
+def image_files(folder: str) -> list:
+    """The image files under `folder`, searched recursively, in sorted order."""
+    return sorted(p for p in pathlib.Path(folder).rglob('*')
+                  if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 class FolderSource:
     """Image files under a folder (searched recursively, in sorted order), decoded on demand."""
 
     def __init__(self, folder: str, size: int, channels: int):
-        root = pathlib.Path(folder)
-        self.paths = sorted(p for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.paths = image_files(folder)
         if not self.paths:
             raise ValueError(f'config.data.data_dir={folder!r} holds no images '
                              f'({", ".join(IMAGE_EXTENSIONS)}).')

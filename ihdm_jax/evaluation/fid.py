@@ -20,10 +20,10 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+from ihdm_jax import data
 from ihdm_jax.evaluation import inception
 
 WEIGHTS_ENV = 'IHDM_INCEPTION_WEIGHTS'
-IMAGE_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
 
 
 class InputError(ValueError):
@@ -64,10 +64,9 @@ class ImageFolder:
     """The image files under a folder, sorted by path, read as uint8 RGB arrays on access."""
 
     def __init__(self, folder: str):
-        self.paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
-                            for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+        self.paths = data.image_files(folder)
         if not self.paths:
-            raise InputError(f'No image files ({", ".join(IMAGE_EXTENSIONS)}) under {folder}')
+            raise InputError(f'No image files ({", ".join(data.IMAGE_EXTENSIONS)}) under {folder}')
 
     def __len__(self):
         return len(self.paths)
