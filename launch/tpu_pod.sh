@@ -37,7 +37,8 @@ fi
 
 archive=$(mktemp --suffix=.tar.gz)
 trap 'rm -f "$archive"' EXIT
-tar -czf "$archive" -C "$repo_dir" --exclude=.git --exclude=runs --exclude='__pycache__' .
+tar -czf "$archive" -C "$repo_dir" --exclude=.git --exclude=.venv --exclude=.cache --exclude=runs \
+    --exclude='__pycache__' .
 gcloud compute tpus tpu-vm scp "$archive" "$name":ihdm_jax.tar.gz --zone="$zone" --worker=all
 
 setup='rm -rf ~/ihdm_jax && mkdir ~/ihdm_jax && tar -xzf ~/ihdm_jax.tar.gz -C ~/ihdm_jax &&
