@@ -9,7 +9,9 @@ run it continues.
 import logging as std_logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -30,6 +32,7 @@ from ihdm_jax import images
 from ihdm_jax import objective
 from ihdm_jax import parallel
 from ihdm_jax import sampling
+from ihdm_jax import validation
 from ihdm_jax.models import unet
 
 GIF_FRAMES = 41  # levels recorded for the trajectory GIF (evenly spaced from K to 0)
@@ -113,8 +116,9 @@ def make_train_step(config, graphdef, tx, mesh):
         decay = ema_decay(config.model.ema_rate, state.step)
         ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                   state.ema_params, params)
-        metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-                   'lr': schedule(state.step)}
+        grad_norm = optax.tree.norm(grads)
+        metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+                   'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
                                opt_state=opt_state)
         return new_state, metrics
@@ -217,7 +221,8 @@ class _Logger:
         steps_per_s = (step - self.last_step) / (now - self.last_time)
         self.last_step, self.last_time = step, now
         collected = jax.device_get(collected)
-        means = {name: float(np.mean([m[name] for m in collected])) for name in collected[0]}
+        means = {name: float(np.mean([m[name] for m in collected])) for name in collected[0]
+                 if name != 'finite'}
         means['steps_per_s'] = steps_per_s
         self._info('step %d: loss %.6f  grad_norm %.4f  lr %.3g  steps/s %.2f', step,
                    means['loss'], means['grad_norm'], means['lr'], steps_per_s)
@@ -242,8 +247,55 @@ class _Logger:
             self.writer.close()
 
 
+class NonFiniteLoss(validation.UserError):
+    """The loss or the gradients of a step were NaN or infinite."""
+
+
+class _StopRequest:
+    """Whether the job has been asked to stop (SIGTERM, e.g. a preemption notice).
+
+    With several processes, jax's preemption service catches SIGTERM and makes every process
+    stop at the same step; a single process catches the signal itself.
+    """
+
+    def __init__(self, manager):
+        self.manager = manager
+        self.signalled = False
+        self.previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signalled = True
+
+    def reached(self, step) -> bool:
+        return self.signalled or self.manager.reached_preemption(step)
+
+    def close(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _check_finite(unchecked, manager):
+    """Raises NonFiniteLoss naming the first of the (step, metrics) pairs that is not finite."""
+    values = jax.device_get([metrics for _, metrics in unchecked])
+    for (step, _), metrics in zip(unchecked, values):
+        if not metrics['finite']:
+            raise NonFiniteLoss(
+                f'The loss ({metrics["loss"]}) or the gradients (norm {metrics["grad_norm"]}) '
+                f'are not finite at step {step}. Training stopped without saving; the newest '
+                f'checkpoint (step {manager.latest_step()}) in {manager.directory} is unchanged. '
+                'A lower config.optim.lr or config.optim.grad_clip may help.')
+    unchecked.clear()
+
+
 def train_and_evaluate(config, workdir: str):
-    """Trains config's model in `workdir`, resuming from its newest checkpoint if there is one."""
+    """Trains config's model in `workdir`, resuming from its newest checkpoint if there is one.
+
+    Checkpoints every snapshot_freq steps, at the end, and when SIGTERM arrives (then it stops
+    after the current step). The metrics are checked for NaN and infinity before anything is
+    logged or saved, so a diverged state is never written.
+    """
     _quiet_orbax()
     mesh = parallel.make_mesh()
     parallel.check_divisible(config.sampling.batch_size, mesh, 'config.sampling.batch_size')
@@ -253,7 +305,8 @@ def train_and_evaluate(config, workdir: str):
     graphdef = model_graphdef(config)
     init_key, train_key, sample_key = _keys(config)
 
-    manager = checkpoint.make_manager(workdir, config.training.snapshot_freq)
+    manager = checkpoint.make_manager(workdir)
+    stop = _StopRequest(manager)
     state = checkpoint.restore_latest(manager, abstract_state(config, tx, mesh))
     if state is None:
         state = init_state(config, tx, mesh, init_key)
@@ -266,51 +319,67 @@ def train_and_evaluate(config, workdir: str):
     train_step = make_train_step(config, graphdef, tx, mesh)
     sampler = make_sampler(config, graphdef, mesh)
     logger = _Logger(workdir, start_step, n_iters)
-    collected = []
+    collected, unchecked = [], []
     step = start_step
     batches = loader.batches(start_step)
-    while step < n_iters:
-        state, metrics = train_step(state, next(batches), train_key)
-        step += 1
-        collected.append(metrics)
-        logger.advance()
-        if step % config.training.log_freq == 0 or step == n_iters:
-            logger.metrics(step, collected)
-            collected = []
-        if step % config.training.sampling_freq == 0 or step == n_iters:
-            logger.samples(step, draw_samples(config, sampler, state.ema_params, loader,
-                                              sample_key))
-        checkpoint.save(manager, step, state)
-        if manager.reached_preemption(step):
-            logging.warning('Preempted at step %d: checkpoint saved, stopping.', step)
-            break
-    batches.close()
-    if manager.latest_step() != step:
-        checkpoint.save(manager, step, state, force=True)
-    manager.wait_until_finished()
+    try:
+        while step < n_iters:
+            state, metrics = train_step(state, next(batches), train_key)
+            step += 1
+            collected.append(metrics)
+            unchecked.append((step, metrics))
+            logger.advance()
+            stopping = stop.reached(step)
+            log = step % config.training.log_freq == 0 or step == n_iters
+            samples = step % config.training.sampling_freq == 0 or step == n_iters
+            save = step % config.training.snapshot_freq == 0 or step == n_iters or stopping
+            if log or samples or save:
+                _check_finite(unchecked, manager)
+            if log:
+                logger.metrics(step, collected)
+                collected = []
+            if samples and not stopping:
+                logger.samples(step, draw_samples(config, sampler, state.ema_params, loader,
+                                                  sample_key))
+            if save:
+                checkpoint.save(manager, step, state)
+            if stopping:
+                logging.warning('Asked to stop (SIGTERM): checkpoint %d saved in %s. Run the '
+                                'same command to resume.', step, manager.directory)
+                break
+    finally:
+        batches.close()
+        stop.close()
+        manager.wait_until_finished()
+        manager.close()
+        logger.close()
+
+
+def restore_ema_params(config, workdir: str, mesh):
+    """(EMA parameters, step) of the newest checkpoint in `workdir`, replicated over `mesh`."""
+    _quiet_orbax()
+    tx = make_optimizer(config)
+    manager = checkpoint.make_manager(workdir)
+    state = checkpoint.restore_latest(manager, abstract_state(config, tx, mesh))
     manager.close()
-    logger.close()
+    if state is None:
+        raise validation.UserError(f'No checkpoint in {manager.directory}: train first '
+                                   '(--mode=train).')
+    return state.ema_params, int(state.step)
 
 
 def sample_and_save(config, workdir: str):
     """EMA samples of the newest checkpoint: samples.npz, samples.png and trajectory.gif."""
-    _quiet_orbax()
     mesh = parallel.make_mesh()
     parallel.check_divisible(config.sampling.batch_size, mesh, 'config.sampling.batch_size')
-    tx = make_optimizer(config)
-    manager = checkpoint.make_manager(workdir, config.training.snapshot_freq)
-    state = checkpoint.restore_latest(manager, abstract_state(config, tx, mesh))
-    if state is None:
-        raise FileNotFoundError(f'No checkpoint in {manager.directory}: train first '
-                                '(--mode=train).')
+    ema_params, step = restore_ema_params(config, workdir, mesh)
     loader = data.make_loader(config, parallel.batch_sharding(mesh), config.sampling.batch_size)
     K = config.model.K
     levels = tuple(np.unique(np.linspace(0, K, min(K + 1, GIF_FRAMES)).round().astype(int))[::-1])
     sampler = make_sampler(config, model_graphdef(config), mesh, trajectory_steps=levels)
     sample_key = _keys(config)[2]
-    samples, trajectory = draw_samples(config, sampler, state.ema_params, loader, sample_key,
+    samples, trajectory = draw_samples(config, sampler, ema_params, loader, sample_key,
                                        with_trajectory=True)
-    manager.close()
     if not parallel.is_main_process():
         return
     out_dir = os.path.join(workdir, 'samples')
@@ -321,4 +390,4 @@ def sample_and_save(config, workdir: str):
     images.save_gif(os.path.join(out_dir, 'trajectory.gif'),
                     [images.grid(frame) for frame in shown])
     logging.info('%d samples of checkpoint %d written to %s (samples.npz, samples.png, '
-                 'trajectory.gif: levels %d..0).', len(samples), int(state.step), out_dir, K)
+                 'trajectory.gif: levels %d..0).', len(samples), step, out_dir, K)

@@ -15,6 +15,7 @@ from ihdm_jax import checkpoint
 from ihdm_jax import data
 from ihdm_jax import parallel
 from ihdm_jax import train
+from ihdm_jax import validation
 
 
 @pytest.fixture(scope='session')
@@ -160,7 +161,7 @@ def trained(config, tmp_path_factory):
 
 def _restore(config, workdir):
     mesh = parallel.make_mesh()
-    manager = checkpoint.make_manager(str(workdir), config.training.snapshot_freq)
+    manager = checkpoint.make_manager(str(workdir))
     steps = manager.all_steps()
     state = checkpoint.restore_latest(
         manager, train.abstract_state(config, train.make_optimizer(config), mesh))
@@ -201,5 +202,5 @@ def test_sample_mode_is_reproducible(config, trained):
 
 
 def test_sample_mode_needs_a_checkpoint(config, tmp_path):
-    with pytest.raises(FileNotFoundError, match='train first'):
+    with pytest.raises(validation.UserError, match='train first'):
         train.sample_and_save(config, str(tmp_path))
