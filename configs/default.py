@@ -10,6 +10,7 @@ def get_default_config():
     config.data = data = ml_collections.ConfigDict()
     data.dataset = 'cifar10'  # digits | mnist | cifar10 | afhq | ffhq | lsun_church
     data.data_dir = ''  # image folder (afhq, ffhq, lsun_church) or tfds data_dir; '' = default
+    data.test_dir = ''  # image folder of the test split (afhq, ffhq, lsun_church), for --mode=eval
     data.image_size = 32
     data.num_channels = 3
     data.random_flip = False
@@ -44,5 +45,33 @@ def get_default_config():
     sampling.delta = 0.0125  # sampling noise δ (Eq. 8)
     sampling.num_samples = 64
     sampling.batch_size = 64
+
+    config.evaluation = evaluation = ml_collections.ConfigDict()  # --mode=eval, fid, sweep_delta
+    evaluation.batch_size = 256  # ELBO batch (split over devices) and Inception batch
+    evaluation.num_examples = 0  # test examples in the ELBO; 0 = the whole test split
+    evaluation.num_passes = 4  # Monte-Carlo passes over the test examples, one level k each
+    evaluation.train_chunk = 10_000  # training images held at once for the L_K bound
+    evaluation.fid_num_samples = 50_000  # the paper's count (10k at 256x256)
+    evaluation.fid_train_stats = ''  # '' = <workdir>/eval/train_stats_<dataset>_<size>.npz
+    evaluation.inception_weights = ''  # '' = $IHDM_INCEPTION_WEIGHTS, else the default cache file
+    evaluation.deltas = (0.01, 0.0125, 0.01325, 0.015, 0.0175)  # --mode=sweep_delta
+
+    config.analysis = analysis = ml_collections.ConfigDict()  # same_init, psd, ... (README.md)
+    # Rows of the pictures: prior draws (same_init), noise sequences (share_noise), endpoint
+    # pairs (interpolate), samples (nearest_neighbours).
+    analysis.num_rows = 8
+    analysis.num_columns = 8  # samples per row (same_init, share_noise)
+    analysis.num_points = 8  # interpolate: frames per pair, both endpoints included
+    analysis.num_trees = 4  # hierarchical: prior draws, each the root of a tree
+    analysis.split_fractions = (0.75, 0.5, 0.25)  # hierarchical: split levels, fractions of K
+    analysis.branches = 2  # hierarchical: copies of each chain at every split
+    # psd and input_gradients: levels k as fractions of K (rounded, at least 1).
+    analysis.level_fractions = (0.02, 0.1, 0.25, 0.5, 1.0)
+    analysis.num_images = 256  # psd: training images averaged
+    # input_gradients: output pixels (row, column) as fractions of the image size, channel 0.
+    analysis.gradient_pixels = ((0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.5))
+    analysis.gradient_linthresh = 0.01  # input_gradients: linear range of the symlog colours
+    analysis.blur_sigma_maxes = (1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0)  # prior_overlap (Fig. 12)
+    analysis.num_neighbours = 5  # nearest_neighbours: training images shown per sample
 
     return config

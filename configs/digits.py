@@ -5,10 +5,13 @@ of two above 8 at which the U-Net still has two resolution levels (16 and 8, att
 middle at 8x8) and the heat equation has room to blur a stroke into a smooth blob.
 
 Sized for a short CPU run: 32 channels at both levels (the fewest the 32-group GroupNorm allows),
-no dropout (2000 steps do not overfit 1797 images), lr 1e-3. blur_sigma_max = 5 px leaves a
+no dropout (2000 steps do not overfit 1500 images), lr 1e-3. blur_sigma_max = 5 px leaves a
 coarse blob of a training digit in the prior draw, so a short run already gives varied digits; at
 the paper's ratio (20 px on 28 px, about 11 px here) it mostly draws a few classes. δ = 0.01
 gave cleaner strokes than 0.0125 or 0.02 at this training length.
+
+Training uses the first 1500 digits; the last 297 are the test split of --mode=eval (data.py).
+FID (--mode=fid) compares 1000 samples with the 1500 training digits.
 """
 
 from configs import default
@@ -43,4 +46,14 @@ def get_config():
     config.sampling.delta = 0.01
     config.sampling.num_samples = 64
     config.sampling.batch_size = 64
+
+    evaluation = config.evaluation
+    evaluation.batch_size = 64  # Inception at 299x299 holds about 2.5 GB per 64 images on CPU
+    evaluation.num_passes = 20  # 297 test digits x 20 passes: about 120 draws of each level
+    evaluation.fid_num_samples = 1000
+    evaluation.deltas = (0.005, 0.01, 0.0125, 0.02)
+
+    # The blob left at σ_B,max = 5 px fixes the digit within the first levels: split early.
+    config.analysis.split_fractions = (0.95, 0.85, 0.7)
+    config.analysis.blur_sigma_maxes = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 16.0)  # up to the image size
     return config

@@ -29,4 +29,10 @@ def get_config():
     config.optim.warmup = 5
     config.sampling.num_samples = 8
     config.sampling.batch_size = 8
+
+    evaluation = config.evaluation
+    evaluation.batch_size = 8
+    evaluation.num_passes = 5
+    evaluation.train_chunk = 640  # the 1500 training digits in three parts
+    evaluation.fid_num_samples = 8
     return config

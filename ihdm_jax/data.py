@@ -1,5 +1,9 @@
 """Training images as global batches: tfds datasets, image folders and scikit-learn's digits.
 
+Each data set has a 'train' and a 'test' split: tfds's own splits; for digits, the first
+DIGITS_TRAIN = 1500 of scikit-learn's 1797 images train and the last 297 are held out for testing;
+for image folders, config.data.data_dir and config.data.test_dir.
+
 Images are float32 NHWC in [0, 1]. Which examples make up the batch of step s, and whether each
 is flipped, is a pure function of (seed, s): the stream of examples is one permutation of the
 data set per epoch, drawn from (seed, epoch). A resumed run therefore sees the same batches.
@@ -19,6 +23,8 @@ from PIL import Image
 from ihdm_jax import parallel
 
 TFDS_DATASETS = ('mnist', 'cifar10')
+SPLITS = ('train', 'test')
+DIGITS_TRAIN = 1500  # digits 0..1499 train, 1500..1796 test
 FOLDER_DATASETS = ('afhq', 'ffhq', 'lsun_church')
 IMAGE_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
 
@@ -63,9 +69,9 @@ class ArraySource:
 class TfdsSource:
     """A tfds data set read through tfds.data_source (array_record; no TensorFlow needed)."""
 
-    def __init__(self, name: str, data_dir: str, size: int):
+    def __init__(self, name: str, data_dir: str, size: int, split: str = 'train'):
         import tensorflow_datasets as tfds
-        self.examples = tfds.data_source(name, split='train', data_dir=data_dir or None)
+        self.examples = tfds.data_source(name, split=split, data_dir=data_dir or None)
         self.size = size
 
     def __len__(self):
@@ -85,10 +91,10 @@ def image_files(folder: str) -> list:
 class FolderSource:
     """Image files under a folder (searched recursively, in sorted order), decoded on demand."""
 
-    def __init__(self, folder: str, size: int, channels: int):
+    def __init__(self, folder: str, size: int, channels: int, key: str = 'data_dir'):
         self.paths = image_files(folder)
         if not self.paths:
-            raise ValueError(f'config.data.data_dir={folder!r} holds no images '
+            raise ValueError(f'config.data.{key}={folder!r} holds no images '
                              f'({", ".join(IMAGE_EXTENSIONS)}).')
         self.size = size
         self.mode = 'L' if channels == 1 else 'RGB'
@@ -106,18 +112,22 @@ class FolderSource:
         return np.stack(list(self.pool.map(self._read, indices)))
 
 
-def make_source(config):
-    """The training-image source that config.data names."""
+def make_source(config, split: str = 'train'):
+    """The source of config.data's images of `split` ('train' or 'test')."""
     data = config.data
+    if split not in SPLITS:
+        raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
     if data.dataset == 'digits':
-        source = ArraySource(digits_images(data.image_size))
+        images = digits_images(data.image_size)
+        source = ArraySource(images[:DIGITS_TRAIN] if split == 'train' else images[DIGITS_TRAIN:])
     elif data.dataset in TFDS_DATASETS:
-        source = TfdsSource(data.dataset, data.data_dir, data.image_size)
+        source = TfdsSource(data.dataset, data.data_dir, data.image_size, split)
     elif data.dataset in FOLDER_DATASETS:
-        if not data.data_dir:
+        key = 'data_dir' if split == 'train' else 'test_dir'
+        if not data[key]:
             raise ValueError(f'config.data.dataset={data.dataset!r} reads image files: set '
-                             'config.data.data_dir to their folder.')
-        source = FolderSource(data.data_dir, data.image_size, data.num_channels)
+                             f'config.data.{key} to the folder of its {split} images.')
+        source = FolderSource(data[key], data.image_size, data.num_channels, key)
     else:
         raise ValueError(f'Unknown config.data.dataset={data.dataset!r}; expected one of '
                          f'{("digits",) + TFDS_DATASETS + FOLDER_DATASETS}.')

@@ -64,6 +64,9 @@ def main(argv):
         if not workdir:
             raise validation.UserError(f'--mode={mode} needs --workdir.')
         validation.check_data(config)
+        if mode in ('fid', 'sweep_delta'):
+            from ihdm_jax.evaluation import fid
+            fid.resolve_weights(config.evaluation.inception_weights or None)
         from ihdm_jax import parallel
         parallel.initialize(multihost=_MULTIHOST.value, coordinator_address=_COORDINATOR.value,
                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)

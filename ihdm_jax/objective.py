@@ -18,12 +18,12 @@ def _sum_squares(x):
     return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
 
 
-def perturbed_level(u0, k, eps, t, sigma, backend='fft'):
+def perturbed_level(u0, k, eps, t, sigma, backend='matmul'):
     """û_k = F(t_k) u0 + σε, a draw from q(u_k | u0) of Eq. (4) given the unit noise ε."""
     return heat.heat_forward(u0, t[k], backend) + sigma * eps
 
 
-def alg1_loss(f, u0, k, eps, t, sigma, backend='fft'):
+def alg1_loss(f, u0, k, eps, t, sigma, backend='matmul'):
     """Alg. 1 with the randomness given: ‖μ(û_k, k) − F(t_{k−1}) u0‖² summed over pixels.
 
     Args:
@@ -41,7 +41,7 @@ def alg1_loss(f, u0, k, eps, t, sigma, backend='fft'):
     return _sum_squares(u_k + f(u_k, k) - target)
 
 
-def training_loss(f, u0, key, t, sigma, backend='fft'):
+def training_loss(f, u0, key, t, sigma, backend='matmul'):
     """Alg. 1 over a batch: k ~ U{1..K}, ε ~ N(0, I); the mean over the batch of the summed errors.
 
     k is uniform on {1, ..., K} as in the paper (the original code draws from {1, ..., K−1}).
@@ -80,7 +80,7 @@ def reconstruction_nll(mu, u0, delta):
     return _sum_squares(mu - u0) / (2 * delta**2) + n * jnp.log(delta * jnp.sqrt(2 * jnp.pi))
 
 
-def level_term(f, u0, k, eps, t, sigma, delta, backend='fft'):
+def level_term(f, u0, k, eps, t, sigma, delta, backend='matmul'):
     """One Monte-Carlo sample of the level-k term of Eq. (32), per example.
 
     L_{k−1} of Eq. (10) for k ≥ 2 and L_0 of Eq. (11) for k = 1 (u_0 is the data itself, not a

@@ -15,7 +15,7 @@ from ihdm_jax import heat
 NoiseFn = Callable[[jax.Array], jax.Array]
 
 
-def prior_sample(key, x, t_K, delta, backend='fft'):
+def prior_sample(key, x, t_K, delta, backend='matmul'):
     """A draw from the KDE prior p(u_K) = (1/N_T) Σ_i N(F(t_K) x_i, δ²I) of Sec. 3.2.
 
     Args:

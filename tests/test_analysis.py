@@ -54,6 +54,20 @@ def test_dct_energy_decays_with_blur():
     assert np.all(np.diff(energy, axis=0) <= 1e-9)
 
 
+def test_matched_diffusion_floor_keeps_the_contours_that_heat_keeps():
+    f = np.linspace(0.02, 0.5, 24)
+    data_psd = 1e-3 * f**-2.0
+    sigma = 0.01
+    for t in (0.0, 0.5, 2.0, 8.0, 100.0):
+        blurred = data_psd * np.exp(-4 * np.pi**2 * f**2 * t)  # the heat kernel's decay of power
+        alpha_bar = spectra.matched_alpha_bar(data_psd, blurred, sigma)
+        floor = (1 - alpha_bar) / alpha_bar  # the white-noise power of x + √((1 − ᾱ)/ᾱ) ε
+        np.testing.assert_array_equal(data_psd > floor * (1 + 1e-9), blurred >= sigma**2)
+    assert spectra.matched_alpha_bar(data_psd, data_psd, sigma) == pytest.approx(1 / (1 + 1e-4))
+    # A spectrum that is not decreasing: one contour kept, so the floor lets one through.
+    assert spectra.matched_alpha_bar([1.0, 4.0, 0.5], [1e-3, 1e-5, 1e-6], sigma) == 0.5
+
+
 def test_heat_input_gradients_are_symmetric_local_and_sum_to_one():
     u = jnp.asarray(np.random.default_rng(2).uniform(size=(1, 24, 24, 1)), jnp.float32)
     sigma_b = 2.0

@@ -131,6 +131,39 @@ def test_bad_data_settings_raise(tmp_path):
         data.make_source(config)
 
 
+def test_digits_hold_out_their_last_297_images_for_testing():
+    config = tiny.get_config()
+    everything = data.digits_images(8)
+    train = data.make_source(config, 'train')
+    test = data.make_source(config, 'test')
+    assert (len(train), len(test)) == (1500, 297)
+    np.testing.assert_array_equal(train.load(np.arange(1500)), everything[:1500])
+    np.testing.assert_array_equal(test.load(np.arange(297)), everything[1500:])
+    assert len(data.make_loader(config, parallel.batch_sharding(parallel.make_mesh())).source) \
+        == 1500
+    with pytest.raises(ValueError, match="Unknown split 'validation'"):
+        data.make_source(config, 'validation')
+
+
+def test_image_folders_take_their_test_split_from_test_dir(tmp_path):
+    _save(tmp_path / 'train' / 'a.png', np.full((8, 8, 3), 10, np.uint8))
+    for name in ('b', 'c'):
+        _save(tmp_path / 'test' / f'{name}.png', np.full((8, 8, 3), 200, np.uint8))
+    config = tiny.get_config()
+    config.data.dataset = 'afhq'
+    config.data.num_channels = 3
+    config.data.data_dir = str(tmp_path / 'train')
+    with pytest.raises(ValueError, match='set config.data.test_dir'):
+        data.make_source(config, 'test')
+    config.data.test_dir = str(tmp_path / 'test')
+    test = data.make_source(config, 'test')
+    assert len(test) == 2 and test.load(np.array([1])).min() == 200
+    assert len(data.make_source(config, 'train')) == 1
+    config.data.test_dir = str(tmp_path / 'empty')
+    with pytest.raises(ValueError, match='config.data.test_dir=.* holds no images'):
+        data.make_source(config, 'test')
+
+
 @pytest.mark.parametrize('name,size,channels', [('mnist', 28, 1), ('cifar10', 32, 3)])
 def test_tfds_datasets_through_mock_data(sharding, name, size, channels):
     config = tiny.get_config()
@@ -143,6 +176,9 @@ def test_tfds_datasets_through_mock_data(sharding, name, size, channels):
     batch = np.asarray(loader.batch(3))
     assert batch.shape == (8, size, size, channels) and batch.dtype == np.float32
     assert 0.0 <= batch.min() and batch.max() <= 1.0 and batch.std() > 0
+    with tfds.testing.mock_data(num_examples=6):
+        test = data.make_source(config, 'test')
+    assert len(test) == 6 and test.examples.split == 'test'
 
 
 class TinyPngImages(tfds.core.GeneratorBasedBuilder):

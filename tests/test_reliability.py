@@ -214,6 +214,9 @@ BAD_INPUTS = {
                                     r'holds a run of a different config:\n  config.model.K: '
                                     r'10 in .*config.json, 20 now\n.*--allow_config_change'),
     'unwritable_workdir': ({'workdir': 'UNWRITABLE'}, r'cannot be written'),
+    'missing_inception_weights': ({'mode': 'fid',
+                                   'evaluation.inception_weights': '/no/such/inception.npz'},
+                                  r'FID Inception weights not found at /no/such/inception.npz'),
 }
 
 
@@ -230,6 +233,7 @@ def bad_runs(runs, tmp_path_factory):
     for name, (settings, _) in BAD_INPUTS.items():
         settings = dict(settings)
         config = settings.pop('config', 'configs/digits.py')
+        mode = settings.pop('mode', 'train')
         if isinstance(config, tuple):
             path = scratch / f'{name}_digits.py'
             path.write_text(BAD_CONFIG_FILE.format(key=config[0], value=config[1]))
@@ -239,7 +243,7 @@ def bad_runs(runs, tmp_path_factory):
             target = scratch / 'a_file' / 'run'  # a file where a directory should be
         if settings.get('data.data_dir') == 'EMPTY':
             settings['data.data_dir'] = scratch / 'empty'
-        commands[name] = _command(target, config=config, **settings)
+        commands[name] = _command(target, config=config, mode=mode, **settings)
     with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
         results = dict(zip(commands, pool.map(
             lambda c: subprocess.run(c, cwd=ROOT, env=ENV, capture_output=True, text=True,

@@ -1,5 +1,6 @@
 """Power spectra of images under the heat and the diffusion forward processes (Sec. 3.3, App. B.6)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -61,7 +62,30 @@ def dct_energy_by_blur(image, blur_sigmas):
       blurring with blur_sigmas[i].
     """
     rows = []
+    blur = jax.jit(heat.heat_forward)
     for s in blur_sigmas:
-        frequencies, psd = radial_psd(heat.heat_forward(image, s**2 / 2))
+        frequencies, psd = radial_psd(blur(image, s**2 / 2))
         rows.append(psd)
     return frequencies, np.stack(rows)
+
+
+def matched_alpha_bar(data_psd, blurred_psd, sigma):
+    """ᾱ of the diffusion step that has drowned as many frequencies as a heat level (Sec. 3.3).
+
+    Under q(u_k | u0) = N(F(t_k) u0, σ²I) a frequency is lost once its blurred power falls below
+    the noise power σ² (App. B.5, Fig. 9). The diffusion x_t = √ᾱ x + √(1 − ᾱ) ε, seen at the
+    data's scale as x_t/√ᾱ = x + √((1 − ᾱ)/ᾱ) ε, has the flat noise floor c = (1 − ᾱ)/ᾱ and
+    loses the frequencies whose data power lies below c. c is set so that as many frequency
+    contours of the data stay above c as contours of F(t_k) u0 stay above σ² (c = σ² when the
+    heat level has lost none): for a decreasing spectrum both processes then keep the same low
+    frequencies. ᾱ = 1/(1 + c).
+
+    Args:
+      data_psd: the radial PSD of the data, per frequency contour.
+      blurred_psd: the radial PSD of F(t_k) u0 on the same contours.
+      sigma: the training noise σ.
+    """
+    kept = int(np.sum(np.asarray(blurred_psd) >= sigma**2))
+    descending = np.sort(np.asarray(data_psd, np.float64))[::-1]
+    floor = descending[kept] if kept < len(descending) else sigma**2
+    return 1.0 / (1.0 + float(floor))

@@ -21,12 +21,13 @@ from scipy import linalg
 from tqdm import tqdm
 
 from ihdm_jax import data
+from ihdm_jax import validation
 from ihdm_jax.evaluation import inception
 
 WEIGHTS_ENV = 'IHDM_INCEPTION_WEIGHTS'
 
 
-class InputError(ValueError):
+class InputError(validation.UserError, ValueError):
     """A bad input path, file or missing weights file, with a message meant for the user."""
 
 

@@ -8,6 +8,7 @@ the sum of the per-level means (every level must have been drawn at least once).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 
 from ihdm_jax import objective
 
@@ -18,21 +19,45 @@ def dequantize(key, images):
     return (x + jax.random.uniform(key, x.shape)) / 256.0
 
 
-def level_pass(f, u0, key, t, sigma, delta, backend='fft'):
+def draw_level(key, shape, K):
+    """One pass's randomness for a batch of `shape` (B, H, W, C): k ~ U{1..K} and ε ~ N(0, I)."""
+    k_key, eps_key = jax.random.split(key)
+    k = jax.random.randint(k_key, (shape[0],), 1, K + 1, dtype=jnp.int32)
+    return k, jax.random.normal(eps_key, shape, jnp.float32)
+
+
+def level_pass(f, u0, key, t, sigma, delta, backend='matmul'):
     """One Monte-Carlo pass: a level k ~ U{1..K} per example and its term, summed per level.
 
     Returns:
       (sums, counts), each of shape (K + 1,) (index 0 unused): the sum of the sampled level
       terms in nats and how many examples drew each level.
     """
-    k_key, eps_key = jax.random.split(key)
     num_levels = t.shape[0]
-    k = jax.random.randint(k_key, (u0.shape[0],), 1, num_levels, dtype=jnp.int32)
-    eps = jax.random.normal(eps_key, u0.shape, jnp.float32)
+    k, eps = draw_level(key, u0.shape, num_levels - 1)
     terms = objective.level_term(f, u0, k, eps, t, sigma, delta, backend)
     sums = jax.ops.segment_sum(terms, k, num_segments=num_levels)
     counts = jax.ops.segment_sum(jnp.ones_like(terms), k, num_segments=num_levels)
     return sums, counts
+
+
+def merge_prior_bounds(bounds, sizes):
+    """The App. A.3 bound on L_K against a training set from the bounds against its parts.
+
+    The optimal bound of Eq. (41), log N_T − log Σ_i exp(−D_KL[q(u_K | u0) ‖ N(u_K^i, δ²I)]),
+    splits its sum over training images i into parts c of N_c images, each of whose bounds is
+    b_c = log N_c − log Σ_{i∈c} exp(−D_KL_i), so the whole bound is
+    log Σ_c N_c − log Σ_c N_c exp(−b_c).
+
+    Args:
+      bounds: (C, B) bounds of B examples against each of C parts.
+      sizes: (C,) images per part.
+    Returns:
+      (B,) bounds against the whole training set, float64.
+    """
+    bounds = np.asarray(bounds, np.float64)
+    log_sizes = np.log(np.asarray(sizes, np.float64))[:, None]
+    return np.log(np.sum(sizes)) - scipy.special.logsumexp(log_sizes - bounds, axis=0)
 
 
 def nats_to_bits_per_dim(nats, num_dims):

@@ -1,0 +1,1 @@
+"""Throughput benchmarks; run each as a module from the repository root (python -m benchmarks.x)."""

@@ -1,0 +1,52 @@
+"""The benchmarks' FLOP count, peak table and a tiny run of the training and sampling benchmark."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import measure
+from benchmarks import model
+from configs import tiny
+from ihdm_jax import parallel
+
+
+def test_flops_of_a_matmul_is_2mkn():
+    m, k, n = 24, 40, 56
+    lowered = jax.jit(jnp.matmul).lower(jnp.ones((m, k)), jnp.ones((k, n)))
+    assert measure.flops(lowered.compile()) == 2 * m * k * n
+    assert measure.flops(lowered) == 2 * m * k * n
+
+
+@pytest.mark.parametrize('kind, dtype, peak', [
+    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989.4), ('NVIDIA H100 PCIe', 'bfloat16', 756.0),
+    ('NVIDIA A100-SXM4-80GB', 'float32', 156.0), ('TPU v5 lite', 'bfloat16', 197.0),
+    ('TPU v5', 'bfloat16', 459.0), ('cpu', 'float32', None)])
+def test_peak_tflops_matches_the_device_kind(kind, dtype, peak):
+    assert measure.peak_tflops(types.SimpleNamespace(device_kind=kind), dtype) == peak
+
+
+def test_peak_override_must_be_positive():
+    cpu = jax.devices()[0]
+    assert measure.peak_tflops(cpu, 'float32', 2.5) == 2.5
+    with pytest.raises(ValueError, match='-1'):
+        measure.peak_tflops(cpu, 'float32', -1.0)
+
+
+def test_tiny_benchmark_runs_the_real_step_and_sampler():
+    config = tiny.get_config()
+    mesh = parallel.make_mesh(jax.devices()[:1])  # the programs test_train compiles too
+    training, state = model.benchmark_training(config, mesh, steps=2, repeats=2, peak_tflops=1.0)
+    assert int(state.step) == 1 + 2 * 2  # warm-up step, then two windows of two steps
+    assert training['images_per_s'] == pytest.approx(
+        config.training.batch_size / training['step_ms'] * 1e3)
+    assert training['gflop_per_step_per_device'] > 0
+    assert training['mfu'] == pytest.approx(training['tflops_per_s_per_device'] / 1.0)
+    assert training['peak_bytes_in_use'] is None  # CPU devices do not report memory
+
+    sampling = model.benchmark_sampling(config, mesh, state.params, repeats=1)
+    assert sampling['num_samples'] == config.sampling.num_samples
+    assert sampling['images_per_s'] > 0
+    table = model.markdown('configs/tiny.py', measure.device_info(), training, sampling)
+    assert '| 8 |' in table and 'of 1' in table
