@@ -238,15 +238,10 @@ class Fid:
         """
         config = self.config.copy_and_resolve_references()
         config.sampling.delta = delta
+        config.sampling.num_samples = config.evaluation.fid_num_samples
         sampler = train.make_sampler(config, self.graphdef, self.mesh)
-        key = train._keys(config)[2]
-        size, count = config.sampling.batch_size, config.evaluation.fid_num_samples
-        chunks = []
-        for c in tqdm.trange(math.ceil(count / size), desc=f'FID samples (δ = {delta})',
-                             unit='batch', disable=not parallel.is_main_process()):
-            out = sampler(params, self.loader.prior_images(size, c), jax.random.fold_in(key, c))
-            chunks.append(images.to_uint8(parallel.gather(out)))
-        return np.concatenate(chunks)[:count]
+        return train.draw_samples(config, sampler, params, self.loader, train._keys(config)[2],
+                                  progress=f'FID samples (δ = {delta})')
 
     def __call__(self, samples: np.ndarray):
         """FID of uint8 samples against the training set; None on processes other than 0."""

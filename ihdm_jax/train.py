@@ -149,16 +149,17 @@ def make_sampler(config, graphdef, mesh, trajectory_steps=()):
     return jax.jit(run, in_shardings=(replicated, batch, replicated), out_shardings=out)
 
 
-def draw_samples(config, sampler, params, loader, key, with_trajectory=False):
+def draw_samples(config, sampler, params, loader, key, with_trajectory=False, progress=''):
     """config.sampling.num_samples images as uint8 NHWC, in chunks of config.sampling.batch_size.
 
     Chunk c starts from prior images `loader.prior_images(batch_size, c)` with key fold_in(key, c).
     Every process returns all samples. With a trajectory sampler, also returns the first chunk's
-    trajectory as uint8 (levels, batch, H, W, C).
+    trajectory as uint8 (levels, batch, H, W, C). A `progress` text shows a progress bar.
     """
     batch_size = config.sampling.batch_size
     chunks, trajectory = [], None
-    for c in range(math.ceil(config.sampling.num_samples / batch_size)):
+    for c in tqdm.trange(math.ceil(config.sampling.num_samples / batch_size), desc=progress,
+                         unit='batch', disable=not progress or not parallel.is_main_process()):
         out = sampler(params, loader.prior_images(batch_size, c), jax.random.fold_in(key, c))
         if with_trajectory:
             out, traj = out
