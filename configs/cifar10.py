@@ -1,10 +1,10 @@
 """CIFAR-10 32x32 (paper Tables 1-2)."""
 
-from configs import default
+from ihdm_jax import defaults
 
 
 def get_config():
-    config = default.get_default_config()
+    config = defaults.get_default_config()
     config.data.dataset = 'cifar10'
     config.data.image_size = 32
     config.data.num_channels = 3

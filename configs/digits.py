@@ -14,11 +14,11 @@ Training uses the first 1500 digits; the last 297 are the test split of --mode=e
 FID (--mode=fid) compares 1000 samples with the 1500 training digits.
 """
 
-from configs import default
+from ihdm_jax import defaults
 
 
 def get_config():
-    config = default.get_default_config()
+    config = defaults.get_default_config()
     config.data.dataset = 'digits'
     config.data.image_size = 16
     config.data.num_channels = 1

@@ -1,10 +1,10 @@
 """FFHQ 128x128 (paper Tables 1-2)."""
 
-from configs import default
+from ihdm_jax import defaults
 
 
 def get_config():
-    config = default.get_default_config()
+    config = defaults.get_default_config()
     config.data.dataset = 'ffhq'
     config.data.image_size = 128
     config.data.num_channels = 3

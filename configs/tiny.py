@@ -1,10 +1,10 @@
 """A very small setting for tests: 8x8 grayscale digits and a two-level U-Net."""
 
-from configs import default
+from ihdm_jax import defaults
 
 
 def get_config():
-    config = default.get_default_config()
+    config = defaults.get_default_config()
     config.data.dataset = 'digits'
     config.data.image_size = 8
     config.data.num_channels = 1

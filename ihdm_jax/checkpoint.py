@@ -1,12 +1,14 @@
-"""Orbax checkpoints of the training state under <workdir>/checkpoints, and the run's config.
+"""The workdir: orbax checkpoints of the training state under <workdir>/checkpoints, and the
+run's config.json.
 
-Every process calls `save` and `restore`; orbax coordinates the writes. Saves are asynchronous:
-`save` returns once the arrays are copied off the devices, and files are written in the
-background; a save is complete once orbax renames its folder to the step number. Restoring
-places the arrays on the shardings of the given abstract state, so a run can resume on a
-different device count.
+Every process calls `save` and the restores; orbax coordinates the writes. Saves are
+asynchronous: `save` returns once the arrays are copied off the devices and the files are
+written in the background; a save is complete once orbax renames its folder to the step number.
+Restoring places the arrays on the shardings of the given abstract tree, so a run can resume on
+a different device count. Jobs that only read a run restore the EMA parameters alone.
 """
 
+import datetime
 import json
 import os
 import pathlib
@@ -16,11 +18,33 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from ihdm_jax import errors
 from ihdm_jax import parallel
+from ihdm_jax import state as state_lib
 from ihdm_jax import validation
 
 MAX_TO_KEEP = 3
 UNREADABLE = 'checkpoints_unreadable'  # where checkpoints that fail to restore are moved
+CONFIG_FILE = 'config.json'
+
+# Settings that define a training run; a workdir refuses to continue a run with other values.
+# Everything else (n_iters, frequencies, data_dir, sampling, evaluation, analysis) may change.
+RUN_KEYS = ('seed', 'data', 'model', 'optim', 'training.batch_size')
+# Settings a checkpoint's parameters depend on, checked by the jobs that only read the run.
+MODEL_KEYS = ('data', 'model')
+_FREE_KEYS = ('data.data_dir', 'data.test_dir')
+
+
+def _directory(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def steps_on_disk(workdir: str) -> list:
+    """The steps of the complete checkpoints in `workdir`, oldest first."""
+    directory = _directory(workdir)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def make_manager(workdir: str) -> ocp.CheckpointManager:
@@ -29,7 +53,7 @@ def make_manager(workdir: str) -> ocp.CheckpointManager:
     The caller decides when to save. Folders of saves that never finished (a killed job) are
     named in a warning and removed.
     """
-    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    directory = _directory(workdir)
     if os.path.isdir(directory):
         for name in sorted(os.listdir(directory)):
             if not name.isdigit():
@@ -41,15 +65,45 @@ def make_manager(workdir: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state):
-    """Starts writing `state` as checkpoint `step`; returns once the arrays are off the devices."""
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+class Saver:
+    """Asynchronous saves that fail loudly: a save whose background writing failed (e.g. a full
+    disk) raises errors.SaveFailed at the next `check`, naming the step and the cause."""
+
+    def __init__(self, manager: ocp.CheckpointManager):
+        self.manager = manager
+        self.pending = None  # the step of the save being written
+
+    def save(self, step: int, state):
+        self.check()
+        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self.pending = step
+
+    def check(self, wait=False):
+        """Raises errors.SaveFailed if the pending save failed; with wait, waits for it first."""
+        try:
+            if wait:
+                self.manager.wait_until_finished()
+            else:
+                self.manager.check_for_errors()
+        except Exception as error:  # orbax re-raises whatever the writing thread raised
+            cause = str(error).strip().splitlines()
+            raise errors.SaveFailed(
+                f'Saving checkpoint {self.pending} in {self.manager.directory} failed '
+                f'({type(error).__name__}: {cause[0] if cause else ""}). Training stopped; the '
+                f'checkpoints already there are intact (newest: {_newest(self.manager)}).'
+            ) from None
+
+    def close(self):
+        """Closes the manager; a failed save has been reported by `check` already."""
+        try:
+            self.manager.close()
+        except Exception as error:  # the failure `check` raised, or one behind another error
+            logging.debug('Closing the checkpoint manager: %s', error)
 
 
-def abstract_like(tree, shardings):
-    """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) placed on `shardings`."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
+def _newest(manager):
+    steps = [s for s in manager.all_steps() if (pathlib.Path(manager.directory) / str(s)).is_dir()]
+    return max(steps) if steps else 'none'
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps):
@@ -67,8 +121,8 @@ def _set_aside(manager: ocp.CheckpointManager, steps):
     manager.reload()
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state):
-    """The newest checkpoint that restores, placed on abstract_state's shardings; None if none.
+def _restore_newest(manager: ocp.CheckpointManager, restore):
+    """(restore(step), step) for the newest checkpoint that restores; (None, None) if none.
 
     A checkpoint that fails to restore while an older one restores is corrupt or incomplete: it
     is named in a warning and moved to <workdir>/checkpoints_unreadable/. If none restores,
@@ -77,7 +131,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
     failed = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            restored = restore(step)
         except Exception as error:  # orbax and tensorstore raise many types for bad files
             failed.append((step, error))
             continue
@@ -88,22 +142,124 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
                             os.path.join(os.path.dirname(manager.directory), UNREADABLE))
         if failed:
             _set_aside(manager, [bad for bad, _ in failed])
-        return state
+        return restored, step
     if failed:
         step, error = failed[0]
-        raise validation.UserError(
+        raise errors.UserError(
             f'No checkpoint in {manager.directory} can be restored (steps '
             f'{[s for s, _ in failed]}); checkpoint {step}: {type(error).__name__}: '
-            f'{str(error).splitlines()[0]}\nIf the config changed, pass the config these '
+            f'{str(error).splitlines()[0]}. If the config changed, pass the config these '
             'checkpoints were written with; if they are damaged, move them away to start afresh.')
-    return None
+    return None, None
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state):
+    """The newest checkpoint that restores, placed on abstract_state's shardings; None if none."""
+    state, _ = _restore_newest(
+        manager, lambda step: manager.restore(step, args=ocp.args.StandardRestore(abstract_state)))
+    return state
+
+
+def restore_ema_params(config, workdir: str, mesh):
+    """(EMA parameters, step) of the newest checkpoint in `workdir`, replicated over `mesh`.
+
+    Only the EMA parameters are read (an orbax partial restore), not the optimizer state.
+    """
+    target = {'ema_params': state_lib.abstract_params(config, mesh)}
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
+        sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), target)
+    manager = make_manager(workdir)
+    try:
+        restored, step = _restore_newest(manager, lambda step: manager.restore(
+            step, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                              partial_restore=True)))
+    finally:
+        manager.close()
+    if restored is None:
+        raise errors.UserError(f'No checkpoint in {_directory(workdir)}: train first '
+                               '(--mode=train).')
+    return restored['ema_params'], step
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value)) if value is not None else None
+
+
+def config_differences(config, workdir: str, training: bool) -> list:
+    """(key, value in config.json, value now) for each setting that defines the run (RUN_KEYS
+    when training, MODEL_KEYS otherwise) and differs; [] without a config.json."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as error:
+        raise errors.UserError(f'{path} cannot be read ({error}); restore it or use a new '
+                               '--workdir.') from None
+    now, before = validation.flatten(json.loads(config.to_json_best_effort())), validation.flatten(saved)
+    keys = RUN_KEYS if training else MODEL_KEYS
+    in_scope = [k for k in set(now) | set(before)
+                if any(k == p or k.startswith(p + '.') for p in keys) and k not in _FREE_KEYS]
+    return [(k, before.get(k), now.get(k)) for k in sorted(in_scope)
+            if _jsonable(before.get(k)) != _jsonable(now.get(k))]
+
+
+def _nearest_existing(path: pathlib.Path) -> pathlib.Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_workdir(config, workdir: str, use: str, allow_config_change=False):
+    """The workdir suits the job, checked without writing anything.
+
+    use='train': the workdir can be created or written and holds no run of another config
+    (RUN_KEYS; allow_config_change lets training continue with new values). use='results': it
+    can be created or written. use='trained': it holds a checkpoint trained with the same
+    MODEL_KEYS settings.
+    """
+    path = pathlib.Path(workdir).absolute()
+    if use in ('train', 'results'):
+        existing = _nearest_existing(path)
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            what = 'is not a directory' if not existing.is_dir() else 'cannot be written'
+            raise errors.UserError(f'--workdir={workdir} cannot be written ({existing} {what}); '
+                                   'choose a directory you can write to.')
+        if use == 'results':
+            return
+    elif not steps_on_disk(workdir):
+        where = 'does not exist' if not path.exists() else 'holds no checkpoint'
+        raise errors.UserError(f'--workdir={workdir} {where}: train first (--mode=train), or '
+                               'point --workdir at a trained run.')
+    training = use == 'train'
+    changed = config_differences(config, workdir, training)
+    if not changed or (training and allow_config_change):
+        return
+    saved_path = os.path.join(workdir, CONFIG_FILE)
+    lines = '\n'.join(f'  config.{k}: {before!r} in {saved_path}, {now!r} now'
+                      for k, before, now in changed)
+    how = ('Use a new --workdir, or pass --allow_config_change to continue this run with the '
+           'new values.' if training else
+           'Pass the config that trained this run (its values are in config.json).')
+    raise errors.UserError(f'--workdir={workdir} holds a run of a different config:\n{lines}\n{how}')
 
 
 def save_config(config, workdir: str):
-    """Writes the resolved config to <workdir>/config.json (process 0 only)."""
+    """Writes the resolved config to <workdir>/config.json atomically (process 0 only).
+
+    A config.json with other run settings (a run continued with --allow_config_change) is kept
+    as config.<time>.json.
+    """
     if not parallel.is_main_process():
         return
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if config_differences(config, workdir, training=True):
+        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+        os.replace(path, os.path.join(workdir, f'config.{stamp}.json'))
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
         json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
         f.write('\n')
+    os.replace(tmp, path)

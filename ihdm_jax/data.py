@@ -8,6 +8,10 @@ Images are float32 NHWC in [0, 1]. Which examples make up the batch of step s, a
 is flipped, is a pure function of (seed, s): the stream of examples is one permutation of the
 data set per epoch, drawn from (seed, epoch). A resumed run therefore sees the same batches.
 Each process reads and decodes only the rows of the global batch that its devices hold.
+
+An image file that cannot be decoded is skipped with a warning naming it: the next readable
+file in sorted order takes its place, so a batch stays a pure function of (seed, step) on every
+process and every relaunch.
 """
 
 import collections
@@ -15,21 +19,24 @@ import concurrent.futures
 import functools
 import os
 import pathlib
+import threading
 
 import jax
 import numpy as np
+from absl import logging
 from PIL import Image
 
+from ihdm_jax import errors
 from ihdm_jax import parallel
+from ihdm_jax import rng
 
-TFDS_DATASETS = ('mnist', 'cifar10')
+TFDS_IMAGE_SIZES = {'mnist': 28, 'cifar10': 32}
+FOLDER_DATASETS = ('afhq', 'ffhq', 'lsun_church')
+DATASETS = ('digits',) + tuple(TFDS_IMAGE_SIZES) + FOLDER_DATASETS
+CHANNELS = {'digits': 1, 'mnist': 1, 'cifar10': 3}  # image folders are converted as configured
 SPLITS = ('train', 'test')
 DIGITS_TRAIN = 1500  # digits 0..1499 train, 1500..1796 test
-FOLDER_DATASETS = ('afhq', 'ffhq', 'lsun_church')
 IMAGE_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
-
-# Streams of the seed, so that permutations, flips and prior picks never share random numbers.
-_PERMUTATION, _FLIP, _PRIOR = 0, 1, 2
 
 
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -89,53 +96,115 @@ def image_files(folder: str) -> list:
 
 
 class FolderSource:
-    """Image files under a folder (searched recursively, in sorted order), decoded on demand."""
+    """Image files under a folder (searched recursively, in sorted order), decoded on demand.
 
-    def __init__(self, folder: str, size: int, channels: int, key: str = 'data_dir'):
+    Unreadable files are skipped (see the module docstring); `skipped` lists them.
+    """
+
+    def __init__(self, folder: str, size: int, channels: int):
         self.paths = image_files(folder)
-        if not self.paths:
-            raise ValueError(f'config.data.{key}={folder!r} holds no images '
-                             f'({", ".join(IMAGE_EXTENSIONS)}).')
         self.size = size
         self.mode = 'L' if channels == 1 else 'RGB'
         self.pool = concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1))
+        self.skipped = set()
+        self._converted = False
+        self._lock = threading.Lock()
 
     def __len__(self):
         return len(self.paths)
 
-    def _read(self, index) -> np.ndarray:
+    def _decode(self, index) -> np.ndarray:
         with Image.open(self.paths[index]) as image:
+            if image.mode not in (self.mode, 'P') and not self._converted:
+                self._converted = True
+                logging.info('Converting images of mode %s (e.g. %s) to %s, as '
+                             'config.data.num_channels asks.', image.mode, self.paths[index],
+                             self.mode)
             pixels = np.asarray(image.convert(self.mode))
         return center_crop_resize(pixels.reshape(pixels.shape[:2] + (-1,)), self.size)
+
+    def _read(self, index) -> np.ndarray:
+        for offset in range(len(self.paths)):
+            candidate = (index + offset) % len(self.paths)
+            try:
+                return self._decode(candidate)
+            except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for bad files
+                with self._lock:
+                    new = candidate not in self.skipped
+                    self.skipped.add(candidate)
+                if new:
+                    logging.warning('Skipping %s: it cannot be read as an image (%s).',
+                                    self.paths[candidate], error)
+        raise errors.UserError(f'None of the {len(self.paths)} image files under '
+                               f'{self.paths[0].parent} can be read as an image.')
 
     def load(self, indices: np.ndarray) -> np.ndarray:
         return np.stack(list(self.pool.map(self._read, indices)))
 
 
 def make_source(config, split: str = 'train'):
-    """The source of config.data's images of `split` ('train' or 'test')."""
+    """The source of config.data's images of `split` ('train' or 'test'); data.check(config,
+    split) has checked that it exists."""
     data = config.data
-    if split not in SPLITS:
-        raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
     if data.dataset == 'digits':
         images = digits_images(data.image_size)
-        source = ArraySource(images[:DIGITS_TRAIN] if split == 'train' else images[DIGITS_TRAIN:])
-    elif data.dataset in TFDS_DATASETS:
-        source = TfdsSource(data.dataset, data.data_dir, data.image_size, split)
-    elif data.dataset in FOLDER_DATASETS:
-        key = 'data_dir' if split == 'train' else 'test_dir'
-        if not data[key]:
-            raise ValueError(f'config.data.dataset={data.dataset!r} reads image files: set '
-                             f'config.data.{key} to the folder of its {split} images.')
-        source = FolderSource(data[key], data.image_size, data.num_channels, key)
-    else:
-        raise ValueError(f'Unknown config.data.dataset={data.dataset!r}; expected one of '
-                         f'{("digits",) + TFDS_DATASETS + FOLDER_DATASETS}.')
-    channels = source.load(np.zeros(1, np.int64)).shape[-1]
-    if channels != data.num_channels:
-        raise ValueError(f'{data.dataset} images have {channels} channels but '
-                         f'config.data.num_channels={data.num_channels}.')
-    return source
+        return ArraySource(images[:DIGITS_TRAIN] if split == 'train' else images[DIGITS_TRAIN:])
+    if data.dataset in TFDS_IMAGE_SIZES:
+        return TfdsSource(data.dataset, data.data_dir, data.image_size, split)
+    return FolderSource(data[_folder_key(split)], data.image_size, data.num_channels)
+
+
+def _folder_key(split):
+    return 'data_dir' if split == 'train' else 'test_dir'
+
+
+def _require(ok, message):
+    if not ok:
+        raise errors.UserError(message)
+
+
+def check(config, split: str = 'train'):
+    """The images of config.data's `split` exist, are readable and match the configured size
+    and channels; one errors.UserError otherwise. Nothing is written."""
+    d = config.data
+    _require(d.dataset in DATASETS,
+             f'config.data.dataset={d.dataset!r} is not known; expected one of {DATASETS}.')
+    if d.dataset in CHANNELS:
+        _require(d.num_channels == CHANNELS[d.dataset],
+                 f'config.data.num_channels={d.num_channels} does not match {d.dataset}, whose '
+                 f'images have {CHANNELS[d.dataset]} channel(s).')
+    if d.dataset in FOLDER_DATASETS:
+        key = _folder_key(split)
+        folder = d[key]
+        _require(folder, f'config.data.dataset={d.dataset!r} reads image files: set '
+                 f'--config.data.{key} to the folder of its {split} images.')
+        _require(os.path.isdir(folder),
+                 f'config.data.{key}={folder!r} does not exist. Download {d.dataset} and '
+                 f'point --config.data.{key} at its folder of {split} images (README.md, '
+                 '"CIFAR-10 and the other paper settings").')
+        _require(image_files(folder),
+                 f'config.data.{key}={folder!r} holds no image files '
+                 f'({", ".join(IMAGE_EXTENSIONS)}), searched recursively.')
+    elif d.dataset in TFDS_IMAGE_SIZES:
+        native = TFDS_IMAGE_SIZES[d.dataset]
+        _require(d.image_size == native,
+                 f'config.data.image_size={d.image_size} does not match {d.dataset}, whose '
+                 f'images are {native}x{native}; set --config.data.image_size={native}.')
+        import tensorflow_datasets as tfds
+        builder = tfds.builder(d.dataset, data_dir=d.data_dir or None)
+        _require(builder.is_prepared(),
+                 f'The tfds data set {d.dataset!r} is not prepared in {builder.data_dir}. '
+                 'Prepare it once on a machine with TensorFlow: tfds build '
+                 f'{d.dataset} --file_format=array_record (then copy it here or set '
+                 '--config.data.data_dir to the tfds data directory).')
+
+
+def report_skipped(*sources):
+    """Logs how many unreadable image files the sources skipped, if any."""
+    skipped = sum(len(getattr(source, 'skipped', ())) for source in sources)
+    if skipped:
+        logging.warning('%d unreadable image file(s) were skipped (named in the warnings above).',
+                        skipped)
 
 
 class Loader:
@@ -143,7 +212,6 @@ class Loader:
 
     def __init__(self, source, image_shape, batch_size: int, sharding, seed: int,
                  random_flip: bool):
-        parallel.check_divisible(batch_size, sharding.mesh, 'batch_size')
         self.source = source
         self.image_shape = tuple(image_shape)
         self.batch_size = batch_size
@@ -153,8 +221,7 @@ class Loader:
         self._permutation = functools.lru_cache(maxsize=2)(self._draw_permutation)
 
     def _draw_permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, _PERMUTATION, epoch]).permutation(
-            len(self.source))
+        return rng.numpy_rng(self.seed, rng.PERMUTATION, epoch).permutation(len(self.source))
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Data-set indices of the global batch of `step`."""
@@ -173,7 +240,7 @@ class Loader:
         rows = self._rows(self.batch_size)
         images = self.source.load(self.batch_indices(step)[rows]).astype(np.float32) / 255.0
         if self.random_flip:
-            flips = np.random.default_rng([self.seed, _FLIP, step]).random(self.batch_size) < 0.5
+            flips = rng.numpy_rng(self.seed, rng.FLIP, step).random(self.batch_size) < 0.5
             images = np.where(flips[rows, None, None, None], images[:, :, ::-1], images)
         return images
 
@@ -192,18 +259,9 @@ class Loader:
                 yield self._to_global(pending.popleft().result(), self.batch_size)
                 step += 1
 
-    def prior_images(self, n: int, draw: int) -> jax.Array:
-        """n training images picked uniformly at random (draw number `draw`) for the KDE prior."""
-        parallel.check_divisible(n, self.sharding.mesh, 'sampling batch_size')
-        picks = np.random.default_rng([self.seed, _PRIOR, draw]).integers(
-            0, len(self.source), n)
-        local = self.source.load(picks[self._rows(n)]).astype(np.float32) / 255.0
-        return self._to_global(local, n)
 
-
-def make_loader(config, sharding, batch_size: int = 0) -> Loader:
-    """The loader of config's data over `sharding`; batch_size 0 means the training batch size."""
+def make_loader(config, source, sharding) -> Loader:
+    """The training batches of `source` over `sharding`."""
     data = config.data
-    return Loader(make_source(config), (data.image_size, data.image_size, data.num_channels),
-                  batch_size or config.training.batch_size, sharding, config.seed,
-                  data.random_flip)
+    return Loader(source, (data.image_size, data.image_size, data.num_channels),
+                  config.training.batch_size, sharding, config.seed, data.random_flip)

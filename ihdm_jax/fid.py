@@ -15,11 +15,11 @@ import sys
 from absl import app
 from absl import flags
 
-from ihdm_jax.evaluation import fid
+from ihdm_jax.evaluation import frechet
 
 _WEIGHTS = flags.DEFINE_string(
     'inception_weights', None,
-    f'Converted Inception weights (.npz); default ${fid.WEIGHTS_ENV}, then the cache file.')
+    f'Converted Inception weights (.npz); default ${frechet.WEIGHTS_ENV}, then the cache file.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per Inception batch.')
 _SAVE_STATS = flags.DEFINE_string('save_stats', None, 'Write the statistics of A to this .npz.')
 
@@ -30,20 +30,20 @@ def main(argv):
         raise app.UsageError(f'Expected two inputs A B (or one with --save_stats), got {inputs}')
     try:
         # Every input is read before the network is built, so that a bad one fails early.
-        saved = [fid.is_statistics(path) for path in inputs]
-        sources = [fid.load_statistics(path) if is_stats else fid.load_images(path)
+        saved = [frechet.is_statistics(path) for path in inputs]
+        sources = [frechet.load_statistics(path) if is_stats else frechet.load_images(path)
                    for path, is_stats in zip(inputs, saved)]
         if not all(saved):
-            features = fid.InceptionFeatures(fid.resolve_weights(_WEIGHTS.value),
+            features = frechet.InceptionFeatures(frechet.resolve_weights(_WEIGHTS.value),
                                              _BATCH_SIZE.value)
-        stats = [source if is_stats else fid.statistics(features(source, description=path))
+        stats = [source if is_stats else frechet.statistics(features(source, description=path))
                  for path, source, is_stats in zip(inputs, sources, saved)]
         if _SAVE_STATS.value:
-            fid.save_statistics(_SAVE_STATS.value, *stats[0])
+            frechet.save_statistics(_SAVE_STATS.value, *stats[0])
             print(f'Saved the statistics of {inputs[0]} to {_SAVE_STATS.value}')
         if len(stats) == 2:
-            print(f'FID: {fid.frechet_distance(*stats[0], *stats[1])}')
-    except fid.InputError as error:
+            print(f'FID: {frechet.frechet_distance(*stats[0], *stats[1])}')
+    except frechet.InputError as error:
         sys.exit(f'Error: {error}')
 
 

@@ -1,4 +1,4 @@
-"""Sample images to files: uint8 conversion, PNG grids and GIF animations."""
+"""uint8 images to files: PNG grids and GIF animations."""
 
 import math
 
@@ -6,11 +6,6 @@ import numpy as np
 from PIL import Image
 
 MIN_TILE = 64  # smaller images are enlarged (nearest neighbour) to at least this many pixels
-
-
-def to_uint8(images) -> np.ndarray:
-    """Float images in [0, 1] (values outside are clipped) as uint8."""
-    return np.round(np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def grid(images: np.ndarray, columns: int = 0, pad: int = 2) -> np.ndarray:

@@ -2,41 +2,69 @@
 
 --mode is train (the default), sample, summary, an evaluation (eval, fid, sweep_delta) or an
 analysis (same_init, share_noise, interpolate, hierarchical, psd, input_gradients, prior_overlap,
-nearest_neighbours); see README.md.
+nearest_neighbours); see README.md. Any config value can be overridden as --config.KEY=VALUE.
+
+Every check (the config, the data, the mode's settings and files, the workdir) runs before the
+job writes anything; a failure ends with one line, `Error: ...`, and exit status 1.
 
 Multi-process jobs: under srun (several tasks) or on a TPU pod the processes find each other by
 themselves (--multihost forces that detection); processes started by hand pass
 --coordinator_address, --num_processes and --process_id.
 """
 
-import importlib
+import dataclasses
 import sys
+from typing import Callable
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ihdm_jax import checkpoint
+from ihdm_jax import data
+from ihdm_jax import errors
+from ihdm_jax import parallel
 from ihdm_jax import validation
+from ihdm_jax.jobs import evaluate
+from ihdm_jax.jobs import forward_process
+from ihdm_jax.jobs import probing
+from ihdm_jax.jobs import sample
+from ihdm_jax.jobs import train
+from ihdm_jax.jobs import variants
+from ihdm_jax.models import unet
+
+
+def _no_check(config):
+    del config
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    run: Callable  # (config, workdir)
+    check: Callable = _no_check  # (config) -> None; raises errors.UserError
+    workdir: str = 'trained'  # 'trained': needs a checkpoint; 'train', 'results': is written
+
+
+JOBS = {
+    'train': Job(train.train, train.check, workdir='train'),
+    'sample': Job(sample.sample, sample.check),
+    'eval': Job(evaluate.likelihood, evaluate.check_eval),
+    'fid': Job(evaluate.fid, evaluate.check_fid),
+    'sweep_delta': Job(evaluate.sweep_delta, evaluate.check_sweep_delta),
+    'same_init': Job(variants.same_init, variants.check_rows_columns),
+    'share_noise': Job(variants.share_noise, variants.check_rows_columns),
+    'interpolate': Job(variants.interpolate, variants.check_interpolate),
+    'hierarchical': Job(variants.hierarchical, variants.check_hierarchical),
+    'input_gradients': Job(probing.input_gradients, probing.check_input_gradients),
+    'nearest_neighbours': Job(probing.nearest_neighbours, probing.check_nearest_neighbours),
+    'psd': Job(forward_process.psd, forward_process.check_psd, workdir='results'),
+    'prior_overlap': Job(forward_process.prior_overlap, forward_process.check_prior_overlap,
+                         workdir='results'),
+}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
-# --mode -> (module, function); the function takes (config, workdir).
-JOBS = {
-    'train': ('ihdm_jax.train', 'train_and_evaluate'),
-    'sample': ('ihdm_jax.train', 'sample_and_save'),
-    'eval': ('ihdm_jax.evaluate', 'likelihood'),
-    'fid': ('ihdm_jax.evaluate', 'fid'),
-    'sweep_delta': ('ihdm_jax.evaluate', 'sweep_delta'),
-    'same_init': ('ihdm_jax.analysis.jobs', 'same_init'),
-    'share_noise': ('ihdm_jax.analysis.jobs', 'share_noise'),
-    'interpolate': ('ihdm_jax.analysis.jobs', 'interpolate'),
-    'hierarchical': ('ihdm_jax.analysis.jobs', 'hierarchical'),
-    'psd': ('ihdm_jax.analysis.jobs', 'psd'),
-    'input_gradients': ('ihdm_jax.analysis.jobs', 'input_gradients'),
-    'prior_overlap': ('ihdm_jax.analysis.jobs', 'prior_overlap'),
-    'nearest_neighbours': ('ihdm_jax.analysis.jobs', 'nearest_neighbours'),
-}
 _MODE = flags.DEFINE_enum('mode', 'train', list(JOBS) + ['summary'], 'What to do.')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False,
@@ -48,51 +76,64 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for processes started by hand.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index.")
-flags.mark_flags_as_required(['config'])
+
+
+def run(config, mode, workdir, **options):
+    """Checks everything `mode` needs, then runs its job; errors.JobError if a check fails."""
+    validation.check_config(config)
+    if mode == 'summary':
+        print(unet.summary(config))
+        return
+    if not workdir:
+        raise errors.UserError(f'--mode={mode} needs --workdir.')
+    data.check(config)
+    job = JOBS[mode]
+    parallel.initialize(multihost=options.get('multihost', False),
+                        coordinator_address=options.get('coordinator_address'),
+                        num_processes=options.get('num_processes'),
+                        process_id=options.get('process_id'))
+    job.check(config)
+    checkpoint.check_workdir(config, workdir, job.workdir,
+                             allow_config_change=options.get('allow_config_change', False))
+    job.run(config, workdir)
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    config, mode, workdir = _CONFIG.value, _MODE.value, _WORKDIR.value
+        sys.exit(f'Error: unexpected arguments {argv[1:]}; flags look like --name=value.')
     try:
-        validation.check_config(config)
-        if mode == 'summary':
-            from ihdm_jax.models import unet
-            print(unet.summary(config))
-            return
-        if not workdir:
-            raise validation.UserError(f'--mode={mode} needs --workdir.')
-        validation.check_data(config)
-        if mode in ('fid', 'sweep_delta'):
-            from ihdm_jax.evaluation import fid
-            fid.resolve_weights(config.evaluation.inception_weights or None)
-        from ihdm_jax import parallel
-        parallel.initialize(multihost=_MULTIHOST.value, coordinator_address=_COORDINATOR.value,
-                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-        validation.check_workdir(config, workdir, training=mode == 'train',
-                                 allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-        module, function = JOBS[mode]
-        getattr(importlib.import_module(module), function)(config, workdir)
-    except validation.UserError as error:
+        run(_CONFIG.value, _MODE.value, _WORKDIR.value, multihost=_MULTIHOST.value,
+            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    except errors.JobError as error:
         sys.exit(f'Error: {error}')
+    except KeyboardInterrupt:
+        sys.exit(f'Error: interrupted (Ctrl-C) during --mode={_MODE.value}.')
 
 
 def _parse_flags(argv):
     """absl's flag parsing, with one line for each mistake instead of usage text or traceback."""
+    if not any(arg == '--config' or arg.startswith('--config=') for arg in argv[1:]):
+        sys.exit('Error: --config is required, e.g. --config=configs/digits.py.')
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:  # a bad flag value, or a config file that fails to load
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        sys.exit(f'Error: {lines[0]} {lines[-1]}' if 'Traceback' in str(error) else
-                 f'Error: {lines[0]}')
-    except AttributeError:  # ml_collections' answer to an override of a key the config lacks
+        sys.exit(f'Error: {_one_line(error)}')
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        # ml_collections' answers to an override of a key the config lacks, or a bad value.
         for arg in argv[1:]:
             if arg.startswith('--config.'):
                 message = validation.unknown_key(arg[len('--config.'):].split('=')[0])
                 if message:
                     sys.exit(f'Error: {message} (in {arg})')
-        raise
+        sys.exit(f'Error: {_one_line(error)}')
+
+
+def _one_line(error) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f'{lines[0]} {lines[-1]}' if 'Traceback' in str(error) else lines[0]
 
 
 if __name__ == '__main__':

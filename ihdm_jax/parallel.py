@@ -11,6 +11,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ihdm_jax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -35,8 +37,8 @@ def initialize(*, multihost=False, coordinator_address=None, num_processes=None,
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
-            raise ValueError('coordinator_address, num_processes and process_id go together; '
-                             f'got {explicit}.')
+            raise errors.UserError('--coordinator_address, --num_processes and --process_id '
+                                   f'go together; got {explicit}.')
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id)
     elif multihost or launched_by_cluster():
@@ -59,11 +61,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_divisible(batch_size: int, mesh: Mesh, what: str):
-    """Raises when a global batch cannot be split evenly over the mesh."""
-    if batch_size % mesh.size:
-        raise ValueError(f'{what}={batch_size} must be a multiple of the number of devices '
-                         f'({mesh.size}).')
+def check_divisible(batch_size: int, what: str, devices: int = 0):
+    """A global batch splits evenly over `devices` (default: all devices of the job)."""
+    devices = devices or jax.device_count()
+    if batch_size % devices:
+        raise errors.UserError(f'{what}={batch_size} must be a multiple of the number of '
+                               f'devices ({devices}), since each batch is split over them.')
 
 
 def local_rows(sharding: NamedSharding, global_shape) -> slice:

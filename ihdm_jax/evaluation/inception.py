@@ -214,7 +214,7 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
     return {_flat_key(path): tuple(variable.shape) for path, variable in nnx.to_flat_state(state)}
 
 
-def _check_weights(weights: dict, source: str):
+def check_weights(weights: dict, source: str):
     expected = expected_shapes()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -229,7 +229,7 @@ def load(path: str) -> InceptionV3:
     """The network with the weights of a converted .npz file (see `convert_torchscript`)."""
     with np.load(os.path.expanduser(path)) as data:
         weights = {name: data[name] for name in data.files}
-    _check_weights(weights, path)
+    check_weights(weights, path)
     graphdef, state = nnx.split(nnx.eval_shape(InceptionV3))
     state = nnx.map_state(
         lambda path, variable: variable.replace(jnp.asarray(weights[_flat_key(path)], jnp.float32)),
@@ -260,7 +260,7 @@ def convert_torchscript(path: str) -> dict[str, np.ndarray]:
             weights[f'{layer}.kernel'] = array.transpose(2, 3, 1, 0)
         else:
             weights[f'{layer}.{kind}'] = array
-    _check_weights(weights, path)
+    check_weights(weights, path)
     return weights
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
+from ihdm_jax import errors
 from ihdm_jax import objective
 
 
@@ -81,7 +82,7 @@ def assemble(prior_bound, level_sums, level_counts, num_dims):
     level_counts = np.asarray(level_counts, np.float64)[1:]
     missing = np.flatnonzero(level_counts == 0) + 1
     if missing.size:
-        raise ValueError(f'Levels {missing.tolist()} were never drawn: evaluate more examples '
+        raise errors.UserError(f'Levels {missing.tolist()} were never drawn: evaluate more examples '
                          'or more passes so that every level k = 1..K is sampled.')
     level_means = level_sums / level_counts
     l_K = float(np.mean(np.asarray(prior_bound, np.float64)))

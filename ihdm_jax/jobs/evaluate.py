@@ -1,0 +1,218 @@
+"""Evaluation jobs on the EMA parameters of the newest checkpoint, written to <workdir>/eval.
+
+--mode=eval: the negative ELBO of the test split in bits/dim (Eq. 7 with the App. A.3 bound on
+L_K), with its terms. --mode=fid: FID of EMA samples against the training set. --mode=sweep_delta:
+both for each δ of config.evaluation.deltas, as in the paper's Fig. 11.
+"""
+
+import os
+
+import numpy as np
+from absl import logging
+
+from ihdm_jax import checkpoint
+from ihdm_jax import data
+from ihdm_jax import elbo
+from ihdm_jax import images
+from ihdm_jax import outputs
+from ihdm_jax import parallel
+from ihdm_jax import plots
+from ihdm_jax import programs
+from ihdm_jax import rng
+from ihdm_jax import validation
+from ihdm_jax.evaluation import frechet
+
+GRID_SAMPLES = 64  # samples shown in fid_samples.png
+WEIGHTS_FLAG = '--config.evaluation.inception_weights'
+
+
+def _check_elbo(config, deltas):
+    e = config.evaluation
+    validation.require(e.num_passes >= 1,
+                       f'config.evaluation.num_passes={e.num_passes} must be at least 1.')
+    validation.require(e.num_examples >= 0, f'config.evaluation.num_examples={e.num_examples} '
+                       'must be ≥ 0 (0 = the whole test split).')
+    validation.require(e.train_chunk >= 1,
+                       f'config.evaluation.train_chunk={e.train_chunk} must be at least 1.')
+    validation.require(e.batch_size >= 1,
+                       f'config.evaluation.batch_size={e.batch_size} must be at least 1.')
+    validation.require(all(d > 0 for d in deltas),
+                       f'The ELBO needs δ > 0 (the std of p(u_{{k−1}} | u_k)), got {deltas}.')
+    data.check(config, 'test')
+
+
+def _check_fid(config):
+    e = config.evaluation
+    validation.require(e.fid_num_samples >= 2, f'config.evaluation.fid_num_samples='
+                       f'{e.fid_num_samples} must be at least 2 (FID needs a covariance).')
+    validation.require(e.batch_size >= 1,
+                       f'config.evaluation.batch_size={e.batch_size} must be at least 1.')
+    parallel.check_divisible(config.sampling.batch_size, 'config.sampling.batch_size')
+    frechet.resolve_weights(e.inception_weights or None, WEIGHTS_FLAG)
+
+
+def check_eval(config):
+    _check_elbo(config, (config.sampling.delta,))
+
+
+def check_fid(config):
+    _check_fid(config)
+
+
+def check_sweep_delta(config):
+    deltas = tuple(config.evaluation.deltas)
+    validation.require(deltas, 'config.evaluation.deltas is empty; expected the values of δ.')
+    _check_elbo(config, deltas)
+    _check_fid(config)
+
+
+class _SourceImages:
+    """A data source as the sequence of uint8 HWC images that frechet.InceptionFeatures reads."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return self.source.load(np.array([index]))[0]
+
+
+class FidEvaluator:
+    """FID of config.evaluation.fid_num_samples EMA samples against the training set's statistics.
+
+    The network and the statistics live on process 0, which alone computes FID. The training
+    set's statistics are read from config.evaluation.fid_train_stats, by default
+    <workdir>/eval/train_stats_<dataset>_<size>.npz, and computed and written there when missing.
+    """
+
+    def __init__(self, config, workdir, mesh, source):
+        self.config, self.source = config, source
+        self.sampler = programs.Sampler(config, mesh)
+        self.stats_path = config.evaluation.fid_train_stats or os.path.join(
+            workdir, 'eval', f'train_stats_{config.data.dataset}_{config.data.image_size}.npz')
+        self.features = self.train_stats = None
+        if parallel.is_main_process():
+            weights = frechet.resolve_weights(config.evaluation.inception_weights or None,
+                                              WEIGHTS_FLAG)
+            self.features = frechet.InceptionFeatures(weights, config.evaluation.batch_size)
+            self.train_stats = self._train_statistics()
+
+    def _train_statistics(self):
+        if os.path.exists(self.stats_path):
+            logging.info('FID: training-set statistics from %s', self.stats_path)
+            return frechet.load_statistics(self.stats_path)
+        stats = frechet.statistics(self.features(_SourceImages(self.source),
+                                                 description='FID training set'))
+        os.makedirs(os.path.dirname(os.path.abspath(self.stats_path)), exist_ok=True)
+        frechet.save_statistics(self.stats_path, *stats)
+        logging.info('FID: statistics of %d training images written to %s', len(self.source),
+                     self.stats_path)
+        return stats
+
+    def samples(self, params, delta: float) -> np.ndarray:
+        """fid_num_samples uint8 EMA samples at δ, on every process; they begin with
+        --mode=sample's samples (the same keys)."""
+        return self.sampler.draw(params, self.source, self.config.evaluation.fid_num_samples,
+                                 rng.sample_key(self.config.seed), delta,
+                                 progress=f'FID samples (δ = {delta})')
+
+    def __call__(self, samples: np.ndarray):
+        """FID of uint8 samples against the training set; None on processes other than 0."""
+        if self.features is None:
+            return None
+        stats = frechet.statistics(self.features(samples, description='FID samples'))
+        return frechet.frechet_distance(*stats, *self.train_stats)
+
+
+def _describe(config, step):
+    return {'step': step, 'dataset': config.data.dataset, 'image_size': config.data.image_size,
+            'K': config.model.K, 'sigma': config.model.sigma,
+            'evaluation': config.evaluation.to_dict()}
+
+
+def _negative_elbo(config, mesh):
+    return elbo.NegativeElbo(config, mesh, data.make_source(config, 'test'),
+                             data.make_source(config))
+
+
+def likelihood(config, workdir: str):
+    """--mode=eval: eval/likelihood.json (terms in bits/dim, level_nats, settings) and
+    eval/likelihood_levels.png."""
+    mesh = parallel.make_mesh()
+    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
+    negative_elbo = _negative_elbo(config, mesh)
+    result = negative_elbo(params, config.sampling.delta)
+    data.report_skipped(negative_elbo.test, negative_elbo.train)
+    setting = (f'checkpoint {step}, {config.data.dataset} test split ({result["num_examples"]} '
+               f'images, {config.evaluation.num_passes} passes, δ = {config.sampling.delta})')
+    terms = (f'{result["bits_per_dim"]:.4f} bits/dim = 8 + L_K {result["L_K"]:.4f} '
+             f'+ Σ L_k {result["sum_L_k"]:.4f} + L_0 {result["L_0"]:.4f}')
+    logging.info('Negative ELBO, %s: %s', setting, terms)
+    if not parallel.is_main_process():
+        return result
+    out = outputs.folder(workdir, 'eval')
+    outputs.write_json(os.path.join(out, 'likelihood.json'),
+                {**_describe(config, step), 'split': 'test', 'delta': config.sampling.delta,
+                 **result})
+    plots.likelihood_levels(os.path.join(out, 'likelihood_levels.png'), result,
+                            f'{setting}\n{terms}')
+    logging.info('Written to %s (likelihood.json, likelihood_levels.png).', out)
+    return result
+
+
+def fid(config, workdir: str):
+    """--mode=fid: eval/fid.json and eval/fid_samples.png."""
+    mesh = parallel.make_mesh()
+    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
+    evaluator = FidEvaluator(config, workdir, mesh, data.make_source(config))
+    samples = evaluator.samples(params, config.sampling.delta)
+    value = evaluator(samples)
+    data.report_skipped(evaluator.source)
+    if not parallel.is_main_process():
+        return value
+    logging.info('FID of %d samples of checkpoint %d (δ = %g) against the training set: %.4f',
+                 len(samples), step, config.sampling.delta, value)
+    out = outputs.folder(workdir, 'eval')
+    outputs.write_json(os.path.join(out, 'fid.json'),
+                {**_describe(config, step), 'delta': config.sampling.delta, 'fid': value,
+                 'num_samples': len(samples), 'train_stats': evaluator.stats_path})
+    images.save_grid(os.path.join(out, 'fid_samples.png'), samples[:GRID_SAMPLES])
+    logging.info('Written to %s (fid.json, fid_samples.png).', out)
+    return value
+
+
+def sweep_delta(config, workdir: str):
+    """--mode=sweep_delta: the negative ELBO and FID for each δ in config.evaluation.deltas;
+    eval/sweep_delta.json, eval/sweep_delta.md and eval/sweep_delta.png."""
+    mesh = parallel.make_mesh()
+    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
+    evaluator = FidEvaluator(config, workdir, mesh, data.make_source(config))
+    negative_elbo = _negative_elbo(config, mesh)
+    rows = []
+    for delta in config.evaluation.deltas:
+        result = negative_elbo(params, delta)
+        row = {'delta': delta, **{name: result[name] for name in
+                                  ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0')}}
+        row['fid'] = evaluator(evaluator.samples(params, delta))
+        rows.append(row)
+        logging.info('δ = %g: %.4f bits/dim, FID %s', delta, row['bits_per_dim'], row['fid'])
+    data.report_skipped(evaluator.source, negative_elbo.test, negative_elbo.train)
+    if not parallel.is_main_process():
+        return rows
+    out = outputs.folder(workdir, 'eval')
+    outputs.write_json(os.path.join(out, 'sweep_delta.json'),
+                {**_describe(config, step), 'split': 'test',
+                 'num_examples': negative_elbo.num_examples, 'results': rows})
+    lines = ['| δ | bits/dim | L_K | Σ L_k | L_0 | FID |', '|---|---|---|---|---|---|']
+    lines += [f'| {row["delta"]:g} | {row["bits_per_dim"]:.4f} | {row["L_K"]:.4f} | '
+              f'{row["sum_L_k"]:.4f} | {row["L_0"]:.4f} | {row["fid"]:.2f} |' for row in rows]
+    with open(os.path.join(out, 'sweep_delta.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    title = (f'{config.data.dataset}, checkpoint {step}: ELBO on {negative_elbo.num_examples} '
+             f'test images, FID of {config.evaluation.fid_num_samples} samples')
+    plots.sweep_delta(os.path.join(out, 'sweep_delta.png'), rows, title)
+    logging.info('Sweep over δ written to %s (sweep_delta.json, .md, .png):\n%s', out,
+                 '\n'.join(lines))
+    return rows

@@ -1,0 +1,129 @@
+"""Analyses of the forward process on the data, one job (config, workdir) per --mode: psd
+(Fig. 4, 9) and prior_overlap (App. C.2, Fig. 12), written into <workdir>/analysis/<mode>/.
+They read no checkpoint."""
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from ihdm_jax import data
+from ihdm_jax import elbo
+from ihdm_jax import heat
+from ihdm_jax import outputs
+from ihdm_jax import parallel
+from ihdm_jax import plots
+from ihdm_jax import rng
+from ihdm_jax import schedule as schedule_lib
+from ihdm_jax import validation
+from ihdm_jax.analysis import spectra
+
+
+def check_psd(config):
+    validation.require(config.analysis.num_images >= 1, f'config.analysis.num_images='
+                       f'{config.analysis.num_images} must be at least 1.')
+    schedule_lib.analysis_levels(config)
+
+
+def check_prior_overlap(config):
+    maxes = tuple(config.analysis.blur_sigma_maxes)
+    validation.require(maxes and all(s > 0 for s in maxes),
+                       f'config.analysis.blur_sigma_maxes={maxes} must be positive blur widths '
+                       'in pixels.')
+    validation.require(config.evaluation.train_chunk >= 1, f'config.evaluation.train_chunk='
+                       f'{config.evaluation.train_chunk} must be at least 1.')
+    data.check(config, 'test')
+
+
+def psd(config, workdir):
+    """Power spectra under the heat and the diffusion forward processes (Sec. 3.3, Fig. 4) and
+    the DCT energy of each frequency against σ_B (App. B.5, Fig. 9), for training images.
+
+    Fig. 4: the radial PSD (App. B.6) of F(t_k) u0 at the levels of config.analysis.level_fractions
+    and of the variance-preserving diffusion x/√ᾱ + √((1 − ᾱ)/ᾱ) ε at matched steps: ᾱ is chosen
+    by spectra.matched_alpha_bar so that the diffusion's noise floor (1 − ᾱ)/ᾱ equals the data
+    power at the lowest frequency the heat level has pushed below σ², i.e. both processes have
+    lost the same frequencies. Fig. 9: the mean squared DCT coefficient of each frequency contour
+    of F(t) u0 against σ_B = √(2t) over the schedule σ_B,1..σ_B,K, with the σ² line below which
+    a frequency is lost in q(u_k | u0). Writes psd.png, energy_vs_blur.png and psd.json (the
+    spectra, the matched ᾱ and the fitted power-law exponent α of the data, psd ∝ 1/f^α).
+    """
+    levels = schedule_lib.analysis_levels(config)
+    source = data.make_source(config)
+    x = source.load(rng.subset(config.seed, config.analysis.num_images, len(source)))
+    x = x.astype(np.float32) / 255.0
+    n = len(x)
+    t = np.asarray(schedule_lib.from_config(config).t)
+    sigma = config.model.sigma
+    frequencies, data_psd = spectra.radial_psd(x)
+    alpha = float(spectra.power_law_exponent(frequencies, data_psd))
+    eps = jax.random.normal(rng.analysis_key(config.seed, rng.ANALYSIS_NOISE), x.shape)
+    blur = jax.jit(heat.heat_forward)
+    curves = []
+    for k in levels:
+        _, heat_psd = spectra.radial_psd(blur(x, t[k]))
+        alpha_bar = spectra.matched_alpha_bar(data_psd, heat_psd, sigma)
+        noisy = spectra.diffusion_forward(x, eps, alpha_bar) / np.sqrt(alpha_bar)
+        curves.append({'k': k, 'blur_sigma': float(np.sqrt(2 * t[k])), 'heat_psd': heat_psd,
+                       'alpha_bar': alpha_bar, 'diffusion_psd': spectra.radial_psd(noisy)[1]})
+    blur_sigmas = np.sqrt(2 * t[1:])
+    _, energy = spectra.dct_energy_by_blur(x, blur_sigmas)
+    data.report_skipped(source)
+    if not parallel.is_main_process():
+        return
+    out = outputs.folder(workdir, 'analysis', 'psd')
+    listed = lambda a: [float(v) for v in a]  # noqa: E731
+    outputs.write_json(os.path.join(out, 'psd.json'), {
+        'num_images': n, 'sigma': sigma, 'power_law_exponent': alpha,
+        'frequencies': listed(frequencies), 'data_psd': listed(data_psd),
+        'levels': [{key: listed(v) if isinstance(v, np.ndarray) else v for key, v in c.items()}
+                   for c in curves],
+        'blur_sigmas': listed(blur_sigmas), 'energy_by_blur': [listed(e) for e in energy]})
+    plots.psd(os.path.join(out, 'psd.png'), frequencies, data_psd, curves, sigma, n)
+    plots.energy_vs_blur(os.path.join(out, 'energy_vs_blur.png'), frequencies, data_psd, alpha,
+                         blur_sigmas, energy, sigma, n)
+    logging.info('psd: power-law exponent of the data PSD (psd ∝ 1/f^α, f ≤ 0.25 cycles/px) '
+                 'α = %.3f; psd.png, energy_vs_blur.png and psd.json written to %s.', alpha, out)
+
+
+def prior_overlap(config, workdir):
+    """Mean App. A.3 upper bound on L_K = D_KL[q(u_K | u0) ‖ p(u_K)] over the test set against
+    σ_B,max (App. C.2, Fig. 12).
+
+    For each σ_B,max of config.analysis.blur_sigma_maxes (t_K = σ_B,max²/2): the KDE prior of the
+    blurred training set (bandwidth δ = config.sampling.delta) against q(u_K | u0) of every test
+    image (std σ = config.model.sigma), images scaled to [0, 1]; the training set is taken
+    config.evaluation.train_chunk images at a time (elbo.prior_bounds, as --mode=eval bounds
+    L_K for dequantised test images at the model's own σ_B,max). Writes prior_overlap.png
+    (bits/dim against σ_B,max, the model's σ_B,max marked) and prior_overlap.json (nats per
+    image and bits/dim).
+    """
+    maxes = [float(s) for s in config.analysis.blur_sigma_maxes]
+    mesh = parallel.make_mesh()
+    source = data.make_source(config)
+    test_source = data.make_source(config, split='test')
+    test_x = test_source.load(np.arange(len(test_source))).astype(np.float32) / 255.0
+    sigma, delta = config.model.sigma, config.sampling.delta
+    blur = jax.jit(heat.heat_forward)
+    dims = int(np.prod(test_x.shape[1:]))
+    results = []
+    for s in maxes:
+        t_K = s**2 / 2
+        bounds = elbo.prior_bounds(mesh, np.asarray(blur(test_x, t_K)), source, t_K, sigma, delta,
+                                   config.evaluation.train_chunk, f'prior overlap σ_B,max={s:g}')
+        nats = float(np.mean(bounds))
+        results.append({'blur_sigma_max': s, 'L_K_nats': nats,
+                        'L_K_bits_per_dim': nats / (dims * np.log(2.0))})
+    data.report_skipped(source, test_source)
+    if not parallel.is_main_process():
+        return
+    out = outputs.folder(workdir, 'analysis', 'prior_overlap')
+    outputs.write_json(os.path.join(out, 'prior_overlap.json'), {
+        'num_train': len(source), 'num_test': len(test_source), 'sigma': sigma, 'delta': delta,
+        'results': results})
+    plots.prior_overlap(os.path.join(out, 'prior_overlap.png'), maxes, results,
+                        config.model.blur_sigma_max, len(test_source), sigma, delta)
+    logging.info('prior_overlap: %s written to %s.',
+                 ', '.join(f'σ_B,max={r["blur_sigma_max"]:g}: {r["L_K_bits_per_dim"]:.4f} bits/dim'
+                           for r in results), out)

@@ -1,0 +1,43 @@
+"""--mode=sample: EMA samples of the newest checkpoint as samples.npz, samples.png and a GIF of
+the reverse heat process."""
+
+import os
+
+import numpy as np
+from absl import logging
+
+from ihdm_jax import checkpoint
+from ihdm_jax import data
+from ihdm_jax import images
+from ihdm_jax import parallel
+from ihdm_jax import programs
+from ihdm_jax import rng
+
+GIF_EXAMPLES = 16  # examples shown side by side in the trajectory GIF
+
+
+def check(config):
+    parallel.check_divisible(config.sampling.batch_size, 'config.sampling.batch_size')
+
+
+def sample(config, workdir: str):
+    """config.sampling.num_samples samples into <workdir>/samples; the trajectory of the first
+    GIF_EXAMPLES of them, levels K..0, as trajectory.gif."""
+    mesh = parallel.make_mesh()
+    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
+    source = data.make_source(config)
+    samples, trajectory = programs.Sampler(config, mesh).draw(
+        params, source, config.sampling.num_samples, rng.sample_key(config.seed),
+        trajectory=True, progress='samples')
+    data.report_skipped(source)
+    if not parallel.is_main_process():
+        return
+    out_dir = os.path.join(workdir, 'samples')
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(os.path.join(out_dir, 'samples.npz'), images=samples)
+    images.save_grid(os.path.join(out_dir, 'samples.png'), samples)
+    shown = trajectory[:GIF_EXAMPLES]
+    images.save_gif(os.path.join(out_dir, 'trajectory.gif'),
+                    [images.grid(shown[:, i]) for i in range(shown.shape[1])])
+    logging.info('%d samples of checkpoint %d written to %s (samples.npz, samples.png, '
+                 'trajectory.gif: levels %d..0).', len(samples), step, out_dir, config.model.K)

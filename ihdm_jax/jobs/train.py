@@ -1,0 +1,215 @@
+"""--mode=train: Alg. 1 over the device mesh, with checkpoints, logs and sample grids.
+
+Randomness is a pure function of config.seed and the step, so a resumed run repeats exactly the
+run it continues. SIGTERM and SIGINT (Ctrl-C) finish the current step, save and stop.
+"""
+
+import logging as std_logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+
+from ihdm_jax import checkpoint
+from ihdm_jax import data
+from ihdm_jax import errors
+from ihdm_jax import images
+from ihdm_jax import parallel
+from ihdm_jax import programs
+from ihdm_jax import rng
+from ihdm_jax import state as state_lib
+
+
+def check(config):
+    parallel.check_divisible(config.training.batch_size, 'config.training.batch_size')
+    parallel.check_divisible(config.sampling.batch_size, 'config.sampling.batch_size')
+
+
+class _OrbaxInfoFilter(std_logging.Filter):
+    """Drops orbax's INFO records (a few dozen per checkpoint); its warnings and errors pass."""
+
+    def filter(self, record):
+        orbax = f'{os.sep}orbax{os.sep}' in record.pathname
+        return record.levelno >= std_logging.WARNING or not orbax
+
+
+def quiet_orbax():
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _OrbaxInfoFilter) for f in handler.filters):
+        handler.addFilter(_OrbaxInfoFilter())
+
+
+class _Logger:
+    """absl log lines on every process; TensorBoard events, a progress bar and PNGs on process 0."""
+
+    def __init__(self, workdir, start_step, n_iters):
+        self.main = parallel.is_main_process()
+        self.sample_dir = os.path.join(workdir, 'samples')
+        self.writer = self.bar = None
+        if self.main:
+            from tensorboardX import SummaryWriter
+            os.makedirs(self.sample_dir, exist_ok=True)
+            self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+            # Redrawn every second on a terminal, every minute into a log file.
+            self.bar = tqdm.tqdm(total=n_iters, initial=start_step, desc='train', unit='step',
+                                 dynamic_ncols=True,
+                                 mininterval=1 if sys.stderr.isatty() else 60)
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def advance(self):
+        if self.bar is not None:
+            self.bar.update()
+
+    def info(self, *args):
+        if self.bar is not None:
+            self.bar.clear()
+        logging.info(*args)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def metrics(self, step, collected):
+        now = time.perf_counter()
+        steps_per_s = (step - self.last_step) / (now - self.last_time)
+        self.last_step, self.last_time = step, now
+        collected = jax.device_get(collected)
+        means = {name: float(np.mean([m[name] for m in collected])) for name in collected[0]
+                 if name != 'finite'}
+        means['steps_per_s'] = steps_per_s
+        self.info('step %d: loss %.6f  grad_norm %.4f  lr %.3g  steps/s %.2f', step,
+                  means['loss'], means['grad_norm'], means['lr'], steps_per_s)
+        if self.writer is not None:
+            for name, value in means.items():
+                self.writer.add_scalar(f'train/{name}', value, step)
+            self.writer.flush()
+            self.bar.set_postfix(loss=f'{means["loss"]:.4f}')
+
+    def samples(self, step, samples):
+        if not self.main:
+            return
+        path = os.path.join(self.sample_dir, f'step_{step:08d}.png')
+        images.save_grid(path, samples)
+        self.writer.add_image('samples', images.grid(samples), step, dataformats='HWC')
+        self.writer.flush()
+        self.info('step %d: EMA samples written to %s', step, path)
+
+    def close(self):
+        if self.main:
+            self.bar.close()
+            self.writer.close()
+
+
+class _StopRequest:
+    """Whether the job has been asked to stop: SIGTERM (e.g. a preemption notice) or SIGINT.
+
+    With several processes, jax's preemption service catches SIGTERM and makes every process
+    stop at the same step; a single process catches the signals itself.
+    """
+
+    def __init__(self, manager):
+        self.manager = manager
+        self.signal = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM,
+                                                                        signal.SIGINT)
+            self.previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def reached(self, step) -> bool:
+        if self.manager.reached_preemption(step) and self.signal is None:
+            self.signal = 'SIGTERM'
+        return self.signal is not None
+
+    def close(self):
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
+
+
+def _check_finite(unchecked, manager):
+    """Raises errors.Diverged naming the first of the (step, metrics) pairs that is not finite."""
+    values = jax.device_get([metrics for _, metrics in unchecked])
+    for (step, _), metrics in zip(unchecked, values):
+        if not metrics['finite']:
+            raise errors.Diverged(
+                f'The loss ({metrics["loss"]}) or the gradients (norm {metrics["grad_norm"]}) '
+                f'are not finite at step {step}. Training stopped without saving; the newest '
+                f'checkpoint (step {manager.latest_step()}) in {manager.directory} is unchanged. '
+                'A lower config.optim.lr or config.optim.grad_clip may help.')
+    unchecked.clear()
+
+
+def train(config, workdir: str):
+    """Trains config's model in `workdir`, resuming from its newest checkpoint if there is one.
+
+    Checkpoints every snapshot_freq steps, at the end, and when asked to stop (SIGTERM, SIGINT;
+    then it stops after the current step). The metrics are checked for NaN and infinity before
+    anything is logged or saved, so a diverged state is never written.
+    """
+    quiet_orbax()
+    mesh = parallel.make_mesh()
+    source = data.make_source(config)
+    loader = data.make_loader(config, source, parallel.batch_sharding(mesh))
+    checkpoint.save_config(config, workdir)
+    graphdef = state_lib.model_graphdef(config)
+
+    manager = checkpoint.make_manager(workdir)
+    saver = checkpoint.Saver(manager)
+    stop = _StopRequest(manager)
+    state = checkpoint.restore_latest(manager, state_lib.abstract_state(config, mesh))
+    if state is None:
+        state = state_lib.init_state(config, mesh, rng.init_key(config.seed))
+    start_step = int(state.step)
+    n_iters = config.training.n_iters
+    logging.info('%s at step %d of %d on %d devices (%d processes); %d training images.',
+                 'Resuming' if start_step else 'Starting', start_step, n_iters, mesh.size,
+                 jax.process_count(), len(source))
+
+    train_step = programs.make_train_step(config, graphdef, mesh)
+    sampler = programs.Sampler(config, mesh)
+    train_key, sample_key = rng.train_key(config.seed), rng.sample_key(config.seed)
+    logger = _Logger(workdir, start_step, n_iters)
+    collected, unchecked = [], []
+    step = start_step
+    batches = loader.batches(start_step)
+    try:
+        while step < n_iters:
+            state, metrics = train_step(state, next(batches), train_key)
+            step += 1
+            collected.append(metrics)
+            unchecked.append((step, metrics))
+            logger.advance()
+            saver.check()
+            stopping = stop.reached(step)
+            log = step % config.training.log_freq == 0 or step == n_iters
+            samples = step % config.training.sampling_freq == 0 or step == n_iters
+            save = step % config.training.snapshot_freq == 0 or step == n_iters or stopping
+            if log or samples or save:
+                _check_finite(unchecked, manager)
+            if log:
+                logger.metrics(step, collected)
+                collected = []
+            if samples and not stopping:
+                logger.samples(step, sampler.draw(state.ema_params, source,
+                                                  config.sampling.num_samples, sample_key))
+            if save:
+                saver.save(step, state)
+            if stopping:
+                saver.check(wait=True)
+                logging.warning('Asked to stop (%s): checkpoint %d saved in %s. Run the same '
+                                'command to resume.', stop.signal, step, manager.directory)
+                break
+        saver.check(wait=True)
+    finally:
+        batches.close()
+        stop.close()
+        logger.close()
+        saver.close()
+        data.report_skipped(source)
