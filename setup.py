@@ -17,7 +17,7 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.11',
-    packages=setuptools.find_packages(include=['ihdm_jax', 'ihdm_jax.*', 'configs']),
+    packages=setuptools.find_packages(include=['ihdm_jax', 'ihdm_jax.*']),
     install_requires=requirements,
     extras_require={'test': ['pytest>=8', 'scikit-image>=0.22']},
 )

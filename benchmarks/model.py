@@ -4,17 +4,16 @@
       [--config.training.batch_size=128] [--config.sampling.batch_size=500]
       [--config.sampling.num_samples=10000] [--steps=10] [--repeats=5] [--json=cifar10.json]
 
-Training: the step users run (train.make_train_step on a mesh over all devices, the state donated
+Training: the step users run (programs.make_train_step on a mesh over all devices, the state donated
 and threaded through), on a fixed random batch, so data loading is left out. The step time is
 the median over `repeats` windows of `steps` steps, each ending with block_until_ready, after
 compilation and one warm-up step. MFU is the compiled step's FLOPs (XLA cost analysis, per
 device) / step time / the device's dense peak for config.model.dtype (measure.PEAK_TFLOPS, or
 --peak_tflops).
 
-Sampling: train.make_sampler, the full K-level chain of Alg. 2 from random prior images,
+Sampling: programs.Sampler.chains, the full K-level chain of Alg. 2 from random prior states,
 compiled before timing; a window draws config.sampling.num_samples images in calls of
-config.sampling.batch_size and copies each call's uint8 images to the host, as `--mode=sample`
-does.
+config.sampling.batch_size and copies each call's images to the host, as `--mode=sample` does.
 """
 
 import json
@@ -28,9 +27,10 @@ import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import measure
-from ihdm_jax import images
 from ihdm_jax import parallel
-from ihdm_jax import train
+from ihdm_jax import programs
+from ihdm_jax import rng
+from ihdm_jax import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
@@ -55,13 +55,12 @@ def benchmark_training(config, mesh, *, steps, repeats, peak_tflops=None):
     if steps < 1 or repeats < 1:
         raise ValueError(f'steps and repeats must be >= 1, got {steps} and {repeats}.')
     batch_size = config.training.batch_size
-    parallel.check_divisible(batch_size, mesh, 'config.training.batch_size')
+    parallel.check_divisible(batch_size, 'config.training.batch_size', mesh.size)
     size, channels = config.data.image_size, config.data.num_channels
     batch = _random_images((batch_size, size, size, channels), parallel.batch_sharding(mesh), 0)
-    tx = train.make_optimizer(config)
-    init_key, train_key, _ = jax.random.split(jax.random.key(config.seed), 3)
-    state = train.init_state(config, tx, mesh, init_key)
-    step = train.make_train_step(config, train.model_graphdef(config), tx, mesh)
+    train_key = rng.train_key(config.seed)
+    state = state_lib.init_state(config, mesh, rng.init_key(config.seed))
+    step = programs.make_train_step(config, state_lib.model_graphdef(config), mesh)
 
     lowered = step.lower(state, batch, train_key)
     compiled = lowered.compile()
@@ -100,20 +99,22 @@ def benchmark_training(config, mesh, *, steps, repeats, peak_tflops=None):
 
 
 def benchmark_sampling(config, mesh, params, *, repeats):
-    """Times config.sampling.num_samples images through the full K-level chain."""
+    """Times config.sampling.num_samples images through the full K-level chain
+    (programs.Sampler, as every job samples), from random prior states."""
     batch_size, num_samples = config.sampling.batch_size, config.sampling.num_samples
-    parallel.check_divisible(batch_size, mesh, 'config.sampling.batch_size')
+    parallel.check_divisible(batch_size, 'config.sampling.batch_size', mesh.size)
     size, channels = config.data.image_size, config.data.num_channels
-    prior = _random_images((batch_size, size, size, channels), parallel.batch_sharding(mesh), 1)
-    key = jax.random.key(config.seed)
-    sampler = train.make_sampler(config, train.model_graphdef(config), mesh)
-    compiled = sampler.lower(params, prior, key).compile()
+    u_K = np.random.default_rng(1).uniform(size=(batch_size, size, size, channels))
+    u_K = u_K.astype(np.float32)
+    sampler = programs.Sampler(config, mesh)
+    key = rng.sample_key(config.seed)
     calls = math.ceil(num_samples / batch_size)
 
     def window(n):
-        keys = (jax.random.fold_in(key, c) for c in range(n))
-        return [images.to_uint8(parallel.gather(compiled(params, prior, k))) for k in keys]
+        return [sampler.chains(params, u_K, rng.example_keys(jax.random.fold_in(key, c),
+                                                             batch_size)) for c in range(n)]
 
+    window(1)  # compilation
     seconds = measure.median_seconds(lambda: window(calls), repeats)
     return dict(K=config.model.K, batch_size=batch_size, num_samples=calls * batch_size,
                 windows=repeats, wall_s=seconds, images_per_s=calls * batch_size / seconds,

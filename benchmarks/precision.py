@@ -15,11 +15,12 @@ import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import measure
+from ihdm_jax import checkpoint
 from ihdm_jax import data
-from ihdm_jax import heat
 from ihdm_jax import objective
 from ihdm_jax import parallel
-from ihdm_jax import train
+from ihdm_jax import schedule
+from ihdm_jax import state as state_lib
 from ihdm_jax.models import unet
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
@@ -37,8 +38,8 @@ DTYPES = ('float32', 'bfloat16')
 def mean_loss(config, params, images, batch, draws):
     """The mean Alg. 1 loss over `images` and `draws` draws of (k, ε) per batch, with the U-Net
     in config.model.dtype; the draws depend only on the batch and draw index."""
-    graphdef = train.model_graphdef(config)
-    t = heat.heat_times(config.model.K, config.model.blur_sigma_min, config.model.blur_sigma_max)
+    graphdef = state_lib.model_graphdef(config)
+    t = schedule.from_config(config).t
 
     @jax.jit
     def losses(params, u0, key):
@@ -58,8 +59,8 @@ def main(argv):
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     measure.check_new_file(_JSON.value)
     config = _CONFIG.value
-    params, step = train.restore_ema_params(config, _WORKDIR.value,
-                                            parallel.make_mesh(jax.devices()[:1]))
+    params, step = checkpoint.restore_ema_params(config, _WORKDIR.value,
+                                                 parallel.make_mesh(jax.devices()[:1]))
     source = data.make_source(config)
     n = min(_NUM_IMAGES.value, len(source))
     images = source.load(np.arange(n)).astype(np.float32) / 255.0

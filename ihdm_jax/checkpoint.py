@@ -74,24 +74,37 @@ class Saver:
         self.pending = None  # the step of the save being written
 
     def save(self, step: int, state):
-        self.check()
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        # orbax waits for the previous save before starting one; waiting here names its failure.
+        self.check(wait=True)
         self.pending = step
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        except Exception as error:  # e.g. the step's folder cannot be created
+            raise self._failed(error) from None
 
     def check(self, wait=False):
-        """Raises errors.SaveFailed if the pending save failed; with wait, waits for it first."""
+        """Raises errors.SaveFailed if the pending save failed; with wait, waits for it first.
+
+        orbax's finalize thread swallows the error it logs (check_for_errors stays silent) and
+        keeps it for wait_until_finished, which is called here once the save is no longer in
+        progress, so that a failure stops training at the next check.
+        """
+        if self.pending is None:
+            return
         try:
-            if wait:
+            if wait or not self.manager.is_saving_in_progress():
                 self.manager.wait_until_finished()
-            else:
                 self.manager.check_for_errors()
+                self.pending = None
         except Exception as error:  # orbax re-raises whatever the writing thread raised
-            cause = str(error).strip().splitlines()
-            raise errors.SaveFailed(
-                f'Saving checkpoint {self.pending} in {self.manager.directory} failed '
-                f'({type(error).__name__}: {cause[0] if cause else ""}). Training stopped; the '
-                f'checkpoints already there are intact (newest: {_newest(self.manager)}).'
-            ) from None
+            raise self._failed(error) from None
+
+    def _failed(self, error) -> errors.SaveFailed:
+        cause = str(error).strip().splitlines()
+        return errors.SaveFailed(
+            f'Saving checkpoint {self.pending} in {self.manager.directory} failed '
+            f'({type(error).__name__}: {cause[0] if cause else ""}). Training stopped; the '
+            f'checkpoints already there are intact (newest: {_newest(self.manager)}).')
 
     def close(self):
         """Closes the manager; a failed save has been reported by `check` already."""

@@ -115,13 +115,17 @@ class FolderSource:
 
     def _decode(self, index) -> np.ndarray:
         with Image.open(self.paths[index]) as image:
-            if image.mode not in (self.mode, 'P') and not self._converted:
-                self._converted = True
+            if image.mode not in (self.mode, 'P') and self._first_conversion():
                 logging.info('Converting images of mode %s (e.g. %s) to %s, as '
                              'config.data.num_channels asks.', image.mode, self.paths[index],
                              self.mode)
             pixels = np.asarray(image.convert(self.mode))
         return center_crop_resize(pixels.reshape(pixels.shape[:2] + (-1,)), self.size)
+
+    def _first_conversion(self) -> bool:
+        with self._lock:  # the pool's threads decode concurrently; one of them logs
+            first, self._converted = not self._converted, True
+        return first
 
     def _read(self, index) -> np.ndarray:
         for offset in range(len(self.paths)):

@@ -12,7 +12,9 @@ themselves (--multihost forces that detection); processes started by hand pass
 --coordinator_address, --num_processes and --process_id.
 """
 
+import ast
 import dataclasses
+import os
 import sys
 from typing import Callable
 
@@ -111,16 +113,31 @@ def main(argv):
         sys.exit(f'Error: interrupted (Ctrl-C) during --mode={_MODE.value}.')
 
 
+def _config_file(argv):
+    """The --config path of the command line, checked before ml_collections loads it."""
+    paths = [arg.split('=', 1)[1] for arg in argv[1:] if arg.startswith('--config=')]
+    if not paths:
+        sys.exit('Error: --config is required, e.g. --config=configs/digits.py.')
+    path = paths[-1]
+    if not os.path.isfile(path):
+        sys.exit(f'Error: --config={path}: no such file; the shipped configs are in configs/.')
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+    except SyntaxError as error:
+        sys.exit(f'Error: --config={path} has a syntax error at line {error.lineno}: {error.msg}.')
+    if not any(isinstance(node, ast.FunctionDef) and node.name == 'get_config'
+               for node in tree.body):
+        sys.exit(f'Error: --config={path} defines no get_config(); a config file returns its '
+                 'ConfigDict from get_config() (see configs/digits.py).')
+
+
 def _parse_flags(argv):
     """absl's flag parsing, with one line for each mistake instead of usage text or traceback."""
-    if not any(arg == '--config' or arg.startswith('--config=') for arg in argv[1:]):
-        sys.exit('Error: --config is required, e.g. --config=configs/digits.py.')
+    _config_file(argv)
     try:
         return flags.FLAGS(argv)
-    except flags.Error as error:  # a bad flag value, or a config file that fails to load
-        sys.exit(f'Error: {_one_line(error)}')
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
-        # ml_collections' answers to an override of a key the config lacks, or a bad value.
+    except Exception as error:  # a bad flag, override or value, or a config file that fails
         for arg in argv[1:]:
             if arg.startswith('--config.'):
                 message = validation.unknown_key(arg[len('--config.'):].split('=')[0])

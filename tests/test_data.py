@@ -1,6 +1,7 @@
 """Data sources and the loader: determinism, sharding, preprocessing, tfds without TensorFlow."""
 
 import io
+import logging
 import sys
 
 import jax
@@ -11,7 +12,9 @@ from PIL import Image
 
 from configs import tiny
 from ihdm_jax import data
+from ihdm_jax import errors
 from ihdm_jax import parallel
+from ihdm_jax import rng
 
 
 @pytest.fixture(scope='module')
@@ -80,17 +83,20 @@ def test_random_flips_are_deterministic(digits, sharding):
                                   np.asarray(_loader(digits, sharding, random_flip=True).batch(3)))
 
 
-def test_prior_images_are_fixed_per_draw(digits, sharding):
-    loader = _loader(digits, sharding)
-    np.testing.assert_array_equal(np.asarray(loader.prior_images(16, 0)),
-                                  np.asarray(_loader(digits, sharding).prior_images(16, 0)))
-    assert not np.array_equal(np.asarray(loader.prior_images(16, 0)),
-                              np.asarray(loader.prior_images(16, 1)))
+def test_prior_picks_are_fixed_per_seed_and_draw():
+    picks = rng.prior_picks(0, 0, 64, 1500)
+    assert picks.shape == (64,) and picks.min() >= 0 and picks.max() < 1500
+    np.testing.assert_array_equal(picks, rng.prior_picks(0, 0, 64, 1500))
+    assert not np.array_equal(picks, rng.prior_picks(0, 1, 64, 1500))
+    assert not np.array_equal(picks, rng.prior_picks(1, 0, 64, 1500))
+    assert len(np.unique(rng.prior_picks(0, 0, 10_000, 3))) == 3
 
 
-def test_batch_size_must_split_over_devices(digits, sharding):
-    with pytest.raises(ValueError, match='multiple of the number of devices'):
-        _loader(digits, sharding, batch_size=12)
+def test_batch_size_must_split_over_devices(config):
+    with pytest.raises(errors.UserError, match=r'=12 must be a multiple of the number of '
+                                               r'devices \(8\)'):
+        parallel.check_divisible(12, 'config.training.batch_size')
+    parallel.check_divisible(config.training.batch_size, 'config.training.batch_size')
 
 
 def _save(path, pixels):
@@ -112,23 +118,46 @@ def test_folder_source_crops_the_centre_and_resizes(tmp_path):
     assert np.all(np.abs(images[1].astype(int) - 90) <= 2)
     gray = data.FolderSource(str(tmp_path), 8, 1).load(np.array([1]))
     assert gray.shape == (1, 8, 8, 1)
+    assert not source.skipped
 
 
-def test_bad_data_settings_raise(tmp_path):
+def _folder_config(tmp_path, channels=1):
     config = tiny.get_config()
     config.data.dataset = 'afhq'
-    with pytest.raises(ValueError, match='data_dir'):
-        data.make_source(config)
-    config.data.data_dir = str(tmp_path)
-    with pytest.raises(ValueError, match='holds no images'):
-        data.make_source(config)
+    config.data.num_channels = channels
+    config.data.data_dir = str(tmp_path / 'train')
+    return config
+
+
+def test_check_names_bad_data_settings(tmp_path):
+    config = tiny.get_config()
+    data.check(config)
     config.data.dataset = 'imagenet'
-    with pytest.raises(ValueError, match='Unknown config.data.dataset'):
-        data.make_source(config)
+    with pytest.raises(errors.UserError, match="dataset='imagenet' is not known"):
+        data.check(config)
     config = tiny.get_config()
     config.data.num_channels = 3
-    with pytest.raises(ValueError, match='1 channels but config.data.num_channels=3'):
-        data.make_source(config)
+    with pytest.raises(errors.UserError,
+                       match='num_channels=3 does not match digits, whose images have 1'):
+        data.check(config)
+    config = tiny.get_config()
+    config.data.dataset = 'cifar10'
+    config.data.num_channels = 3
+    with pytest.raises(errors.UserError, match='image_size=8 does not match cifar10'):
+        data.check(config)
+
+    config = _folder_config(tmp_path)
+    config.data.data_dir = ''
+    with pytest.raises(errors.UserError, match='set --config.data.data_dir'):
+        data.check(config)
+    config.data.data_dir = str(tmp_path / 'missing')
+    with pytest.raises(errors.UserError, match='data_dir=.*missing.* does not exist'):
+        data.check(config)
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'notes.txt').write_text('not an image')
+    config.data.data_dir = str(tmp_path / 'empty')
+    with pytest.raises(errors.UserError, match='data_dir=.*empty.* holds no image files'):
+        data.check(config)
 
 
 def test_digits_hold_out_their_last_297_images_for_testing():
@@ -139,29 +168,92 @@ def test_digits_hold_out_their_last_297_images_for_testing():
     assert (len(train), len(test)) == (1500, 297)
     np.testing.assert_array_equal(train.load(np.arange(1500)), everything[:1500])
     np.testing.assert_array_equal(test.load(np.arange(297)), everything[1500:])
-    assert len(data.make_loader(config, parallel.batch_sharding(parallel.make_mesh())).source) \
-        == 1500
-    with pytest.raises(ValueError, match="Unknown split 'validation'"):
-        data.make_source(config, 'validation')
 
 
 def test_image_folders_take_their_test_split_from_test_dir(tmp_path):
     _save(tmp_path / 'train' / 'a.png', np.full((8, 8, 3), 10, np.uint8))
     for name in ('b', 'c'):
         _save(tmp_path / 'test' / f'{name}.png', np.full((8, 8, 3), 200, np.uint8))
-    config = tiny.get_config()
-    config.data.dataset = 'afhq'
-    config.data.num_channels = 3
-    config.data.data_dir = str(tmp_path / 'train')
-    with pytest.raises(ValueError, match='set config.data.test_dir'):
-        data.make_source(config, 'test')
+    config = _folder_config(tmp_path, channels=3)
+    data.check(config, 'train')
+    with pytest.raises(errors.UserError, match='set --config.data.test_dir'):
+        data.check(config, 'test')
     config.data.test_dir = str(tmp_path / 'test')
+    data.check(config, 'test')
     test = data.make_source(config, 'test')
     assert len(test) == 2 and test.load(np.array([1])).min() == 200
     assert len(data.make_source(config, 'train')) == 1
-    config.data.test_dir = str(tmp_path / 'empty')
-    with pytest.raises(ValueError, match='config.data.test_dir=.* holds no images'):
-        data.make_source(config, 'test')
+    config.data.test_dir = str(tmp_path / 'elsewhere')
+    with pytest.raises(errors.UserError, match='test_dir=.*elsewhere.* does not exist'):
+        data.check(config, 'test')
+    data.check(config, 'train')
+
+
+def _messages(caplog, level, text):
+    return [r.getMessage() for r in caplog.records if r.levelno == level and text in r.getMessage()]
+
+
+def _corrupt(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.random.default_rng(seed).bytes(300))
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    """train/: a.png (grey 10), b.png (corrupt), c.png (grey 30), d.png (grey 40), e.png
+    (corrupt, the last file)."""
+    for name, level in (('a', 10), ('c', 30), ('d', 40)):
+        _save(tmp_path / 'train' / f'{name}.png', np.full((8, 8), level, np.uint8))
+    _corrupt(tmp_path / 'train' / 'b.png', 0)
+    _corrupt(tmp_path / 'train' / 'e.png', 1)
+    return tmp_path
+
+
+def test_unreadable_images_are_replaced_by_the_next_readable_one(damaged, caplog, sharding):
+    caplog.set_level(logging.INFO)
+    config = _folder_config(damaged)
+    data.check(config)
+    source = data.make_source(config)
+    assert [p.name for p in source.paths] == ['a.png', 'b.png', 'c.png', 'd.png', 'e.png']
+    # b is read as c, the next file; e, the last, as a (the order wraps around).
+    in_place = np.array([10, 30, 30, 40, 10])
+    levels = source.load(np.array([0, 1, 2, 3, 4, 1, 4, 1]))[:, 0, 0, 0]
+    np.testing.assert_array_equal(levels, in_place[[0, 1, 2, 3, 4, 1, 4, 1]])
+    assert sorted(source.paths[i].name for i in source.skipped) == ['b.png', 'e.png']
+    for name in ('b.png', 'e.png'):
+        warnings = _messages(caplog, logging.WARNING, name)
+        assert len(warnings) == 1 and 'cannot be read as an image' in warnings[0]
+
+    loader = data.make_loader(config, data.make_source(config), sharding)
+    for step in (0, 1, 2):
+        expected = in_place[loader.batch_indices(step)] / 255.0
+        np.testing.assert_allclose(np.asarray(loader.batch(step))[:, 0, 0, 0], expected,
+                                   rtol=1e-6)
+    assert len(_messages(caplog, logging.WARNING, 'b.png')) == 2  # once per source
+    data.report_skipped(source, loader.source)
+    assert _messages(caplog, logging.WARNING, '4 unreadable image file(s) were skipped')
+
+
+def test_a_folder_of_unreadable_files_is_an_error(tmp_path):
+    for i in range(3):
+        _corrupt(tmp_path / f'{i}.png', i)
+    source = data.FolderSource(str(tmp_path), 8, 1)
+    with pytest.raises(errors.UserError, match='None of the 3 image files .* can be read'):
+        source.load(np.array([1]))
+    assert len(source.skipped) == 3
+
+
+def test_gray_images_convert_to_rgb_with_one_log_line(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    for i in range(12):
+        _save(tmp_path / f'{i:02d}.png', np.full((8, 8), 20 * i, np.uint8))
+    source = data.FolderSource(str(tmp_path), 8, 3)
+    images = source.load(np.arange(12))
+    assert images.shape == (12, 8, 8, 3)
+    np.testing.assert_array_equal(images, np.broadcast_to(
+        (20 * np.arange(12, dtype=np.uint8))[:, None, None, None], images.shape))
+    source.load(np.arange(12))
+    assert len(_messages(caplog, logging.INFO, 'Converting images of mode L')) == 1
 
 
 @pytest.mark.parametrize('name,size,channels', [('mnist', 28, 1), ('cifar10', 32, 3)])
@@ -171,7 +263,7 @@ def test_tfds_datasets_through_mock_data(sharding, name, size, channels):
     config.data.image_size = size
     config.data.num_channels = channels
     with tfds.testing.mock_data(num_examples=20):
-        loader = data.make_loader(config, sharding)
+        loader = data.make_loader(config, data.make_source(config), sharding)
     assert len(loader.source) == 20
     batch = np.asarray(loader.batch(3))
     assert batch.shape == (8, size, size, channels) and batch.dtype == np.float32
