@@ -1,7 +1,8 @@
-"""The evaluation jobs: the ELBO against a float64 brute-force computation, and --mode=eval, fid and
-sweep_delta end to end on a checkpoint of a one-step run."""
+"""The negative ELBO against a float64 brute-force computation and its invariance to the batch size
+and the device count; --mode=eval, fid and sweep_delta end to end on conftest's checkpoint."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,23 +13,27 @@ import scipy.stats
 from PIL import Image
 
 import numpy_reference
-from configs import tiny
+from conftest import TRAINED_STEP
+from ihdm_jax import checkpoint
 from ihdm_jax import data
-from ihdm_jax import evaluate
+from ihdm_jax import elbo
 from ihdm_jax import heat
 from ihdm_jax import parallel
-from ihdm_jax import train
-from ihdm_jax.evaluation import fid
+from ihdm_jax import programs
+from ihdm_jax import rng
+from ihdm_jax import state as state_lib
+from ihdm_jax.evaluation import frechet
 from ihdm_jax.evaluation import likelihood
+from ihdm_jax.jobs import evaluate
 from ihdm_jax.models import unet
-from test_fid import weights  # noqa: F401  (the converted Inception weights, a fixture)
 
 TRAIN_IMAGES = 8  # training digits of the end-to-end runs, to keep Inception on CPU short
+DELTA = 0.0125
 
 
 @pytest.fixture(scope='module')
-def config():
-    config = tiny.get_config()
+def eval_config(config):
+    config = config.copy_and_resolve_references()
     evaluation = config.evaluation
     evaluation.num_examples = 12  # not a multiple of the batch (8): the last batch is padded
     # One δ: every FID costs a 2048x2048 matrix square root (about 25 s on two cores).
@@ -36,32 +41,54 @@ def config():
     return config
 
 
-def test_negative_elbo_matches_brute_force(config):
-    """Every level k = 1..K and L_K by the paper's formulas in float64, with the job's draws."""
-    mesh = parallel.make_mesh()
-    graphdef = train.model_graphdef(config)
-    # Random parameters (no initialiser to compile), so that the residual f shapes every term.
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(lambda: unet.init(config, jax.random.key(0))[1])
-    params = jax.tree.map(lambda s: 0.1 * rng.standard_normal(s.shape).astype(s.dtype), shapes)
-    delta = 0.0125
-    result = evaluate.NegativeElbo(config, graphdef, mesh)(
-        jax.device_put(params, parallel.replicated(mesh)), delta)
+@pytest.fixture(scope='module')
+def digits_split(eval_config):
+    """The digits' test and training splits as sources. 1500 is data.DIGITS_TRAIN, written out
+    since small_train_split patches it for the jobs."""
+    digits = data.digits_images(eval_config.data.image_size)
+    return data.ArraySource(digits[1500:]), data.ArraySource(digits[:1500])
 
+
+@pytest.fixture(scope='module')
+def random_params(eval_config):
+    """Random parameters (no initialiser to compile), so that the residual f shapes every term."""
+    generator = np.random.default_rng(0)
+    shapes = state_lib.abstract_params(eval_config, parallel.make_mesh())
+    return jax.tree.map(lambda s: 0.1 * generator.standard_normal(s.shape).astype(s.dtype),
+                        shapes)
+
+
+def _negative_elbo(config, digits_split, params, devices=None, batch_size=8):
+    config = config.copy_and_resolve_references()
+    config.evaluation.batch_size = batch_size
+    mesh = parallel.make_mesh(devices)
+    return elbo.NegativeElbo(config, mesh, *digits_split)(params, DELTA)
+
+
+@pytest.fixture(scope='module')
+def random_elbo(eval_config, digits_split, random_params):
+    """NegativeElbo on all 8 devices, batches of 8 (12 examples: the second batch is padded)."""
+    return _negative_elbo(eval_config, digits_split, random_params)
+
+
+def test_negative_elbo_matches_brute_force(eval_config, digits_split, random_params,
+                                           random_elbo):
+    """Every level k = 1..K and L_K by the paper's formulas in float64, with the draws of the
+    keys elbo.example_keys gives each example."""
+    config, params, result = eval_config, random_params, random_elbo
     K, sigma, passes = config.model.K, config.model.sigma, config.evaluation.num_passes
     n = config.evaluation.num_examples
     t = np.asarray(heat.heat_times(K, config.model.blur_sigma_min, config.model.blur_sigma_max),
                    np.float64)
-    digits = data.digits_images(8)
-    test_bytes = digits[data.DIGITS_TRAIN:data.DIGITS_TRAIN + n]
-    train_bytes = digits[:data.DIGITS_TRAIN]
-    # The job's random numbers, drawn from the keys it gives example i.
-    key = evaluate.elbo_key(config)
+    test_source, train_source = digits_split
+    test_bytes = test_source.images[:n].astype(np.float64)
+    train_bytes = train_source.images.astype(np.float64)
+    key = rng.elbo_key(config.seed)
     u0, example, level, eps = [], [], [], []
     for i, x in enumerate(test_bytes):
-        dequant_key, pass_keys = evaluate.example_keys(key, i, passes)
+        dequant_key, pass_keys = elbo.example_keys(key, i, passes)
         noise = np.asarray(jax.random.uniform(dequant_key, (1,) + x.shape), np.float64)[0]
-        u0.append((x + noise) / 256)  # (x·255 + U)/256 for x in [0, 1], i.e. (byte + U)/256
+        u0.append((x + noise) / 256)
         for p in range(passes):
             k, e = likelihood.draw_level(pass_keys[p], (1,) + x.shape, K)
             example.append(i)
@@ -70,6 +97,7 @@ def test_negative_elbo_matches_brute_force(config):
     u0, example, level = np.stack(u0), np.array(example), np.array(level)
     # û_k = F(t_k)u0 + σε and μ(û_k, k) for every draw, the network in one call.
     u_k = numpy_reference.heat(u0[example], t[level]) + sigma * np.stack(eps)
+    graphdef = state_lib.model_graphdef(config)
     apply = jax.jit(lambda u, k: unet.apply(graphdef, params, u, k, train=False))
     mu = u_k + np.asarray(apply(jnp.asarray(u_k, jnp.float32), jnp.asarray(level, jnp.int32)),
                           np.float64)
@@ -80,10 +108,10 @@ def test_negative_elbo_matches_brute_force(config):
         assert drawn.any(), f'level {k} was never drawn: change the seed or the number of passes'
         u0_k = u0[example[drawn]]
         if k == 1:  # L_0 = −log N(u0 | μ(u_1, 1), δ²I), Eq. (11)
-            terms = -scipy.stats.norm.logpdf(u0_k, loc=mu[drawn], scale=delta).sum(axis=(1, 2, 3))
+            terms = -scipy.stats.norm.logpdf(u0_k, loc=mu[drawn], scale=DELTA).sum(axis=(1, 2, 3))
         else:  # L_{k−1} = D_KL[N(F(t_{k−1})u0, σ²I) ‖ N(μ(u_k, k), δ²I)], pixel by pixel, Eq. (10)
             mean_q = numpy_reference.heat(u0_k, t[k - 1])
-            kl = (np.log(delta / sigma) + (sigma**2 + (mean_q - mu[drawn]) ** 2) / (2 * delta**2)
+            kl = (np.log(DELTA / sigma) + (sigma**2 + (mean_q - mu[drawn]) ** 2) / (2 * DELTA**2)
                   - 0.5)
             terms = kl.sum(axis=(1, 2, 3))
         level_means.append(terms.mean())
@@ -93,23 +121,39 @@ def test_negative_elbo_matches_brute_force(config):
     blurred_train = numpy_reference.heat(train_bytes / 255.0, t[K]).reshape(len(train_bytes), -1)
     blurred_test = numpy_reference.heat(u0, t[K]).reshape(n, -1)
     sq = ((blurred_test[:, None] - blurred_train[None]) ** 2).sum(axis=-1)
-    kl_K = d * (np.log(delta / sigma) + sigma**2 / (2 * delta**2) - 0.5) + sq / (2 * delta**2)
+    kl_K = d * (np.log(DELTA / sigma) + sigma**2 / (2 * DELTA**2) - 0.5) + sq / (2 * DELTA**2)
     l_K = np.log(len(train_bytes)) - scipy.special.logsumexp(-kl_K, axis=1)
 
     per_dim = 1 / (d * np.log(2))
     nats = l_K.mean() + sum(level_means)
-    np.testing.assert_allclose(result['level_nats'], level_means, rtol=1e-4)
-    np.testing.assert_allclose(result['L_K'], l_K.mean() * per_dim, rtol=1e-4)
-    np.testing.assert_allclose(result['sum_L_k'], sum(level_means[1:]) * per_dim, rtol=1e-4)
-    np.testing.assert_allclose(result['L_0'], level_means[0] * per_dim, rtol=1e-4)
-    np.testing.assert_allclose(result['nats_per_image'], nats, rtol=1e-5)
-    np.testing.assert_allclose(result['bits_per_dim'], nats * per_dim + 8, rtol=1e-6)
+    # Measured relative differences (float32 network and heat against float64): level_nats
+    # 3.5e-7, L_K 8.6e-7, sum_L_k 3.6e-8, L_0 3.5e-7, nats_per_image and bits_per_dim 9e-8.
+    np.testing.assert_allclose(result['level_nats'], level_means, rtol=2e-6)
+    np.testing.assert_allclose(result['L_K'], l_K.mean() * per_dim, rtol=4e-6)
+    np.testing.assert_allclose(result['sum_L_k'], sum(level_means[1:]) * per_dim, rtol=4e-7)
+    np.testing.assert_allclose(result['L_0'], level_means[0] * per_dim, rtol=2e-6)
+    np.testing.assert_allclose(result['nats_per_image'], nats, rtol=5e-7)
+    np.testing.assert_allclose(result['bits_per_dim'], nats * per_dim + 8, rtol=5e-7)
     assert result['num_examples'] == n and result['num_train'] == len(train_bytes)
 
 
+@pytest.mark.parametrize('devices, batch_size', [(1, 8), (1, 5)])
+def test_negative_elbo_does_not_depend_on_batch_size_or_devices(
+        eval_config, digits_split, random_params, random_elbo, devices, batch_size):
+    """Against 8 devices with batches of 8: one device (per-device batch 8 instead of 1), and one
+    device with batches of 5 (12 = 5 + 5 + 2, the last padded)."""
+    result = _negative_elbo(eval_config, digits_split, random_params,
+                            jax.devices()[:devices], batch_size)
+    # Not bitwise: XLA's convolutions round differently at other per-device batch sizes.
+    # Measured relative differences: at most 1.7e-7 for the totals, 5.9e-7 for a level's mean.
+    for name in ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0', 'nats_per_image'):
+        assert result[name] == pytest.approx(random_elbo[name], rel=1e-6), name
+    np.testing.assert_allclose(result['level_nats'], random_elbo['level_nats'], rtol=2e-6)
+
+
 def test_merge_prior_bounds_equals_the_bound_of_the_whole_set():
-    rng = np.random.default_rng(1)
-    neg_kl = rng.normal(-50, 10, size=(3, 7))  # 3 examples, 7 training images
+    generator = np.random.default_rng(1)
+    neg_kl = generator.normal(-50, 10, size=(3, 7))  # 3 examples, 7 training images
     whole = np.log(7) - scipy.special.logsumexp(neg_kl, axis=1)
     parts = [neg_kl[:, :2], neg_kl[:, 2:3], neg_kl[:, 3:]]
     bounds = [np.log(p.shape[1]) - scipy.special.logsumexp(p, axis=1) for p in parts]
@@ -119,82 +163,139 @@ def test_merge_prior_bounds_equals_the_bound_of_the_whole_set():
 
 @pytest.fixture(scope='module')
 def small_train_split():
-    """The end-to-end tests train on, and measure FID and L_K against, TRAIN_IMAGES digits."""
+    """The end-to-end jobs measure FID and L_K against TRAIN_IMAGES training digits."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data, 'DIGITS_TRAIN', TRAIN_IMAGES)
         yield
 
 
 @pytest.fixture(scope='module')
-def workdir(config, small_train_split, tmp_path_factory):
-    """A one-step run; its EMA parameters are the initial ones (lr is 0 at step 0)."""
-    path = tmp_path_factory.mktemp('evaluate')
-    run = config.copy_and_resolve_references()
-    run.training.n_iters = 1
-    train.train_and_evaluate(run, str(path))
+def workdir(trained, small_train_split, tmp_path_factory):
+    """A copy of conftest's checkpoint, since the jobs write into their workdir."""
+    path = tmp_path_factory.mktemp('evaluate') / 'run'
+    shutil.copytree(trained, path)
     return path
 
 
-def test_eval_job_writes_the_terms_and_their_plot(config, workdir):
-    result = evaluate.likelihood(config, str(workdir))
-    with open(workdir / 'eval' / 'likelihood.json') as f:
-        saved = json.load(f)
-    assert saved['step'] == 1 and saved['split'] == 'test' and saved['delta'] == 0.0125
+@pytest.fixture(scope='module')
+def ema_params(eval_config, trained):
+    params, step = checkpoint.restore_ema_params(eval_config, str(trained), parallel.make_mesh())
+    assert step == TRAINED_STEP
+    return params
+
+
+def _read(workdir, name):
+    with open(workdir / 'eval' / name) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def likelihood_json(eval_config, workdir):
+    evaluate.likelihood(eval_config, str(workdir))
+    return _read(workdir, 'likelihood.json')
+
+
+def test_eval_job_writes_the_elbo_of_the_ema_parameters(eval_config, workdir, trained,
+                                                         likelihood_json, ema_params):
+    saved, config = likelihood_json, eval_config
+    mesh = parallel.make_mesh()
+    test_source, train_source = data.make_source(config, 'test'), data.make_source(config)
+    assert len(train_source) == TRAIN_IMAGES
+    negative_elbo = elbo.NegativeElbo(config, mesh, test_source, train_source)
+    expected = negative_elbo(ema_params, config.sampling.delta)
+    for name in ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0', 'nats_per_image', 'level_nats',
+                 'num_examples', 'num_train'):
+        assert saved[name] == expected[name], name
+    manager = checkpoint.make_manager(str(trained))
+    raw = checkpoint.restore_latest(manager, state_lib.abstract_state(config, mesh)).params
+    manager.close()
+    from_raw = negative_elbo(raw, config.sampling.delta)
+    assert from_raw['L_K'] == expected['L_K']  # the prior term has no parameters
+    assert abs(from_raw['sum_L_k'] - expected['sum_L_k']) > 1e-3 * abs(expected['sum_L_k'])
+
+    assert saved['step'] == TRAINED_STEP and saved['split'] == 'test' and saved['delta'] == DELTA
     assert saved['num_examples'] == 12 and saved['num_train'] == TRAIN_IMAGES
     assert saved['evaluation']['num_passes'] == 5 and len(saved['level_nats']) == config.model.K
-    for name in ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0', 'nats_per_image'):
-        assert saved[name] == result[name]
     np.testing.assert_allclose(saved['bits_per_dim'],
                                8 + saved['L_K'] + saved['sum_L_k'] + saved['L_0'], rtol=1e-12)
     assert Image.open(workdir / 'eval' / 'likelihood_levels.png').size[0] > 400
 
 
 @pytest.fixture(scope='module')
-def fid_run(config, workdir, weights):  # noqa: F811
+def fid_config(eval_config, inception_weights):
+    config = eval_config.copy_and_resolve_references()
+    config.evaluation.inception_weights = inception_weights
+    return config
+
+
+@pytest.fixture(scope='module')
+def fid_json(fid_config, workdir):
     """--mode=fid; it computes and caches the training set's statistics."""
-    run = config.copy_and_resolve_references()
-    run.evaluation.inception_weights = weights
-    return run, evaluate.fid(run, str(workdir))
+    evaluate.fid(fid_config, str(workdir))
+    return _read(workdir, 'fid.json')
 
 
-def test_fid_job_writes_value_samples_and_training_statistics(fid_run, workdir):
-    _, value = fid_run
-    with open(workdir / 'eval' / 'fid.json') as f:
-        saved = json.load(f)
-    assert saved['fid'] == value and np.isfinite(value) and value > 0
-    assert saved['num_samples'] == 8 and saved['step'] == 1
-    stats = workdir / 'eval' / 'train_stats_digits_8.npz'
-    assert saved['train_stats'] == str(stats)
-    mu, sigma = fid.load_statistics(str(stats))
-    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+def _low_rank_fid(features1, features2) -> float:
+    """FID in float64 without a matrix square root, for fewer samples than dimensions: the
+    non-zero eigenvalues of sigma1 sigma2 are the squared singular values of A1 A2^T / sqrt(c)
+    for the centred features A_i and c = (n1 - 1)(n2 - 1)."""
+    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    c1, c2 = len(f1) - 1, len(f2) - 1
+    diff = f1.mean(0) - f2.mean(0)
+    trace_sqrt = np.linalg.svd(a1 @ a2.T / np.sqrt(c1 * c2), compute_uv=False).sum()
+    return float(diff @ diff + (a1 * a1).sum() / c1 + (a2 * a2).sum() / c2 - 2 * trace_sqrt)
+
+
+def test_fid_job_measures_the_ema_samples_against_the_training_set(fid_config, workdir, fid_json,
+                                                                    ema_params):
+    config, saved = fid_config, fid_json
+    source = data.make_source(config)
+    samples = programs.Sampler(config, parallel.make_mesh()).draw(
+        ema_params, source, config.evaluation.fid_num_samples, rng.sample_key(config.seed))
+    features = frechet.InceptionFeatures(config.evaluation.inception_weights,
+                                         config.evaluation.batch_size)
+    sample_features = features(samples)
+    train_features = features(source.load(np.arange(len(source))))
+    mu, sigma = frechet.load_statistics(saved['train_stats'])
+    expected_mu, expected_sigma = frechet.statistics(train_features)
+    np.testing.assert_array_equal(mu, expected_mu)  # the same features: identical
+    np.testing.assert_array_equal(sigma, expected_sigma)
+    expected = _low_rank_fid(sample_features, train_features)
+    assert saved['fid'] == pytest.approx(expected, rel=1e-6)  # measured 9.9e-8
+
+    assert saved['num_samples'] == 8 and saved['step'] == TRAINED_STEP
+    assert saved['delta'] == DELTA
+    assert saved['train_stats'] == str(workdir / 'eval' / 'train_stats_digits_8.npz')
     assert np.linalg.matrix_rank(sigma, hermitian=True) == TRAIN_IMAGES - 1
     assert Image.open(workdir / 'eval' / 'fid_samples.png').size[0] > 64
 
 
-def test_sweep_repeats_eval_and_fid_at_their_delta(config, fid_run, workdir):
+def test_sweep_repeats_eval_and_fid_at_their_delta(fid_config, workdir, likelihood_json,
+                                                    fid_json):
     """At the configured δ the sweep gives the eval and fid jobs' numbers: the same keys and the
     cached training statistics."""
-    run, fid_value = fid_run
-    rows = evaluate.sweep_delta(run, str(workdir))
-    with open(workdir / 'eval' / 'likelihood.json') as f:
-        elbo = json.load(f)
-    with open(workdir / 'eval' / 'sweep_delta.json') as f:
-        saved = json.load(f)
-    assert saved['results'] == rows and [row['delta'] for row in rows] == [0.0125]
-    assert saved['step'] == 1 and saved['num_examples'] == 12
+    elbo_saved, fid_value = likelihood_json, fid_json['fid']
+    evaluate.sweep_delta(fid_config, str(workdir))
+    saved = _read(workdir, 'sweep_delta.json')
+    rows = saved['results']
+    assert [row['delta'] for row in rows] == [DELTA]
+    assert saved['step'] == TRAINED_STEP and saved['num_examples'] == 12
     for name in ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0'):
-        assert rows[0][name] == pytest.approx(elbo[name], rel=1e-12)
-    assert rows[0]['fid'] == pytest.approx(fid_value, rel=1e-9)
+        assert rows[0][name] == elbo_saved[name], name
+    assert rows[0]['fid'] == fid_value
     table = (workdir / 'eval' / 'sweep_delta.md').read_text().splitlines()
     assert table[0].startswith('| δ | bits/dim') and len(table) == 3
-    assert table[2] == (f'| 0.0125 | {elbo["bits_per_dim"]:.4f} | {elbo["L_K"]:.4f} | '
-                        f'{elbo["sum_L_k"]:.4f} | {elbo["L_0"]:.4f} | {fid_value:.2f} |')
+    assert table[2] == (f'| 0.0125 | {elbo_saved["bits_per_dim"]:.4f} | {elbo_saved["L_K"]:.4f} '
+                        f'| {elbo_saved["sum_L_k"]:.4f} | {elbo_saved["L_0"]:.4f} | '
+                        f'{fid_value:.2f} |')
     assert Image.open(workdir / 'eval' / 'sweep_delta.png').size[0] > 400
 
 
-def test_fid_job_without_weights_fails_before_sampling(config, tmp_path):
-    run = config.copy_and_resolve_references()
-    run.evaluation.inception_weights = str(tmp_path / 'missing.npz')
-    with pytest.raises(fid.InputError, match='Inception weights not found'):
-        evaluate.fid(run, str(tmp_path))
-    assert not (tmp_path / 'eval').exists()
+def test_fid_check_without_weights_names_the_config_flag(eval_config, tmp_path):
+    config = eval_config.copy_and_resolve_references()
+    missing = tmp_path / 'missing.npz'
+    config.evaluation.inception_weights = str(missing)
+    with pytest.raises(frechet.InputError, match=f'not found at {missing}') as raised:
+        evaluate.check_fid(config)
+    assert '--config.evaluation.inception_weights=PATH' in str(raised.value)

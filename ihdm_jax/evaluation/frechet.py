@@ -49,6 +49,9 @@ def resolve_weights(path: str | None = None, flag: str = '--inception_weights') 
         raise InputError(f'FID Inception weights not found at {chosen}.\nGet them in one of two '
                          f'ways:\n{convert}')
     try:
+        if not zipfile.is_zipfile(chosen):  # np.load would read an .npy, or try to unpickle
+            raise ValueError('an empty file' if os.path.getsize(chosen) == 0 else
+                             'not an .npz archive')
         with np.load(chosen) as weights:
             inception.check_weights({name: weights[name] for name in weights.files}, chosen)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
