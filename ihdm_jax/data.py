@@ -149,6 +149,8 @@ class FolderSource:
 def make_source(config, split: str = 'train'):
     """The source of config.data's images of `split` ('train' or 'test'); data.check(config,
     split) has checked that it exists."""
+    if split not in SPLITS:
+        raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
     data = config.data
     if data.dataset == 'digits':
         images = digits_images(data.image_size)

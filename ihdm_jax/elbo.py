@@ -4,7 +4,7 @@ mesh.
 The randomness of test example i (its dequantisation noise, and the level k and noise ε of
 every pass) comes from fold_in(rng.elbo_key(seed), i), and the per-example terms are summed on
 the host in example order, so the estimate does not depend on the batch size or the number of
-devices.
+devices (up to float32 rounding in the network: about 1e-7 relative).
 """
 
 import math

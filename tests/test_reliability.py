@@ -1,10 +1,17 @@
-"""Interrupted runs resume exactly; bad input ends in one clear message and touches nothing.
+"""Interrupted runs resume exactly; bad input ends in one clear message and touches nothing;
+a corrupt image is skipped, a failed save and a diverged loss stop the run.
 
-The runs are real command-line jobs (subprocesses) of configs/digits.py, made small.
+The interrupted runs and a few bad command lines are subprocesses; everything else calls the
+library in-process: main.run for the checks, main._parse_flags for the command line's config
+handling, main.run and jobs.train.train for the runs of configs/tiny.py that fail midway.
 """
 
 import concurrent.futures
+import errno
 import hashlib
+import importlib
+import json
+import logging
 import os
 import pathlib
 import re
@@ -17,119 +24,30 @@ import time
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from orbax.checkpoint._src.serialization import serialization
 from PIL import Image
 
-from configs import digits
+from conftest import ROOT
+from conftest import TRAINED_STEP
+from configs import tiny
 from ihdm_jax import checkpoint
+from ihdm_jax import errors
+from ihdm_jax import main
 from ihdm_jax import parallel
-from ihdm_jax import train
+from ihdm_jax import state as state_lib
+from ihdm_jax.jobs import train as train_job
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SMALL = {'training.n_iters': 20, 'training.snapshot_freq': 5, 'training.log_freq': 5,
-         'training.sampling_freq': 20, 'training.batch_size': 8, 'optim.warmup': 5,
-         'data.image_size': 8, 'model.K': 10, 'sampling.num_samples': 8,
-         'sampling.batch_size': 8}
-# One CPU device: these runs test resumption, not sharding (tests/test_train.py does that).
-ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+N_ITERS, SNAPSHOT = 6, 2
 
 
-def _command(workdir, *extra, config='configs/digits.py', mode='train', **overrides):
-    """The command line of a job; runs of digits configs get the SMALL settings too."""
-    settings = {**SMALL, **overrides} if 'digits' in config else overrides
-    return ([sys.executable, '-m', 'ihdm_jax.main', f'--config={config}', f'--workdir={workdir}',
-             f'--mode={mode}'] + [f'--config.{k}={v}' for k, v in settings.items()] + list(extra))
-
-
-def _run(workdir, *extra, **overrides):
-    return subprocess.run(_command(workdir, *extra, **overrides), cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-
-
-def _interrupt(workdir, sig):
-    """Starts a run and sends `sig` once its first checkpoint (step 5) is complete.
-
-    Samples drawn after every step (they do not change the training state) slow the run down
-    so that it is surely still running then.
-    """
-    process = subprocess.Popen(_command(workdir, **{'training.sampling_freq': 1}), cwd=ROOT,
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    first = workdir / 'checkpoints' / '5'
-    while not first.exists() and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(sig)
-    out, err = process.communicate(timeout=600)
-    return process.returncode, err, _steps(workdir)
-
-
-def _steps(workdir):
-    return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-
-
-def _config():
-    config = digits.get_config()
-    for key, value in SMALL.items():
+def _tiny(**overrides):
+    """configs/tiny.py with overrides {'section.name': value}."""
+    config = tiny.get_config()
+    for key, value in overrides.items():
         section, name = key.split('.')
         config[section][name] = value
     return config
-
-
-@pytest.fixture(scope='session')
-def runs(tmp_path_factory):
-    """(a) 20 steps straight; (b) 10, then resumed to 20; (c) kill -9 after the first
-    checkpoint, resumed; (d) SIGTERM after the first checkpoint, resumed."""
-    base = tmp_path_factory.mktemp('runs')
-    out = {name: base / name for name in 'abcd'}
-    results = {'a': _run(out['a'])}
-    assert results['a'].returncode == 0, results['a'].stderr[-3000:]
-    results['b_first'] = _run(out['b'], **{'training.n_iters': 10})
-    results['c_first'] = _interrupt(out['c'], signal.SIGKILL)
-    results['d_first'] = _interrupt(out['d'], signal.SIGTERM)
-    for name in 'bcd':
-        results[name] = _run(out[name])
-        assert results[name].returncode == 0, results[name].stderr[-3000:]
-    return out, results
-
-
-def _final_params(workdir):
-    config = _config()
-    mesh = parallel.make_mesh()
-    manager = checkpoint.make_manager(str(workdir))
-    state = checkpoint.restore_latest(
-        manager, train.abstract_state(config, train.make_optimizer(config), mesh))
-    manager.close()
-    return jax.device_get(state)
-
-
-def test_interrupted_runs_end_exactly_like_the_straight_run(runs):
-    out, _ = runs
-    reference = _final_params(out['a'])
-    reference_samples = np.asarray(Image.open(out['a'] / 'samples' / 'step_00000020.png'))
-    assert int(reference.step) == 20
-    for name in 'bcd':
-        state = _final_params(out[name])
-        assert int(state.step) == 20
-        for x, y in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):
-            np.testing.assert_array_equal(x, y)
-        samples = np.asarray(Image.open(out[name] / 'samples' / 'step_00000020.png'))
-        np.testing.assert_array_equal(samples, reference_samples)
-
-
-def test_kill_9_leaves_the_complete_checkpoints_and_the_run_resumes(runs):
-    out, results = runs
-    returncode, _, steps = results['c_first']
-    assert returncode == -signal.SIGKILL
-    assert 5 in steps and max(steps) < 20
-    assert f'Resuming at step {max(steps)}' in results['c'].stderr
-
-
-def test_sigterm_saves_the_current_step_and_exits_cleanly(runs):
-    out, results = runs
-    returncode, err, steps = results['d_first']
-    assert returncode == 0, err[-3000:]
-    assert 'Asked to stop (SIGTERM)' in err
-    assert 5 < max(steps) < 20
-    assert f'Resuming at step {max(steps)}' in results['d'].stderr
 
 
 def _digest(folder):
@@ -141,122 +59,499 @@ def _digest(folder):
     return digest.hexdigest()
 
 
+def _restore(workdir, config=None):
+    config = config or tiny.get_config()
+    manager = checkpoint.make_manager(str(workdir))
+    try:
+        state = checkpoint.restore_latest(
+            manager, state_lib.abstract_state(config, parallel.make_mesh()))
+    finally:
+        manager.close()
+    return jax.device_get(state)
+
+
+# --- Interrupted command-line runs -------------------------------------------------------------
+
+def _train_command(workdir, **overrides):
+    settings = {'training.n_iters': N_ITERS, 'training.snapshot_freq': SNAPSHOT, **overrides}
+    return ([sys.executable, '-m', 'ihdm_jax.main', '--config=configs/tiny.py',
+             f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in settings.items()])
+
+
+def _train(workdir):
+    """A run to N_ITERS from the command line; (exit status, stderr)."""
+    result = subprocess.run(_train_command(workdir), cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    return result.returncode, result.stderr
+
+
+def _interrupted(workdir, sig):
+    """A run sent `sig` once its first checkpoint is complete; (exit status, stderr, steps).
+
+    Samples drawn after every step (they do not change the training state) slow the run down,
+    so that it is surely still running then.
+    """
+    log = workdir.parent / f'{workdir.name}_interrupted.log'
+    with open(log, 'w') as err:
+        process = subprocess.Popen(_train_command(workdir, **{'training.sampling_freq': 1}),
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        first = workdir / 'checkpoints' / str(SNAPSHOT)
+        while not first.exists() and process.poll() is None:
+            time.sleep(0.02)
+        process.send_signal(sig)
+        process.wait(timeout=600)
+    return process.returncode, log.read_text(), checkpoint.steps_on_disk(str(workdir))
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """The straight run to N_ITERS (in-process), and command-line runs killed (SIGKILL), asked
+    to stop (SIGTERM) or interrupted with Ctrl-C (SIGINT) after their first checkpoint, then
+    resumed. The subprocesses have the 8 devices of this process and load the programs that
+    the straight run compiled from the compilation cache."""
+    base = tmp_path_factory.mktemp('runs')
+    t0 = time.time()
+    main.run(_tiny(**{'training.n_iters': N_ITERS, 'training.snapshot_freq': SNAPSHOT}),
+             'train', str(base / 'straight'))
+    signals = {'kill': signal.SIGKILL, 'term': signal.SIGTERM, 'int': signal.SIGINT}
+    results = {}
+    print('TIMING straight', time.time() - t0)
+    with concurrent.futures.ThreadPoolExecutor(len(signals)) as pool:
+        firsts = dict(zip(signals, pool.map(lambda n: _interrupted(base / n, signals[n]),
+                                            signals)))
+        print('TIMING firsts', time.time() - t0)
+        resumed = dict(zip(signals, pool.map(lambda n: _train(base / n), signals)))
+        print('TIMING resumed', time.time() - t0)
+    for name in signals:
+        results[f'{name}_first'] = firsts[name]
+        results[name] = resumed[name]
+        assert resumed[name][0] == 0, resumed[name][1][-3000:]
+    return {name: base / name for name in ['straight', *signals]}, results
+
+
+def test_interrupted_runs_end_exactly_like_the_straight_run(runs):
+    out, _ = runs
+    reference = _restore(out['straight'])
+    reference_samples = np.asarray(Image.open(
+        out['straight'] / 'samples' / f'step_{N_ITERS:08d}.png'))
+    assert int(reference.step) == N_ITERS
+    for name in ('kill', 'term', 'int'):
+        state = _restore(out[name])
+        assert int(state.step) == N_ITERS
+        for x, y in zip(jax.tree.leaves(reference), jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(x, y)
+        samples = np.asarray(Image.open(out[name] / 'samples' / f'step_{N_ITERS:08d}.png'))
+        np.testing.assert_array_equal(samples, reference_samples)
+
+
+def test_kill_9_leaves_the_complete_checkpoints_and_the_run_resumes(runs):
+    _, results = runs
+    returncode, _, steps = results['kill_first']
+    assert returncode == -signal.SIGKILL
+    assert SNAPSHOT in steps and max(steps) < N_ITERS
+    assert f'Resuming at step {max(steps)} of {N_ITERS}' in results['kill'][1]
+
+
+@pytest.mark.parametrize('name, sig', [('term', 'SIGTERM'), ('int', 'SIGINT')])
+def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(runs, name, sig):
+    _, results = runs
+    returncode, err, steps = results[f'{name}_first']
+    assert returncode == 0, err[-3000:]
+    assert SNAPSHOT < max(steps) < N_ITERS, steps
+    assert re.search(rf'Asked to stop \({sig}\): checkpoint {max(steps)} saved in ', err), \
+        err[-3000:]
+    assert 'Traceback' not in err and 'Error' not in err
+    assert f'Resuming at step {max(steps)} of {N_ITERS}' in results[name][1]
+
+
 def test_unfinished_and_corrupt_checkpoints_are_skipped_with_a_warning(runs, tmp_path, caplog):
     out, _ = runs
     workdir = tmp_path / 'run'
-    shutil.copytree(out['a'], workdir)
+    shutil.copytree(out['straight'], workdir)
     (workdir / 'checkpoints' / '25.orbax-checkpoint-tmp-1700000000').mkdir()
-    for data_file in (workdir / 'checkpoints' / '20').rglob('d/*'):
+    for data_file in (workdir / 'checkpoints' / str(N_ITERS)).rglob('d/*'):
         data_file.write_bytes(b'')
-    earlier = _digest(workdir / 'checkpoints' / '15')
-    config = _config()
-    manager = checkpoint.make_manager(str(workdir))
-    state = checkpoint.restore_latest(
-        manager, train.abstract_state(config, train.make_optimizer(config), parallel.make_mesh()))
-    manager.close()
-    assert int(state.step) == 15
+    previous = N_ITERS - SNAPSHOT
+    earlier = _digest(workdir / 'checkpoints' / str(previous))
+    state = _restore(workdir)
+    assert int(state.step) == previous
     log = caplog.text
     assert '25.orbax-checkpoint-tmp-1700000000' in log and 'did not finish' in log
-    assert f'{workdir}/checkpoints/20 cannot be read' in log
-    assert (workdir / checkpoint.UNREADABLE / '20').is_dir()
-    assert _digest(workdir / 'checkpoints' / '15') == earlier
+    assert f'{workdir}/checkpoints/{N_ITERS} cannot be read' in log
+    assert (workdir / checkpoint.UNREADABLE / str(N_ITERS)).is_dir()
+    assert _digest(workdir / 'checkpoints' / str(previous)) == earlier
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoints(runs, tmp_path):
-    out, _ = runs
+# --- Runs that fail midway, in-process ----------------------------------------------------------
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoints(trained, tmp_path):
     workdir = tmp_path / 'run'
-    shutil.copytree(out['a'], workdir)
+    shutil.copytree(trained, workdir)
     before = _digest(workdir / 'checkpoints')
-    result = _run(workdir, '--allow_config_change',
-                  **{'training.n_iters': 40, 'optim.lr': 1e30})
-    assert result.returncode == 1
-    message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith('Error: The loss') and 'not finite at step 2' in message
-    assert 'newest checkpoint (step 20)' in message
+    # With lr 1e30 the update of step 8 blows the parameters up; the loss of step 9 is still
+    # finite, that of step 10 is not (measured). The metrics are checked at step 8 (a log) and
+    # 12 (a log, a sample grid and a checkpoint are due), which must name step 10 and write
+    # neither the grid nor the checkpoint.
+    config = _tiny(**{'optim.lr': 1e30, 'training.n_iters': TRAINED_STEP + 8,
+                      'training.log_freq': 4, 'training.snapshot_freq': 6,
+                      'training.sampling_freq': 6})
+    with pytest.raises(errors.Diverged) as raised:
+        main.run(config, 'train', str(workdir), allow_config_change=True)
+    message = str(raised.value)
+    assert re.match(r'The loss \(nan\) or the gradients \(norm nan\) are not finite at step 10\. ',
+                    message), message
+    assert f'newest checkpoint (step {TRAINED_STEP}) in {workdir}/checkpoints is unchanged' \
+        in message
     assert _digest(workdir / 'checkpoints') == before
-    assert not list((workdir / 'samples').glob('step_0000003*.png'))
-    assert not (workdir / 'samples' / 'step_00000040.png').exists()
+    assert (workdir / 'samples').is_dir() and not list((workdir / 'samples').iterdir())
 
 
-BAD_CONFIG_FILE = '''from configs import digits
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Array writes of every checkpoint save but the first fail with ENOSPC, in orbax's
+    background thread as a real full disk would; yields {'first': digest of the first
+    checkpoint when the failing write began, 'failed': steps whose writes failed}."""
+    seen = {'first': None, 'failed': set()}
+    original = serialization.async_serialize_from_host
+
+    async def write(rslices, tensorstore_spec, **kwargs):
+        workdir, step = re.search(r'"path": "([^"]*)/checkpoints/(\d+)\.orbax-checkpoint-tmp',
+                                  json.dumps(tensorstore_spec)).groups()
+        steps = checkpoint.steps_on_disk(workdir)
+        if steps:
+            seen['first'] = seen['first'] or _digest(f'{workdir}/checkpoints/{steps[0]}')
+            seen['failed'].add(int(step))
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return await original(rslices, tensorstore_spec, **kwargs)
+
+    monkeypatch.setattr(serialization, 'async_serialize_from_host', write)
+    return seen
 
 
-def get_config():
-    config = digits.get_config()
-    config.model.{key} = {value}
-    return config
-'''
+def test_failed_save_stops_at_once_and_keeps_the_previous_checkpoint(
+        config, full_disk, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger='absl')
+    workdir = tmp_path / 'run'
+    # Sample grids after every step slow the steps down to about a second.
+    run_config = _tiny(**{'training.n_iters': 12, 'training.snapshot_freq': 3,
+                          'training.log_freq': 1, 'training.sampling_freq': 1})
+    with pytest.raises(errors.SaveFailed) as raised:
+        train_job.train(run_config, str(workdir))
+    message = str(raised.value)
+    assert message == (
+        f'Saving checkpoint 6 in {workdir}/checkpoints failed (OSError: [Errno 28] No space '
+        'left on device). Training stopped; the checkpoints already there are intact '
+        '(newest: 3).')
+    assert full_disk['failed'] == {6}
+    logged = [int(s) for s in re.findall(r'step (\d+): loss', caplog.text)]
+    assert 6 <= max(logged) < 9, logged  # stopped long before the next save (step 9) was due
+    assert checkpoint.steps_on_disk(str(workdir)) == [3]
+    assert _digest(workdir / 'checkpoints' / '3') == full_disk['first']
+    assert int(_restore(workdir).step) == 3
 
-# name -> (extra flags and overrides, expected message)
-BAD_INPUTS = {
-    'unknown_key_override': ({'model.sigmma': 0.02},
-                             'config.model.sigmma is not a config key.*config.model.sigma'),
-    'unknown_key_in_file': ({'config': ('sigmma', 0.02)},
-                            'config.model.sigmma is not a config key.*config.model.sigma'),
-    'wrong_type_override': ({'model.K': 2.5}, 'flag --config.model.K=2.5'),
-    'wrong_type_in_file': ({'config': ('K', "'200'")},
-                           r"Error whilst parsing config file: TypeError: Could not override "
-                           r"field 'K'"),
-    'K_below_1': ({'model.K': 0}, r'config.model.K=0 must be at least 1'),
-    'negative_sigma': ({'model.sigma': -0.01}, r'config.model.sigma=-0.01 is negative'),
-    'negative_delta': ({'sampling.delta': -0.01}, r'config.sampling.delta=-0.01 is negative'),
-    'blur_range': ({'model.blur_sigma_min': 5.0},
-                   r'blur_sigma_min=5.0 must be smaller than config.model.blur_sigma_max=5.0'),
-    'image_size_vs_data': ({'config': 'configs/mnist.py', 'data.image_size': 32},
-                           r'image_size=32 does not match mnist, whose images are 28x28'),
-    'channels_vs_data': ({'data.num_channels': 3},
-                         r'num_channels=3 does not match digits, whose images have 1'),
-    'missing_image_folder': ({'config': 'configs/afhq64.py', 'data.data_dir': '/no/such/afhq'},
-                             r"data_dir='/no/such/afhq' does not exist"),
-    'missing_tfds_dataset': ({'config': 'configs/cifar10.py', 'data.data_dir': 'EMPTY'},
-                             r"'cifar10' is not prepared in .*tfds build cifar10"),
-    'different_config_in_workdir': ({'model.K': 20},
-                                    r'holds a run of a different config:\n  config.model.K: '
-                                    r'10 in .*config.json, 20 now\n.*--allow_config_change'),
-    'unwritable_workdir': ({'workdir': 'UNWRITABLE'}, r'cannot be written'),
-    'missing_inception_weights': ({'mode': 'fid',
-                                   'evaluation.inception_weights': '/no/such/inception.npz'},
-                                  r'FID Inception weights not found at /no/such/inception.npz'),
+
+def test_corrupt_image_is_skipped_with_one_warning_and_training_ends(tmp_path, caplog):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    generator = np.random.default_rng(0)
+    for i in range(15):
+        Image.fromarray(generator.integers(0, 256, (10, 12, 3), np.uint8)).save(
+            folder / f'{i:02d}.png')
+    corrupt = folder / '07b.png'  # sorted among the good ones
+    corrupt.write_bytes(b'\x89PNG\r\n\x1a\n' + b'not an image' * 10)
+    workdir = tmp_path / 'run'
+    # tiny's model and data shapes (so its compiled programs are reused), read from a folder;
+    # 2 steps of 8 images read each of the 16 files once.
+    config = _tiny(**{'data.dataset': 'afhq', 'data.data_dir': str(folder),
+                      'data.random_flip': True, 'training.n_iters': 2,
+                      'training.log_freq': 2})
+    main.run(config, 'train', str(workdir))
+    assert checkpoint.steps_on_disk(str(workdir)) == [2]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    skipped = [w for w in warnings if w.startswith('Skipping')]
+    assert len(skipped) == 1 and str(corrupt) in skipped[0], warnings
+    assert warnings[-1].startswith('1 unreadable image file(s) were skipped'), warnings
+
+
+# --- Bad input, in-process ----------------------------------------------------------------------
+
+@pytest.fixture
+def parse(monkeypatch):
+    """main._parse_flags on a command line: (config, mode, workdir), or the SystemExit message.
+
+    ml_collections reads the --config.KEY overrides from sys.argv and defines a flag for each,
+    so sys.argv is set and those flags are removed afterwards (absl's FLAGS are global)."""
+    def parse_flags(*args):
+        argv = ['ihdm_jax.main', *map(str, args)]
+        monkeypatch.setattr(sys, 'argv', argv)
+        try:
+            main._parse_flags(argv)
+            return main._CONFIG.value, main._MODE.value, main._WORKDIR.value
+        except SystemExit as exit_:
+            return exit_.code
+        finally:
+            for name in [name for name in flags.FLAGS if name.startswith('config.')]:
+                delattr(flags.FLAGS, name)
+            flags.FLAGS.unparse_flags()
+    return parse_flags
+
+
+def _config_file(tmp_path, body):
+    path = tmp_path / 'my_config.py'
+    path.write_text(body)
+    return path
+
+
+CONFIG_FILE_ERRORS = {
+    'missing': (None, r'Error: --config=.*/no_such.py: no such file; the shipped configs are in '
+                      r'configs/\.$'),
+    'syntax_error': ('from configs import tiny\n\ndef get_config(:\n    return tiny.get_config()\n',
+                     r'Error: --config=.*/my_config.py has a syntax error at line 3: '
+                     r'invalid syntax\.$'),
+    'no_get_config': ('from configs import tiny\n\nconfig = tiny.get_config()\n',
+                      r'Error: --config=.*/my_config.py defines no get_config\(\); a config file '
+                      r'returns its ConfigDict from get_config\(\) \(see configs/digits.py\)\.$'),
+    'wrong_type_in_file': ("from configs import tiny\n\ndef get_config():\n    config = "
+                           "tiny.get_config()\n    config.model.K = '200'\n    return config\n",
+                           r"Error: flag --config=.*/my_config.py: Error whilst parsing config "
+                           r"file: TypeError: Could not override field 'K' \(reference\)\. 200 is "
+                           r"of original type <class 'str'> and cannot be casted to type "
+                           r"<class 'int'>"),
 }
 
 
-@pytest.fixture(scope='session')
-def bad_runs(runs, tmp_path_factory):
-    """Every bad input launched at once against run (a)'s workdir; its digest before and after."""
-    out, _ = runs
-    workdir = out['a']
-    scratch = tmp_path_factory.mktemp('bad')
-    (scratch / 'empty').mkdir()
-    (scratch / 'a_file').write_text('')
-    before = _digest(workdir)
-    commands = {}
-    for name, (settings, _) in BAD_INPUTS.items():
-        settings = dict(settings)
-        config = settings.pop('config', 'configs/digits.py')
-        mode = settings.pop('mode', 'train')
-        if isinstance(config, tuple):
-            path = scratch / f'{name}_digits.py'
-            path.write_text(BAD_CONFIG_FILE.format(key=config[0], value=config[1]))
-            config = str(path)
-        target = workdir
-        if settings.pop('workdir', None):
-            target = scratch / 'a_file' / 'run'  # a file where a directory should be
-        if settings.get('data.data_dir') == 'EMPTY':
-            settings['data.data_dir'] = scratch / 'empty'
-        commands[name] = _command(target, config=config, mode=mode, **settings)
-    with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
-        results = dict(zip(commands, pool.map(
-            lambda c: subprocess.run(c, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                                     timeout=300),
-            commands.values())))
-    return results, before, _digest(workdir)
+@pytest.mark.parametrize('name', list(CONFIG_FILE_ERRORS))
+def test_bad_config_file_ends_in_one_line(parse, tmp_path, name):
+    body, expected = CONFIG_FILE_ERRORS[name]
+    path = tmp_path / 'no_such.py' if body is None else _config_file(tmp_path, body)
+    message = parse(f'--config={path}', f'--workdir={tmp_path / "run"}')
+    assert isinstance(message, str) and re.match(expected, message), message
+    assert '\n' not in message
+    assert sorted(os.listdir(tmp_path)) == sorted(['my_config.py'] if body else [])
+
+
+FLAG_ERRORS = {
+    'misspelt_section': ('--config.modle.K=5', 'Error: config.modle.K is not a config key (the '
+                         'keys are those of ihdm_jax/defaults.py). Did you mean config.model.K? '
+                         '(in --config.modle.K=5)'),
+    'wrong_type': ('--config.model.K=2.5', "Error: flag --config.model.K=2.5: invalid literal "
+                   "for int() with base 10: '2.5'"),
+    'unknown_mode': ('--mode=smaple', 'Error: flag --mode=smaple: value should be one of <train|'),
+}
+
+
+@pytest.mark.parametrize('name', list(FLAG_ERRORS))
+def test_bad_flag_ends_in_one_line(parse, tmp_path, name):
+    flag, expected = FLAG_ERRORS[name]
+    message = parse('--config=configs/tiny.py', f'--workdir={tmp_path / "run"}', flag)
+    assert isinstance(message, str) and message.startswith(expected), message
+    assert '\n' not in message
+    assert not (tmp_path / 'run').exists()
+
+
+# Settings that parse but that main.run refuses; name -> (command-line arguments, message).
+PARSED_ERRORS = {
+    'non_tuple': ('--config.model.channel_mult=abc',
+                  "config.model.channel_mult=('abc',) must be a tuple like the default "
+                  '(1, 2, 2, 2) (on the command line: --config.model.channel_mult="(1, 2, 2, 2)").'),
+    'float_elements': ('--config.model.channel_mult=(1.5, 2)',
+                       'config.model.channel_mult=(1.5, 2) must be a tuple like the default'),
+    'unknown_key_in_file': ('FILE', 'config.model.sigmma is not a config key (the keys are those '
+                            'of ihdm_jax/defaults.py). Did you mean config.model.sigma?'),
+}
+
+
+@pytest.mark.parametrize('name', list(PARSED_ERRORS))
+def test_bad_setting_on_the_command_line_is_refused_before_any_write(parse, tmp_path, name):
+    arg, expected = PARSED_ERRORS[name]
+    config_path = 'configs/tiny.py'
+    if arg == 'FILE':
+        config_path = _config_file(tmp_path, 'from configs import tiny\n\ndef get_config():\n'
+                                   '    config = tiny.get_config()\n'
+                                   '    config.model.sigmma = 0.02\n    return config\n')
+    parsed = parse(f'--config={config_path}', f'--workdir={tmp_path / "run"}',
+                   *([] if arg == 'FILE' else [arg]))
+    assert isinstance(parsed, tuple), parsed
+    with pytest.raises(errors.UserError) as raised:
+        main.run(*parsed)
+    assert str(raised.value).startswith(expected), str(raised.value)
+    assert not (tmp_path / 'run').exists()
+
+
+def _config_of(name, **overrides):
+    config = importlib.import_module(f'configs.{name}').get_config()
+    for key, value in overrides.items():
+        section, field = key.split('.')
+        config[section][field] = value
+    return config
+
+
+WEIGHTS_HINT = '--config.evaluation.inception_weights=PATH'
+
+# name -> (config name, overrides, mode, workdir, expected message (a regex from its start)).
+# Workdirs: 'new' must not be created; 'trained' is a copy of conftest's run that must not
+# change; 'under_file' lies under a regular file. Overrides naming EMPTY get an empty folder,
+# ZERO_BYTES / NOT_NPZ a file of that kind.
+BAD_INPUTS = {
+    'K_below_1': ('tiny', {'model.K': 0}, 'train', 'new',
+                  r'config\.model\.K=0 must be at least 1 \(the number of blur levels\)\.$'),
+    'negative_sigma': ('tiny', {'model.sigma': -0.01}, 'train', 'new',
+                       r'config\.model\.sigma=-0\.01 is negative; expected σ ≥ 0\.$'),
+    'negative_delta': ('tiny', {'sampling.delta': -0.01}, 'sample', 'trained',
+                       r'config\.sampling\.delta=-0\.01 is negative; expected δ ≥ 0\.$'),
+    'blur_range': ('tiny', {'model.blur_sigma_min': 5.0}, 'train', 'new',
+                   r'config\.model\.blur_sigma_min=5\.0 must be smaller than '
+                   r'config\.model\.blur_sigma_max=4\.0\.$'),
+    'batch_not_divisible': ('tiny', {'training.batch_size': 12}, 'train', 'new',
+                            r'config\.training\.batch_size=12 must be a multiple of the number '
+                            r'of devices \(8\), since each batch is split over them\.$'),
+    'sampling_batch_not_divisible': ('tiny', {'sampling.batch_size': 4}, 'sample', 'trained',
+                                     r'config\.sampling\.batch_size=4 must be a multiple of the '
+                                     r'number of devices \(8\)'),
+    'image_size_vs_data': ('mnist', {'data.image_size': 32}, 'train', 'new',
+                           r'config\.data\.image_size=32 does not match mnist, whose images are '
+                           r'28x28; set --config\.data\.image_size=28\.$'),
+    'channels_vs_data': ('tiny', {'data.num_channels': 3}, 'train', 'new',
+                         r'config\.data\.num_channels=3 does not match digits, whose images have '
+                         r'1 channel\(s\)\.$'),
+    'missing_image_folder': ('afhq64', {'data.data_dir': '/no/such/afhq'}, 'train', 'new',
+                             r"config\.data\.data_dir='/no/such/afhq' does not exist\. Download "
+                             r'afhq and point --config\.data\.data_dir at its folder'),
+    'empty_image_folder': ('afhq64', {'data.data_dir': 'EMPTY'}, 'train', 'new',
+                           r"config\.data\.data_dir='.*/empty' holds no image files \(\.bmp, "),
+    'missing_tfds_dataset': ('cifar10', {'data.data_dir': 'EMPTY'}, 'train', 'new',
+                             r"The tfds data set 'cifar10' is not prepared in .*/empty/cifar10/[0-9.]+\. Prepare "
+                             r'it once on a machine with TensorFlow: tfds build cifar10 '),
+    'another_runs_config': ('tiny', {'model.K': 20}, 'train', 'trained',
+                            r'--workdir=.* holds a run of a different config:\n  config\.model\.K: '
+                            r'10 in .*/config\.json, 20 now\nUse a new --workdir, or pass '
+                            r'--allow_config_change to continue this run with the new values\.$'),
+    'another_models_checkpoint': ('tiny', {'model.K': 20}, 'sample', 'trained',
+                                  r'--workdir=.* holds a run of a different config:\n  '
+                                  r'config\.model\.K: 10 in .*/config\.json, 20 now\nPass the '
+                                  r'config that trained this run'),
+    'unwritable_workdir': ('tiny', {}, 'train', 'under_file',
+                           r'--workdir=(.*)/a_file/run cannot be written \(\1/a_file is not a '
+                           r'directory\); choose a directory you can write to\.$'),
+    'unwritable_results_workdir': ('tiny', {}, 'psd', 'under_file',
+                                   r'--workdir=.*/a_file/run cannot be written'),
+    'sample_mistyped_workdir': ('tiny', {}, 'sample', 'new',
+                                r'--workdir=.*/run does not exist: train first \(--mode=train\), '
+                                r'or point --workdir at a trained run\.$'),
+    'interpolate_one_point': ('tiny', {'analysis.num_points': 1}, 'interpolate', 'trained',
+                              r'config\.analysis\.num_points=1 must be at least 2 \(both '
+                              r'endpoints\)\.$'),
+    'hierarchical_split_order': ('tiny', {'analysis.split_fractions': (0.25, 0.5)},
+                                 'hierarchical', 'trained',
+                                 r'config\.analysis\.split_fractions=\(0\.25, 0\.5\) must give '
+                                 r'distinct levels in 1\.\.9, descending \(with K=10: \[2, 5\]\)\.$'),
+    'level_fractions': ('tiny', {'analysis.level_fractions': (0.0, 1.0)}, 'input_gradients',
+                        'trained', r'config\.analysis\.level_fractions=\(0\.0, 1\.0\) must be '
+                                   r'fractions of K in \(0, 1\]\.$'),
+    'eval_no_passes': ('tiny', {'evaluation.num_passes': 0}, 'eval', 'trained',
+                       r'config\.evaluation\.num_passes=0 must be at least 1\.$'),
+    'missing_inception_weights': ('tiny', {'evaluation.inception_weights': '/no/such/w.npz'},
+                                  'fid', 'trained',
+                                  r'FID Inception weights not found at /no/such/w\.npz\.\n(.|\n)*'
+                                  + re.escape(WEIGHTS_HINT)),
+    'zero_byte_inception_weights': ('tiny', {'evaluation.inception_weights': 'ZERO_BYTES'},
+                                    'fid', 'trained',
+                                    r'.*/zero\.npz is not a file of converted FID Inception '
+                                    r'weights \(an empty file\)\. Make one in one of two ways:\n'
+                                    r'(.|\n)*' + re.escape(WEIGHTS_HINT)),
+    'not_npz_inception_weights': ('tiny', {'evaluation.inception_weights': 'NOT_NPZ'},
+                                  'sweep_delta', 'trained',
+                                  r'.*/weights\.txt is not a file of converted FID Inception '
+                                  r'weights \(not an \.npz archive\)\.'),
+}
+
+
+def _make_input(tmp_path, trained, name):
+    """(config, mode, workdir) of BAD_INPUTS[name]."""
+    config_name, overrides, mode, workdir_kind, _ = BAD_INPUTS[name]
+    files = {'EMPTY': tmp_path / 'empty', 'ZERO_BYTES': tmp_path / 'zero.npz',
+             'NOT_NPZ': tmp_path / 'weights.txt'}
+    files['EMPTY'].mkdir()
+    files['ZERO_BYTES'].write_bytes(b'')
+    files['NOT_NPZ'].write_text('converted weights, honest\n')
+    overrides = {k: str(files[v]) if isinstance(v, str) and v in files else v
+                 for k, v in overrides.items()}
+    workdir = {'new': tmp_path / 'run', 'trained': tmp_path / 'trained',
+               'under_file': tmp_path / 'a_file' / 'run'}[workdir_kind]
+    if workdir_kind == 'trained':
+        shutil.copytree(trained, workdir)
+    if workdir_kind == 'under_file':
+        (tmp_path / 'a_file').write_text('')
+    return _config_of(config_name, **overrides), mode, workdir
 
 
 @pytest.mark.parametrize('name', list(BAD_INPUTS))
-def test_bad_input_ends_in_one_clear_message(bad_runs, name):
-    results, before, after = bad_runs
+def test_bad_input_is_refused_before_any_write(trained, tmp_path, monkeypatch, name):
+    config, mode, workdir = _make_input(tmp_path, trained, name)
+    before = _digest(tmp_path)
+
+    def no_restore(*args, **kwargs):
+        raise AssertionError('a checkpoint was restored before the checks ended')
+    monkeypatch.setattr(checkpoint, 'restore_ema_params', no_restore)
+    monkeypatch.setattr(checkpoint, 'restore_latest', no_restore)
+    with pytest.raises(errors.UserError) as raised:
+        main.run(config, mode, str(workdir))
+    assert re.match(BAD_INPUTS[name][4], str(raised.value)), str(raised.value)
+    assert _digest(tmp_path) == before  # nothing created or changed, config.json included
+
+
+# --- Bad input on the command line -------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def cli_errors(trained, tmp_path_factory):
+    """A few bad command lines run at once: name -> (result, workdir, digest of the scratch
+    folder before the run)."""
+    scratch = tmp_path_factory.mktemp('cli')
+    (scratch / 'empty').mkdir()
+    (scratch / 'zero.npz').write_bytes(b'')
+    shutil.copytree(trained, scratch / 'trained')
+    config = ['--config=configs/tiny.py']
+    commands = {
+        'missing_config': (['--config=configs/no_such.py', f'--workdir={scratch / "a"}'],
+                           scratch / 'a'),
+        'misspelt_section': (config + [f'--workdir={scratch / "b"}', '--config.modle.K=5'],
+                             scratch / 'b'),
+        'empty_image_folder': (['--config=configs/afhq64.py', f'--workdir={scratch / "c"}',
+                                f'--config.data.data_dir={scratch / "empty"}'], scratch / 'c'),
+        'zero_byte_weights': (config + [f'--workdir={scratch / "trained"}', '--mode=fid',
+                                        f'--config.evaluation.inception_weights='
+                                        f'{scratch / "zero.npz"}'], scratch / 'trained'),
+    }
+    before = _digest(scratch)
+
+    def run(args):
+        return subprocess.run([sys.executable, '-m', 'ihdm_jax.main', *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+        results = dict(zip(commands, pool.map(run, [args for args, _ in commands.values()])))
+    return results, {name: workdir for name, (_, workdir) in commands.items()}, before, \
+        _digest(scratch)
+
+
+CLI_MESSAGES = {
+    'missing_config': r'Error: --config=configs/no_such.py: no such file',
+    'misspelt_section': r'Error: config\.modle\.K is not a config key .* Did you mean '
+                        r'config\.model\.K\? \(in --config\.modle\.K=5\)$',
+    'empty_image_folder': r"Error: config\.data\.data_dir='.*/empty' holds no image files",
+    'zero_byte_weights': r'Error: .*/zero\.npz is not a file of converted FID Inception weights',
+}
+
+
+@pytest.mark.parametrize('name', list(CLI_MESSAGES))
+def test_bad_command_line_ends_in_one_error_line_and_exit_status_1(cli_errors, name):
+    results, workdirs, before, after = cli_errors
     result = results[name]
-    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.returncode == 1, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr, result.stderr[-3000:]
-    assert re.search(BAD_INPUTS[name][1], result.stderr), result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith('Error:')]
+    assert len(error_lines) == 1, result.stderr[-3000:]
+    assert re.match(CLI_MESSAGES[name], error_lines[0]), error_lines[0]
+    assert result.stdout == ''
+    if name != 'zero_byte_weights':
+        assert not workdirs[name].exists()
     assert before == after
