@@ -19,5 +19,6 @@ setuptools.setup(
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['ihdm_jax', 'ihdm_jax.*']),
     install_requires=requirements,
-    extras_require={'test': ['pytest>=8', 'scikit-image>=0.22']},
+    # 'original': ihdm_jax.convert_original reads checkpoints of the original PyTorch code.
+    extras_require={'test': ['pytest>=8', 'scikit-image>=0.22'], 'original': ['torch']},
 )

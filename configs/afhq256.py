@@ -8,7 +8,7 @@ def get_config():
     config.data.dataset = 'afhq'
     config.data.image_size = 256
     config.data.num_channels = 3
-    config.data.random_flip = True
+    config.data.random_flip = True  # the paper; the original code's AFHQ configs: False
 
     model = config.model
     model.K = 200

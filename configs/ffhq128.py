@@ -16,7 +16,7 @@ def get_config():
     model.num_res_blocks = 2
     model.attention_levels = (2, 3, 4)  # 32x32, 16x16, 8x8
     model.dropout = 0.1
-    model.ema_rate = 0.999
+    model.ema_rate = 0.999  # original code: 0.9999
 
     config.training.batch_size = 32
     config.optim.lr = 2e-5  # original code: 2e-4

@@ -25,7 +25,10 @@ def get_default_config():
     model.num_res_blocks = 4
     model.attention_levels = (2, 3)  # U-Net levels (0 = full resolution) with self-attention
     model.dropout = 0.1
-    model.downsample = 'conv'  # 'conv' (strided 3x3, the original code) | 'avgpool' (the paper's text)
+    # U-Net resampling. 'conv': strided 3x3 conv down, nearest up then 3x3 conv (the original code,
+    # which made the paper's numbers). 'avgpool': 2x2 average pooling down, nearest up, no conv on
+    # either side (the paper's text; the original code's conv_resample=False).
+    model.downsample = 'conv'
     model.dtype = 'float32'  # U-Net compute dtype: 'float32' | 'bfloat16' (params stay float32)
     model.ema_rate = 0.999
 

@@ -161,16 +161,18 @@ class Sampler:
         return program((params, delta), u_K, raw_keys)
 
     def draw(self, params, source, num_samples: int, key, delta=None, trajectory=False,
-             progress=''):
-        """num_samples samples as uint8 NHWC, in chunks of config.sampling.batch_size.
+             progress='', uint8=True):
+        """num_samples samples as uint8 NHWC (with uint8=False: float32 u_0 as the chain ends,
+        not clipped), in chunks of config.sampling.batch_size.
 
-        Every chunk is a whole batch (one compiled shape); the last is cut. Chunk c uses fold_in(key, c), split into the prior's key and the chains' key, and the
-        training images of prior draw c. Every process returns all samples. With trajectory,
-        also the first chunk's trajectory as uint8 (B, levels, H, W, C). A `progress` text
-        shows a progress bar.
+        Every chunk is a whole batch (one compiled shape); the last is cut. Chunk c uses
+        fold_in(key, c), split into the prior's key and the chains' key, and the training images
+        of prior draw c. Every process returns all samples. With trajectory, also the first
+        chunk's trajectory (B, levels, H, W, C). A `progress` text shows a progress bar.
         """
         batch_size = self.config.sampling.batch_size
         chunks, first_trajectory = [], None
+        convert = to_uint8 if uint8 else np.asarray
         for c in tqdm.trange(math.ceil(num_samples / batch_size), desc=progress, unit='batch',
                              disable=not progress or not parallel.is_main_process()):
             prior_key, chain_key = jax.random.split(jax.random.fold_in(key, c))
@@ -178,7 +180,7 @@ class Sampler:
             out = self.chains(params, u_K, rng.example_keys(chain_key, batch_size), delta,
                               trajectory and c == 0)
             if trajectory and c == 0:
-                out, first_trajectory = out[0], to_uint8(out[1])
-            chunks.append(to_uint8(out))
+                out, first_trajectory = out[0], convert(out[1])
+            chunks.append(convert(out))
         samples = np.concatenate(chunks)[:num_samples]
         return (samples, first_trajectory) if trajectory else samples

@@ -19,6 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_NAMES = ('mnist', 'cifar10', 'afhq64', 'afhq256', 'ffhq128', 'ffhq256', 'lsun_church128',
                 'tiny')
 CIFAR10_PARAMETERS = 61_060_867
+CIFAR10_AVGPOOL_PARAMETERS = 57_962_883
 
 
 def get_config(name):
@@ -71,13 +72,24 @@ def test_cifar10_parameter_count():
     assert count(params) == CIFAR10_PARAMETERS
 
 
-def test_avgpool_drops_only_the_downsample_convs():
+def test_avgpool_has_no_resampling_convolutions():
+    """'avgpool' is the original code's conv_resample=False: no conv after the upsampling
+    either. The original U-Net so built has 57,962,883 parameters for CIFAR-10: the default's
+    61,060,867 less 3 strided convs down and 3 convs up (128, 256, 256 channels each way)."""
     config = get_config('cifar10')
-    _, params = abstract_split(config)
     config.model.downsample = 'avgpool'
+    assert unet.summary(config).endswith(f'\nparameters: {CIFAR10_AVGPOOL_PARAMETERS}')
     _, pooled = abstract_split(config)
-    down_convs = (3 * 3 * 128 * 128 + 128) + 2 * (3 * 3 * 256 * 256 + 256)
-    assert count(params) - count(pooled) == down_convs
+    paths = [path for path, _ in nnx.to_flat_state(pooled)]
+    assert not [path for path in paths if path[0] in ('downsample', 'upsample')]
+
+
+def test_avgpool_resampling_is_mean_and_repeat():
+    x = np.random.default_rng(4).standard_normal((2, 4, 6, 3)).astype(np.float32)
+    down = unet.Downsample(3, 'avgpool', dtype=jnp.float32, rngs=nnx.Rngs(0))(x)
+    np.testing.assert_allclose(down, x.reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4)), rtol=1e-6)
+    up = unet.Upsample(3, 'avgpool', dtype=jnp.float32, rngs=nnx.Rngs(0))(x)
+    assert np.array_equal(up, x.repeat(2, axis=1).repeat(2, axis=2))
 
 
 def test_timestep_embedding_is_cos_then_sin_of_raw_level():

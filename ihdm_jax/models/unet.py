@@ -141,13 +141,15 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-    """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
+    """Nearest-neighbour x2 upsampling, followed by a 3x3 conv in 'conv' mode only: 'avgpool'
+    is the original code's conv_resample=False, which has no convolution on either side."""
 
-    def __init__(self, ch, *, dtype, rngs):
-        self.conv = _conv(ch, ch, 3, dtype=dtype, rngs=rngs)
+    def __init__(self, ch, mode, *, dtype, rngs):
+        self.conv = _conv(ch, ch, 3, dtype=dtype, rngs=rngs) if mode == 'conv' else None
 
     def __call__(self, x):
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return x if self.conv is None else self.conv(x)
 
 
 class UNet(nnx.Module):
@@ -212,7 +214,7 @@ class UNet(nnx.Module):
                 ch = level_ch[level]
             decoder[level] = nnx.List(blocks)
             if level > 0:
-                upsamplers[level] = Upsample(ch, dtype=dtype, rngs=rngs)
+                upsamplers[level] = Upsample(ch, downsample, dtype=dtype, rngs=rngs)
         # decoder[i] and upsample[i - 1] belong to level i.
         self.decoder = nnx.List([decoder[level] for level in range(num_levels)])
         self.upsample = nnx.List([upsamplers[level] for level in range(1, num_levels)])

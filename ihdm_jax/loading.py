@@ -1,0 +1,110 @@
+"""A trained run as a Python object, for research code: `ihdm_jax.load(workdir)`.
+
+    model = ihdm_jax.load('runs/digits')
+    model.config                    # the run's config (from <workdir>/config.json)
+    model.f(u, k)                   # the EMA residual f(u, k); μ(u, k) = u + f(u, k)
+    model.sample(jax.random.key(0), 16)  # Alg. 2: float32 samples (16, H, W, C)
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from ihdm_jax import checkpoint
+from ihdm_jax import data
+from ihdm_jax import defaults
+from ihdm_jax import errors
+from ihdm_jax import parallel
+from ihdm_jax import programs
+from ihdm_jax import state as state_lib
+from ihdm_jax import validation
+
+
+def _like_default(value, default):
+    """JSON's lists back into the tuples of the defaults (nested ones included)."""
+    if isinstance(default, tuple) and isinstance(value, list):
+        inner = default[0] if default else None
+        return tuple(_like_default(v, inner) for v in value)
+    return value
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config of <workdir>/config.json on top of the defaults, checked."""
+    path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise errors.UserError(f'{path} does not exist: {workdir} is not a workdir of ihdm_jax '
+                               '(train with ihdm_jax.main, or convert an original checkpoint '
+                               'with ihdm_jax.convert_original).')
+    try:
+        with open(path) as f:
+            saved = validation.flatten(json.load(f))
+    except (OSError, ValueError, AttributeError) as error:
+        raise errors.UserError(f'{path} cannot be read ({error}).') from None
+    config = defaults.get_default_config()
+    known = validation.flatten(config)
+    for key, value in saved.items():
+        message = validation.unknown_key(key, known)
+        if message:
+            raise errors.UserError(f'{path}: {message}')
+        *parents, leaf = key.split('.')
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = _like_default(value, known[key])
+    validation.check_config(config)
+    return config
+
+
+class Model:
+    """The EMA parameters of a run's newest checkpoint, with the run's config.
+
+    f(u, k): the residual of the U-Net in inference mode, for NHWC float32 u and int32 k of
+    shape (B,); pure and jit-able (it closes over the EMA parameters, which jit then embeds as
+    constants: inside your own jit of a large model, use apply(params, u, k) with `params`
+    passed as an argument). sample(key, num): Alg. 2 from the KDE prior over the training
+    images, on a mesh of all devices, as --mode=sample draws.
+    """
+
+    def __init__(self, config, params, step: int, mesh):
+        self.config = config
+        self.params = params  # the EMA parameters, replicated over `mesh`
+        self.step = step  # the checkpoint's training step
+        self.mesh = mesh
+        self.apply = programs.residual(state_lib.model_graphdef(config))
+        self._f = jax.jit(self.apply)
+        self._sampler = None
+        self._source = None
+
+    def f(self, u, k) -> jax.Array:
+        """f(u, k) with the EMA parameters: float32 NHWC u, int32 k (B,) -> float32 like u."""
+        return self._f(self.params, u, k)
+
+    def sample(self, key, num: int, delta=None) -> np.ndarray:
+        """num samples u_0 of Alg. 2 as float32 numpy (num, H, W, C), not clipped (images lie
+        in about [0, 1]).
+
+        The chains start from u_K = F(t_K) x + δ ε, x training images picked by config.seed,
+        and run on a mesh of all devices in batches of config.sampling.batch_size (a multiple
+        of the device count); δ is config.sampling.delta unless given. The samples depend only
+        on `key` (a jax.random.key), num and the config, and with key =
+        ihdm_jax.rng.sample_key(config.seed) they are those of --mode=sample before rounding.
+        The training images are read at the first call (config.data must point at them).
+        """
+        if self._sampler is None:
+            parallel.check_divisible(self.config.sampling.batch_size,
+                                     'config.sampling.batch_size')
+            data.check(self.config)
+            self._source = data.make_source(self.config)
+            self._sampler = programs.Sampler(self.config, self.mesh)
+        return self._sampler.draw(self.params, self._source, num, key, delta=delta, uint8=False)
+
+
+def load(workdir: str) -> Model:
+    """The run in `workdir`: its config.json and the EMA parameters of its newest checkpoint."""
+    config = read_config(workdir)
+    mesh = parallel.make_mesh()
+    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
+    return Model(config, params, int(step), mesh)
