@@ -23,4 +23,8 @@ def get_config():
     config.training.n_iters = 400_000
     config.optim.lr = 2e-5  # original code's config file: 1e-4
     config.sampling.delta = 0.01275
+    # FID as the paper (App. B.3): reference statistics of the entire data set (AFHQ's
+    # train/ and val/: data_dir and test_dir).
+    config.evaluation.fid_reference = ('train', 'test')
+    config.evaluation.fid_num_samples = 10_000  # the paper's count at 256x256
     return config

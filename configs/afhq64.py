@@ -24,4 +24,7 @@ def get_config():
     config.training.n_iters = 100_000
     config.optim.lr = 1e-4
     config.sampling.delta = 0.0125
+    # FID as the paper (App. B.3): reference statistics of the entire data set (AFHQ's
+    # train/ and val/: data_dir and test_dir).
+    config.evaluation.fid_reference = ('train', 'test')
     return config

@@ -21,4 +21,7 @@ def get_config():
     config.training.batch_size = 32
     config.optim.lr = 2e-5  # original code: 2e-4
     config.sampling.delta = 0.0125
+    # FID as the paper (App. B.3): reference statistics of the entire data set (all 70k
+    # FFHQ images: data_dir and test_dir as two parts of it, or both the same folder).
+    config.evaluation.fid_reference = ('train', 'test')
     return config

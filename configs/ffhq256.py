@@ -22,4 +22,8 @@ def get_config():
     config.training.n_iters = 800_000
     config.optim.lr = 2e-5
     config.sampling.delta = 0.0125
+    # FID as the paper (App. B.3): reference statistics of the entire data set (all 70k
+    # FFHQ images: data_dir and test_dir as two parts of it, or both the same folder).
+    config.evaluation.fid_reference = ('train', 'test')
+    config.evaluation.fid_num_samples = 10_000  # the paper's count at 256x256
     return config

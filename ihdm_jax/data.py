@@ -52,6 +52,24 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
     return resized.reshape(size, size, image.shape[-1])
 
 
+def halve_and_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 HWC image as the original code prepares folder images (its ImageDataset, used for
+    FFHQ and AFHQ): halved with a 2x2 box filter while the short side is at least 2·size, then
+    resized (PIL bicubic) so that the short side is `size`, the long side in proportion; then the
+    central size x size square is cut out. The original resizes before it crops (a non-square
+    image keeps its aspect ratio until the crop), with the offsets ⌊(H − size)/2⌋ and
+    ⌊(W − size)/2⌋; square images (FFHQ, AFHQ) are not cropped at all."""
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    while min(pil.size) >= 2 * size:
+        pil = pil.resize((pil.width // 2, pil.height // 2), Image.Resampling.BOX)
+    scale = size / min(pil.size)
+    pil = pil.resize((round(pil.width * scale), round(pil.height * scale)),
+                     Image.Resampling.BICUBIC)
+    resized = np.asarray(pil).reshape(pil.height, pil.width, image.shape[-1])
+    top, left = (pil.height - size) // 2, (pil.width - size) // 2
+    return resized[top:top + size, left:left + size]
+
+
 def digits_images(size: int) -> np.ndarray:
     """scikit-learn's 1797 8x8 digits (levels 0..16) as uint8 (1797, size, size, 1)."""
     from sklearn.datasets import load_digits
@@ -96,7 +114,11 @@ def image_files(folder: str) -> list:
 
 
 class FolderSource:
-    """Image files under a folder (searched recursively, in sorted order), decoded on demand.
+    """Image files under a folder (searched recursively, in sorted order), decoded on demand and
+    brought to size x size by halve_and_crop, as the original code prepares FFHQ and AFHQ (so
+    that FIDs compare with the paper's). The original reads LSUN through torchvision (bilinear
+    resize, then the central crop) in a loader that does not run as released; its folder here
+    is prepared as the others.
 
     Unreadable files are skipped (see the module docstring); `skipped` lists them.
     """
@@ -120,7 +142,7 @@ class FolderSource:
                              'config.data.num_channels asks.', image.mode, self.paths[index],
                              self.mode)
             pixels = np.asarray(image.convert(self.mode))
-        return center_crop_resize(pixels.reshape(pixels.shape[:2] + (-1,)), self.size)
+        return halve_and_crop(pixels.reshape(pixels.shape[:2] + (-1,)), self.size)
 
     def _first_conversion(self) -> bool:
         with self._lock:  # the pool's threads decode concurrently; one of them logs
@@ -157,10 +179,10 @@ def make_source(config, split: str = 'train'):
         return ArraySource(images[:DIGITS_TRAIN] if split == 'train' else images[DIGITS_TRAIN:])
     if data.dataset in TFDS_IMAGE_SIZES:
         return TfdsSource(data.dataset, data.data_dir, data.image_size, split)
-    return FolderSource(data[_folder_key(split)], data.image_size, data.num_channels)
+    return FolderSource(data[folder_key(split)], data.image_size, data.num_channels)
 
 
-def _folder_key(split):
+def folder_key(split):
     return 'data_dir' if split == 'train' else 'test_dir'
 
 
@@ -180,7 +202,7 @@ def check(config, split: str = 'train'):
                  f'config.data.num_channels={d.num_channels} does not match {d.dataset}, whose '
                  f'images have {CHANNELS[d.dataset]} channel(s).')
     if d.dataset in FOLDER_DATASETS:
-        key = _folder_key(split)
+        key = folder_key(split)
         folder = d[key]
         _require(folder, f'config.data.dataset={d.dataset!r} reads image files: set '
                  f'--config.data.{key} to the folder of its {split} images.')

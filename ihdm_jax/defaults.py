@@ -55,26 +55,41 @@ def get_default_config():
     evaluation.num_passes = 4  # Monte-Carlo passes over the test examples, one level k each
     evaluation.train_chunk = 10_000  # training images held at once for the L_K bound
     evaluation.fid_num_samples = 50_000  # the paper's count (10k at 256x256)
-    evaluation.fid_train_stats = ''  # '' = <workdir>/eval/train_stats_<dataset>_<size>.npz
+    # The images of FID's reference statistics: 'train' (config.data's training split), 'test'
+    # (its test split) or a folder of image files (prepared as the folder data sets, data.py).
+    # The paper (App. B.3): the training set for CIFAR-10 and LSUN, the entire data set for
+    # AFHQ and FFHQ ('train', 'test'). Splits in the same folder are read once.
+    evaluation.fid_reference = ('train',)
+    # A file of the reference statistics (keys mu, sigma); '' = <workdir>/eval/, named after
+    # the reference: train_stats_<dataset>_<size>.npz for ('train',), otherwise
+    # reference_stats_<dataset>_<size>_<entries joined by +>.npz (a folder as <name>-<hash>).
+    evaluation.fid_train_stats = ''
     evaluation.inception_weights = ''  # '' = $IHDM_INCEPTION_WEIGHTS, else the default cache file
     evaluation.deltas = (0.01, 0.0125, 0.01325, 0.015, 0.0175)  # --mode=sweep_delta
 
     config.analysis = analysis = ml_collections.ConfigDict()  # same_init, psd, ... (README.md)
-    # Rows of the pictures: prior draws (same_init), noise sequences (share_noise), endpoint
-    # pairs (interpolate), samples (nearest_neighbours).
+    # Rows of the pictures: prior draws (same_init, delta_grid), noise sequences (share_noise),
+    # endpoint pairs (interpolate), samples (nearest_neighbours), chains (trajectory_gradients).
     analysis.num_rows = 8
     analysis.num_columns = 8  # samples per row (same_init, share_noise)
     analysis.num_points = 8  # interpolate: frames per pair, both endpoints included
     analysis.num_trees = 4  # hierarchical: prior draws, each the root of a tree
     analysis.split_fractions = (0.75, 0.5, 0.25)  # hierarchical: split levels, fractions of K
     analysis.branches = 2  # hierarchical: copies of each chain at every split
-    # psd and input_gradients: levels k as fractions of K (rounded, at least 1).
+    # psd, input_gradients and trajectory_gradients: levels k as fractions of K (rounded, at
+    # least 1).
     analysis.level_fractions = (0.02, 0.1, 0.25, 0.5, 1.0)
     analysis.num_images = 256  # psd: training images averaged
     # input_gradients: output pixels (row, column) as fractions of the image size, channel 0.
     analysis.gradient_pixels = ((0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.5))
-    analysis.gradient_linthresh = 0.01  # input_gradients: linear range of the symlog colours
+    # input_gradients, trajectory_gradients: linear range of the symlog colours (the paper: 0.1
+    # for Fig. 8 left, 0.01 for Fig. 8 right, 0.002 for Fig. 13).
+    analysis.gradient_linthresh = 0.01
     analysis.blur_sigma_maxes = (1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0)  # prior_overlap (Fig. 12)
     analysis.num_neighbours = 5  # nearest_neighbours: training images shown per sample
+    # delta_grid (Fig. 6): the δ of its columns. Not evaluation.deltas: the figure needs δ = 0
+    # (the chain only sharpens its start), which the ELBO of sweep_delta cannot take, and a
+    # range from there to noisy samples, wider than the sweep around the best FID.
+    analysis.deltas = (0.0, 0.005, 0.01, 0.0125, 0.015, 0.02, 0.03)
 
     return config

@@ -1,8 +1,9 @@
 """Command line: python -m ihdm_jax.main --config=configs/cifar10.py --workdir=runs/cifar10.
 
 --mode is train (the default), sample, summary, an evaluation (eval, fid, sweep_delta) or an
-analysis (same_init, share_noise, interpolate, hierarchical, psd, input_gradients, prior_overlap,
-nearest_neighbours); see README.md. Any config value can be overridden as --config.KEY=VALUE.
+analysis (same_init, share_noise, interpolate, hierarchical, delta_grid, psd,
+frequency_partition, input_gradients, trajectory_gradients, prior_overlap, nearest_neighbours);
+see README.md. Any config value can be overridden as --config.KEY=VALUE.
 
 Every check (the config, the data, the mode's settings and files, the workdir) runs before the
 job writes anything; a failure ends with one line, `Error: ...`, and exit status 1.
@@ -57,11 +58,16 @@ JOBS = {
     'share_noise': Job(variants.share_noise, variants.check_rows_columns),
     'interpolate': Job(variants.interpolate, variants.check_interpolate),
     'hierarchical': Job(variants.hierarchical, variants.check_hierarchical),
+    'delta_grid': Job(variants.delta_grid, variants.check_delta_grid),
     'input_gradients': Job(probing.input_gradients, probing.check_input_gradients),
+    'trajectory_gradients': Job(probing.trajectory_gradients,
+                                probing.check_trajectory_gradients),
     'nearest_neighbours': Job(probing.nearest_neighbours, probing.check_nearest_neighbours),
     'psd': Job(forward_process.psd, forward_process.check_psd, workdir='results'),
     'prior_overlap': Job(forward_process.prior_overlap, forward_process.check_prior_overlap,
                          workdir='results'),
+    'frequency_partition': Job(forward_process.frequency_partition,
+                               forward_process.check_frequency_partition, workdir='results'),
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',

@@ -3,6 +3,7 @@ image grids."""
 
 import numpy as np
 from matplotlib import cm
+from matplotlib import collections
 from matplotlib import colors
 from matplotlib import ticker
 from matplotlib.figure import Figure
@@ -151,6 +152,95 @@ def input_gradients(path, grads, inputs, levels, pixels, t, linthresh, step):
     fig.colorbar(shown, ax=axes[1:].ravel().tolist(), shrink=0.8,
                  label=f'∂μ/∂u (symlog, linear below {linthresh:g})')
     fig.suptitle(f'Input gradients of the predicted mean μ(u_k, k) (checkpoint {step}, Fig. 8)')
+    fig.savefig(path, bbox_inches='tight')
+
+
+def trajectory_gradients(path, grads, states, levels, pixel, t, linthresh, step, sigma, delta):
+    """Per chain a row of states u_k (level K first) and a row of ∂μ(u_k, k)[pixel]/∂u_k."""
+    chains, columns = grads.shape[:2]
+    fig = Figure(figsize=(1.9 * columns + 1.4, 3.8 * chains + 0.7), dpi=100,
+                 layout='constrained')
+    axes = fig.subplots(2 * chains, columns, squeeze=False)
+    limit = float(np.abs(grads).max())
+    norm = colors.SymLogNorm(linthresh, vmin=-limit, vmax=limit, base=10)
+    i, j = pixel
+    shown = None
+    for c in range(chains):
+        for col, k in enumerate(levels):
+            image = np.clip(states[c, col], 0, 1)
+            top, bottom = axes[2 * c, col], axes[2 * c + 1, col]
+            top.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0,
+                       vmax=1)
+            top.plot(j, i, 's', mfc='none', mec='red', ms=5)
+            shown = bottom.imshow(grads[c, col], cmap='RdBu_r', norm=norm)
+            bottom.plot(j, i, 's', mfc='none', mec='black', ms=5, alpha=0.6)
+            if c == 0:
+                top.set_title(f'k={k}, σ_B={np.sqrt(2 * t[k]):.2f}', fontsize=9)
+        axes[2 * c, 0].set_ylabel(f'chain {c}: u_k', fontsize=9)
+        axes[2 * c + 1, 0].set_ylabel('∂μ(u_k, k)/∂u_k', fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(shown, ax=axes[1::2].ravel().tolist(), shrink=min(0.8, 1.2 / chains),
+                 label=f'gradient of the pixel ({i}, {j}), symlog, linear below {linthresh:g}')
+    fig.suptitle(f'Input gradients along generated trajectories (checkpoint {step}, σ = '
+                 f'{sigma:g}, δ = {delta:g}; Fig. 8 right, 13b)')
+    fig.savefig(path, bbox_inches='tight')
+
+
+def _contour_edges(ax, rings, colour):
+    """The cell edges between DCT coefficients of different contours."""
+    h, w = rings.shape
+    segments = [[(m + 0.5, n - 0.5), (m + 0.5, n + 0.5)]
+                for n in range(h) for m in range(w - 1) if rings[n, m] != rings[n, m + 1]]
+    segments += [[(m - 0.5, n + 0.5), (m + 0.5, n + 0.5)]
+                 for n in range(h - 1) for m in range(w) if rings[n, m] != rings[n + 1, m]]
+    ax.add_collection(collections.LineCollection(segments, colors=colour, linewidths=0.8))
+
+
+def frequency_partition(path, rings, power, frequencies, psd, image):
+    """The example image, the contours of its DCT, its DCT power with the contour edges and the
+    radial PSD (Fig. 10)."""
+    h, w = rings.shape
+    fig = Figure(figsize=(17, 4.2), dpi=100, layout='constrained')
+    image_ax, ring_ax, power_ax, psd_ax = fig.subplots(1, 4, width_ratios=(0.7, 1, 1, 1))
+    image_ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0,
+                    vmax=255)
+    image_ax.set_title('training image', fontsize=10)
+    image_ax.set_xticks([])
+    image_ax.set_yticks([])
+    count = int(rings.max())
+    hues = [c for i, c in enumerate(cm.tab20.colors) if i not in (14, 15)]  # no greys
+    palette = colors.ListedColormap([hues[r % len(hues)] for r in range(count)]).with_extremes(
+        bad='0.85')
+    ring_ax.imshow(np.ma.masked_less(rings, 1), cmap=palette, vmin=0.5, vmax=count + 0.5,
+                   interpolation='nearest')
+    _contour_edges(ring_ax, rings, 'k')
+    n, m = np.indices(rings.shape)
+    for r in range(1, count + 1, max(1, count // 12)):
+        cells = np.flatnonzero(rings == r)
+        best = cells[np.argmin(np.abs(n.flat[cells] - m.flat[cells]))]
+        ring_ax.text(m.flat[best], n.flat[best], str(r), fontsize=7, ha='center', va='center')
+    ring_ax.set_title(f'contour r = ⌊2·{max(h, w)}·ρ⌋ of each coefficient (grey: left out)',
+                      fontsize=10)
+    shown = power_ax.imshow(np.log10(np.maximum(power, 1e-12)), cmap='viridis',
+                            interpolation='nearest')
+    _contour_edges(power_ax, rings, 'w')
+    fig.colorbar(shown, ax=power_ax, label='log10 squared DCT coefficient')
+    power_ax.set_title('DCT power of the image, with the contours', fontsize=10)
+    for ax in (ring_ax, power_ax):
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.set_xlabel('m (horizontal frequency index)')
+        ax.set_ylabel('n (vertical frequency index)')
+    psd_ax.loglog(frequencies, psd, 'k.-')
+    psd_ax.set_xlabel('frequency (r + 0.5) / (2 size), cycles per pixel')
+    _plain_log_ticks(psd_ax.xaxis, frequencies[0], frequencies[-1])
+    psd_ax.set_ylabel('mean squared coefficient on the contour')
+    psd_ax.set_title('radial PSD: one point per contour', fontsize=10)
+    psd_ax.grid(True, alpha=0.3)
+    fig.suptitle('Partition of the DCT frequencies into equal-frequency contours (App. B.6, '
+                 'Fig. 10)')
     fig.savefig(path, bbox_inches='tight')
 
 

@@ -2,12 +2,14 @@
 mode, checked against plain step-by-step chains with the EMA parameters and brute-force numpy."""
 
 import json
+import math
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.fft
 import scipy.special
 from PIL import Image
 
@@ -19,6 +21,7 @@ from ihdm_jax import parallel
 from ihdm_jax import programs
 from ihdm_jax import rng
 from ihdm_jax import state as state_lib
+from ihdm_jax.analysis import spectra
 from ihdm_jax.jobs import forward_process
 from ihdm_jax.jobs import probing
 from ihdm_jax.jobs import sample
@@ -39,6 +42,7 @@ def analysis_config(config):
     a.blur_sigma_maxes = (0.5, 1.0, 2.0, 4.0)
     config.evaluation.train_chunk = 1000  # the prior's 1500 training images in two parts
     a.num_neighbours = 2
+    a.deltas = (0.0, 0.0125, 0.05)
     return config
 
 
@@ -338,3 +342,94 @@ def test_prior_overlap_matches_brute_force_and_falls_with_blur(analysis_config, 
         expected.append(np.mean(np.log(len(train_u)) - scipy.special.logsumexp(-kl, axis=1)))
     np.testing.assert_allclose(nats, expected, rtol=2e-6)  # measured 3.0e-7
     assert (out / 'prior_overlap.png').exists()
+
+
+def test_delta_grid_columns_are_chains_from_one_start_and_noise(analysis_config, workdir, mu,
+                                                                training_images):
+    config = analysis_config
+    variants.delta_grid(config, str(workdir))
+    out = _out(workdir, 'delta_grid')
+    saved = np.load(out / 'delta_grid.npz')
+    samples, u_K, keys = saved['images'], saved['u_K'], saved['noise_keys']
+    assert samples.shape == (2, 3, 8, 8, 1) and list(saved['deltas']) == [0.0, 0.0125, 0.05]
+    np.testing.assert_allclose(u_K, _prior(config, training_images, rng.ANALYSIS_DRAW, 2,
+                                           PRIOR_KEY), atol=5e-7)
+    np.testing.assert_array_equal(keys, _key_data(NOISE_KEY, 2))
+    noise_keys = jax.random.wrap_key_data(keys)
+    for column, delta in enumerate((0.0, 0.0125, 0.05)):
+        expected = _chain(mu, u_K, config.model.K, delta,
+                          lambda k: _noise(noise_keys, k, (8, 8, 1)))[0]
+        np.testing.assert_allclose(samples[:, column], _grey(expected), atol=1)
+    for column in (1, 2):
+        assert not np.array_equal(samples[:, column], samples[:, 0])
+    assert Image.open(out / 'delta_grid.png').size[0] > 4 * 64
+
+
+def test_trajectory_gradients_are_taken_at_the_chains_states(analysis_config, workdir, mu,
+                                                              training_images):
+    config = analysis_config
+    probing.trajectory_gradients(config, str(workdir))
+    out = _out(workdir, 'trajectory_gradients')
+    saved = np.load(out / 'trajectory_gradients.npz')
+    grads, states = saved['gradients'], saved['states']
+    levels = [10, 5, 1]  # level_fractions (0.1, 0.5, 1.0) of K = 10, level K first
+    assert list(saved['levels']) == levels and tuple(saved['pixel']) == (4, 4)
+    assert grads.shape == states.shape == (2, 3, 8, 8, 1)
+    np.testing.assert_allclose(saved['u_K'], _prior(config, training_images, rng.ANALYSIS_DRAW,
+                                                    2, PRIOR_KEY), atol=5e-7)
+    np.testing.assert_array_equal(saved['noise_keys'], _key_data(NOISE_KEY, 2))
+    keys = jax.random.wrap_key_data(saved['noise_keys'])
+    chain = _chain(mu, saved['u_K'], config.model.K, config.sampling.delta,
+                   lambda k: _noise(keys, k, (8, 8, 1)))
+    # Measured 1.7e-5 (float32 chains in programs of other batch shapes).
+    np.testing.assert_allclose(states, np.stack([chain[k] for k in levels], axis=1), atol=5e-5)
+    # Four-point central differences of μ(u_k, k)[4, 4] at the chain's states, along the pixel
+    # itself and its neighbour below, as in the input_gradients test.
+    h = 5e-3
+    steps = np.array([-2, -1, 1, 2], np.float32) * h
+    errors = []
+    for row in range(2):
+        for level, k in enumerate(levels):
+            u = states[row, level]
+            bumps = np.zeros((8,) + u.shape, np.float32)
+            bumps[:4, 4, 4, 0], bumps[4:, 5, 4, 0] = steps, steps
+            m = mu(u + bumps, k)[:, 4, 4, 0].astype(np.float64).reshape(2, 4)
+            differences = (m[:, 0] - 8 * m[:, 1] + 8 * m[:, 2] - m[:, 3]) / (12 * h)
+            errors.append(differences - grads[row, level, [4, 5], 4, 0])
+    assert np.abs(errors).max() < 1e-3  # measured 1.3e-4 (gradients up to 7.2)
+    # The state matters: the other chain's gradients at the same level are at least 3.0e-2 off.
+    assert min(np.abs(grads[0, level] - grads[1, level]).max() for level in range(3)) > 1e-2
+    assert (out / 'trajectory_gradients.png').exists()
+
+
+def _rings(h, w):
+    """Contour ⌊2 S ρ⌋ of each DCT coefficient, S = max(H, W), ρ = √((n/2H)² + (m/2W)²), in
+    integers: ⌊√((nSW)² + (mSH)²) / (HW)⌋."""
+    s = max(h, w)
+    return np.array([[math.isqrt((n * s * w) ** 2 + (m * s * h) ** 2) // (h * w)
+                      for m in range(w)] for n in range(h)])
+
+
+@pytest.mark.parametrize('h, w', [(8, 8), (6, 8), (16, 12), (5, 7), (32, 32)])
+def test_frequency_rings_follow_the_contour_rule(h, w):
+    np.testing.assert_array_equal(spectra.frequency_rings(h, w), _rings(h, w))
+
+
+def test_frequency_partition_bins_the_dct_as_radial_psd(analysis_config, tmp_path,
+                                                        training_images):
+    config = analysis_config
+    forward_process.frequency_partition(config, str(tmp_path))
+    out = _out(tmp_path, 'frequency_partition')
+    saved = np.load(out / 'frequency_partition.npz')
+    rings = _rings(8, 8)
+    np.testing.assert_array_equal(saved['rings'], np.where((rings >= 1) & (rings < 8), rings, -1))
+    image = training_images[rng.prior_picks(config.seed, rng.ANALYSIS_DRAW, 1,
+                                            len(training_images))][0]
+    np.testing.assert_array_equal(saved['image'], image)
+    power = scipy.fft.dctn(image[..., 0] / 255.0, norm='ortho') ** 2
+    # The job's float32 DCT: measured 5.5e-7 (power up to 5.5) and 1.4e-8 for the contour means.
+    np.testing.assert_allclose(saved['power'], power, rtol=0, atol=2e-6)
+    psd = [power[rings == r].mean() for r in range(1, 8)]
+    np.testing.assert_allclose(saved['psd'], psd, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(saved['frequencies'], (np.arange(1, 8) + 0.5) / 16)
+    assert (out / 'frequency_partition.png').exists()

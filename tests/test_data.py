@@ -104,18 +104,55 @@ def _save(path, pixels):
     Image.fromarray(pixels).save(path)
 
 
-def test_folder_source_crops_the_centre_and_resizes(tmp_path):
-    wide = np.zeros((20, 30, 3), np.uint8)
-    wide[:, :5] = wide[:, 25:] = (255, 0, 0)
-    wide[:, 5:25] = (0, 200, 0)
-    _save(tmp_path / 'cats' / 'a.png', wide)
+def _halve(pixels):
+    """A 2x2 box filter as PIL applies it to uint8 images: the columns are averaged in pairs and
+    rounded (half up), then the rows of that result."""
+    a = pixels.astype(np.int64)
+    columns = (a[:, 0::2] + a[:, 1::2] + 1) // 2
+    return ((columns[0::2] + columns[1::2] + 1) // 2).astype(np.uint8)
+
+
+def _bicubic(pixels, width, height):
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    resized = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
+    return resized.reshape(height, width, pixels.shape[-1])
+
+
+def test_folder_images_are_halved_resized_then_cropped_as_the_original_code_does(tmp_path):
+    """Landscape RGB 96x160 to 10: halved to 48x80, 24x40 and 12x20 (12 < 2·10), resized to
+    10x17 (the long side round(20·10/12)) and cropped at columns 3..12. Portrait grayscale
+    100x60 to 8: halved to 50x30 and 25x15, resized to 13x8, cropped at rows 2..9. A square
+    64x64 to 16: halved twice (32 ≥ 2·16), then kept."""
+    generator = np.random.default_rng(0)
+    wide = generator.integers(0, 256, (96, 160, 3), dtype=np.uint8)
+    tall = generator.integers(0, 256, (100, 60, 1), dtype=np.uint8)
+    square = generator.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    _save(tmp_path / 'wide' / 'cats' / 'a.png', wide)
+    _save(tmp_path / 'tall' / 'b.png', tall[..., 0])
+    _save(tmp_path / 'square' / 'c.png', square)
+
+    source = data.FolderSource(str(tmp_path / 'wide'), 10, 3)
+    expected = _bicubic(_halve(_halve(_halve(wide))), 17, 10)[:, 3:13]
+    np.testing.assert_array_equal(source.load(np.array([0])), expected[None])
+    gray = data.FolderSource(str(tmp_path / 'tall'), 8, 1).load(np.array([0]))
+    expected = _bicubic(_halve(_halve(tall)), 8, 13)[2:10]
+    np.testing.assert_array_equal(gray, expected[None])
+    halved = data.FolderSource(str(tmp_path / 'square'), 16, 3).load(np.array([0]))
+    np.testing.assert_array_equal(halved, _halve(_halve(square))[None])
+    # Not the crop-then-resize of the tfds images: the 64 central columns of the wide image,
+    # resized, differ.
+    assert not np.array_equal(source.load(np.array([0]))[0],
+                              data.center_crop_resize(wide, 10))
+
+
+def test_folder_source_reads_every_image_file_below_its_folder(tmp_path):
+    _save(tmp_path / 'cats' / 'a.png', np.full((20, 30, 3), 90, np.uint8))
     _save(tmp_path / 'dogs' / 'b.jpg', np.full((40, 40, 3), 90, np.uint8))
     source = data.FolderSource(str(tmp_path), 16, 3)
     assert len(source) == 2
     images = source.load(np.array([0, 1]))
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
-    np.testing.assert_array_equal(images[0], np.broadcast_to([0, 200, 0], (16, 16, 3)))
-    assert np.all(np.abs(images[1].astype(int) - 90) <= 2)
+    assert np.all(np.abs(images.astype(int) - 90) <= 2)
     gray = data.FolderSource(str(tmp_path), 8, 1).load(np.array([1]))
     assert gray.shape == (1, 8, 8, 1)
     assert not source.skipped

@@ -2,6 +2,9 @@
 and the device count; --mode=eval, fid and sweep_delta end to end on conftest's checkpoint."""
 
 import json
+import os
+import pathlib
+import re
 import shutil
 
 import jax
@@ -17,6 +20,7 @@ from conftest import TRAINED_STEP
 from ihdm_jax import checkpoint
 from ihdm_jax import data
 from ihdm_jax import elbo
+from ihdm_jax import errors
 from ihdm_jax import heat
 from ihdm_jax import parallel
 from ihdm_jax import programs
@@ -299,3 +303,74 @@ def test_fid_check_without_weights_names_the_config_flag(eval_config, tmp_path):
     with pytest.raises(frechet.InputError, match=f'not found at {missing}') as raised:
         evaluate.check_fid(config)
     assert '--config.evaluation.inception_weights=PATH' in str(raised.value)
+
+
+class _PixelFeatures:
+    """Stands in for Inception: an image's pixels are its features, so the statistics show which
+    images went into them."""
+
+    calls = 0
+
+    def __init__(self, weights, batch_size):
+        del weights, batch_size
+
+    def __call__(self, images, description=''):
+        _PixelFeatures.calls += 1
+        return np.stack([np.asarray(images[i], np.float64).reshape(-1)
+                         for i in range(len(images))])
+
+
+def test_fid_reference_statistics_are_those_of_the_named_images_once_each(
+        eval_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(frechet, 'resolve_weights', lambda path, flag: path)
+    monkeypatch.setattr(frechet, 'InceptionFeatures', _PixelFeatures)
+    extra = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    for i, image in enumerate(extra):
+        _save_png(tmp_path / 'extra' / f'{i}.png', image[..., 0])
+    config = eval_config.copy_and_resolve_references()
+    config.evaluation.fid_reference = ('train', 'test', str(tmp_path / 'extra'), 'train')
+    evaluate.check_fid(config)
+    run = tmp_path / 'run'
+    evaluator = evaluate.FidEvaluator(config, str(run), parallel.make_mesh(),
+                                      data.make_source(config))
+    # Both digit splits are all 1797 digits, wherever they are split; 'train' counts once.
+    images = np.concatenate([data.digits_images(8), extra]).reshape(1800, -1).astype(np.float64)
+    centred = images - images.mean(axis=0)
+    mu, sigma = evaluator.train_stats
+    np.testing.assert_allclose(mu, images.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, centred.T @ centred / 1799, rtol=1e-9, atol=1e-9)
+    path = pathlib.Path(evaluator.stats_path)
+    assert path.parent == run / 'eval' and path.exists()
+    assert re.fullmatch(r'reference_stats_digits_8_train\+test\+extra-[0-9a-f]{8}\.npz', path.name)
+    assert evaluator.describe() == f'train + test + {tmp_path / "extra"}'
+    # Read back, not computed again.
+    calls = _PixelFeatures.calls
+    again = evaluate.FidEvaluator(config, str(run), parallel.make_mesh(),
+                                  data.make_source(config))
+    assert _PixelFeatures.calls == calls and again.stats_path == str(path)
+    np.testing.assert_array_equal(again.train_stats[1], sigma)
+
+
+def test_fid_reference_splits_of_one_folder_are_read_once(eval_config, tmp_path):
+    _save_png(tmp_path / 'all' / 'a.png', np.zeros((8, 8), np.uint8))
+    config = eval_config.copy_and_resolve_references()
+    config.data.dataset = 'ffhq'
+    config.data.data_dir = str(tmp_path / 'all')
+    config.data.test_dir = str(tmp_path / 'all') + '/'
+    config.evaluation.fid_reference = ('train', 'test')
+    assert evaluate.reference_parts(config) == [('train', 'train', None)]
+    assert evaluate.reference_stats_path(config, 'w') == os.path.join(
+        'w', 'eval', 'train_stats_ffhq_8.npz')
+    config.data.test_dir = str(tmp_path / 'other')
+    config.evaluation.fid_reference = ('train', str(tmp_path / 'missing'))
+    with pytest.raises(errors.UserError, match="'.*missing' is neither 'train', 'test' nor a "
+                       'folder holding image files'):
+        evaluate.check_fid(config)
+    config.evaluation.fid_reference = ('train', 'test')
+    with pytest.raises(errors.UserError, match='test_dir=.*other.* does not exist'):
+        evaluate.check_fid(config)
+
+
+def _save_png(path, pixels):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)

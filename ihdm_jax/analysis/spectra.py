@@ -22,13 +22,19 @@ def radial_psd(images):
     """
     _, h, w, _ = images.shape
     power = np.mean(np.square(np.asarray(heat.dct_2d(images), np.float64)), axis=(0, 3))
+    ring = frequency_rings(h, w)
+    rings = np.arange(1, max(h, w))
+    psd = np.array([power[ring == r].mean() for r in rings])
+    return (rings + 0.5) / (2 * max(h, w)), psd
+
+
+def frequency_rings(h, w):
+    """The contour ⌊2 max(H, W) ρ⌋ of each DCT coefficient (n, m) of an H x W image (radial_psd,
+    Fig. 10), (H, W) int; radial_psd averages contours 1..max(H, W) − 1."""
     size = max(h, w)
     n = np.arange(h)[:, None] * size / h
     m = np.arange(w)[None, :] * size / w
-    ring = np.floor(np.sqrt(n**2 + m**2)).astype(int)
-    rings = np.arange(1, size)
-    psd = np.array([power[ring == r].mean() for r in rings])
-    return (rings + 0.5) / (2 * size), psd
+    return np.floor(np.sqrt(n**2 + m**2)).astype(int)
 
 
 def power_law_exponent(frequencies, psd, max_frequency=0.25, num_bins=16):

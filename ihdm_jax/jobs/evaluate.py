@@ -1,10 +1,12 @@
 """Evaluation jobs on the EMA parameters of the newest checkpoint, written to <workdir>/eval.
 
 --mode=eval: the negative ELBO of the test split in bits/dim (Eq. 7 with the App. A.3 bound on
-L_K), with its terms. --mode=fid: FID of EMA samples against the training set. --mode=sweep_delta:
-both for each δ of config.evaluation.deltas, as in the paper's Fig. 11.
+L_K), with its terms. --mode=fid: FID of EMA samples against the reference images of
+config.evaluation.fid_reference (the training set by default). --mode=sweep_delta: both for each
+δ of config.evaluation.deltas, as in the paper's Fig. 11.
 """
 
+import hashlib
 import os
 
 import numpy as np
@@ -45,6 +47,17 @@ def _check_fid(config):
     e = config.evaluation
     validation.require(e.fid_num_samples >= 2, f'config.evaluation.fid_num_samples='
                        f'{e.fid_num_samples} must be at least 2 (FID needs a covariance).')
+    reference = tuple(e.fid_reference)
+    validation.require(reference and all(isinstance(r, str) and r for r in reference),
+                       f'config.evaluation.fid_reference={reference!r} must name the reference '
+                       "images: 'train', 'test' or folders of image files.")
+    for entry in reference:
+        if entry in data.SPLITS:
+            data.check(config, entry)
+        else:
+            validation.require(os.path.isdir(entry) and data.image_files(entry),
+                               f'config.evaluation.fid_reference: {entry!r} is neither '
+                               "'train', 'test' nor a folder holding image files.")
     validation.require(e.batch_size >= 1,
                        f'config.evaluation.batch_size={e.batch_size} must be at least 1.')
     parallel.check_divisible(config.sampling.batch_size, 'config.sampling.batch_size')
@@ -66,49 +79,94 @@ def check_sweep_delta(config):
     _check_fid(config)
 
 
-class _SourceImages:
-    """A data source as the sequence of uint8 HWC images that frechet.InceptionFeatures reads."""
+class _ReferenceImages:
+    """Data sources one after the other, as the sequence of uint8 HWC images that
+    frechet.InceptionFeatures reads."""
 
-    def __init__(self, source):
-        self.source = source
+    def __init__(self, sources):
+        self.sources = sources
+        self.starts = np.cumsum([0] + [len(source) for source in sources])
 
     def __len__(self):
-        return len(self.source)
+        return int(self.starts[-1])
 
     def __getitem__(self, index):
-        return self.source.load(np.array([index]))[0]
+        part = int(np.searchsorted(self.starts, index, side='right')) - 1
+        return self.sources[part].load(np.array([index - self.starts[part]]))[0]
+
+
+def reference_parts(config) -> list:
+    """config.evaluation.fid_reference as (label, split or None, folder or None) without repeats:
+    a split of an image-folder data set is its folder, so a folder named twice is read once."""
+    parts, seen = [], set()
+    for entry in config.evaluation.fid_reference:
+        split = entry if entry in data.SPLITS else None
+        folder = entry if split is None else (
+            config.data[data.folder_key(split)] if config.data.dataset in data.FOLDER_DATASETS
+            else None)
+        identity = os.path.realpath(folder) if folder else split
+        if identity in seen:
+            continue
+        seen.add(identity)
+        label = split or (f'{os.path.basename(os.path.normpath(folder))}-'
+                          f'{hashlib.sha1(identity.encode()).hexdigest()[:8]}')
+        parts.append((label, split, folder if split is None else None))
+    return parts
+
+
+def reference_stats_path(config, workdir) -> str:
+    """config.evaluation.fid_train_stats, or the cache file in <workdir>/eval/ that names the
+    reference (ihdm_jax/defaults.py)."""
+    if config.evaluation.fid_train_stats:
+        return config.evaluation.fid_train_stats
+    labels = [label for label, _, _ in reference_parts(config)]
+    name = f'{config.data.dataset}_{config.data.image_size}'
+    if labels == ['train']:
+        return os.path.join(workdir, 'eval', f'train_stats_{name}.npz')
+    return os.path.join(workdir, 'eval', f'reference_stats_{name}_{"+".join(labels)}.npz')
 
 
 class FidEvaluator:
-    """FID of config.evaluation.fid_num_samples EMA samples against the training set's statistics.
+    """FID of config.evaluation.fid_num_samples EMA samples against reference statistics.
 
-    The network and the statistics live on process 0, which alone computes FID. The training
-    set's statistics are read from config.evaluation.fid_train_stats, by default
-    <workdir>/eval/train_stats_<dataset>_<size>.npz, and computed and written there when missing.
+    The network and the statistics live on process 0, which alone computes FID. The reference
+    images are those of config.evaluation.fid_reference (the training split by default); their
+    statistics are read from reference_stats_path(config, workdir), and computed and written
+    there when missing.
     """
 
     def __init__(self, config, workdir, mesh, source):
         self.config, self.source = config, source
         self.sampler = programs.Sampler(config, mesh)
-        self.stats_path = config.evaluation.fid_train_stats or os.path.join(
-            workdir, 'eval', f'train_stats_{config.data.dataset}_{config.data.image_size}.npz')
+        self.parts = reference_parts(config)
+        self.stats_path = reference_stats_path(config, workdir)
         self.features = self.train_stats = None
+        self.reference_sources = []
         if parallel.is_main_process():
             weights = frechet.resolve_weights(config.evaluation.inception_weights or None,
                                               WEIGHTS_FLAG)
             self.features = frechet.InceptionFeatures(weights, config.evaluation.batch_size)
-            self.train_stats = self._train_statistics()
+            self.train_stats = self._reference_statistics()
 
-    def _train_statistics(self):
+    def describe(self) -> str:
+        return ' + '.join(label if split else folder for label, split, folder in self.parts)
+
+    def _reference_statistics(self):
         if os.path.exists(self.stats_path):
-            logging.info('FID: training-set statistics from %s', self.stats_path)
+            logging.info('FID: reference statistics (%s) from %s', self.describe(),
+                         self.stats_path)
             return frechet.load_statistics(self.stats_path)
-        stats = frechet.statistics(self.features(_SourceImages(self.source),
-                                                 description='FID training set'))
+        c = self.config
+        self.reference_sources = [
+            self.source if split == 'train' else data.make_source(c, split) if split else
+            data.FolderSource(folder, c.data.image_size, c.data.num_channels)
+            for _, split, folder in self.parts]
+        images = _ReferenceImages(self.reference_sources)
+        stats = frechet.statistics(self.features(images, description='FID reference images'))
         os.makedirs(os.path.dirname(os.path.abspath(self.stats_path)), exist_ok=True)
         frechet.save_statistics(self.stats_path, *stats)
-        logging.info('FID: statistics of %d training images written to %s', len(self.source),
-                     self.stats_path)
+        logging.info('FID: statistics of %d reference images (%s) written to %s', len(images),
+                     self.describe(), self.stats_path)
         return stats
 
     def samples(self, params, delta: float) -> np.ndarray:
@@ -119,7 +177,7 @@ class FidEvaluator:
                                  progress=f'FID samples (δ = {delta})')
 
     def __call__(self, samples: np.ndarray):
-        """FID of uint8 samples against the training set; None on processes other than 0."""
+        """FID of uint8 samples against the reference; None on processes other than 0."""
         if self.features is None:
             return None
         stats = frechet.statistics(self.features(samples, description='FID samples'))
@@ -163,21 +221,23 @@ def likelihood(config, workdir: str):
 
 
 def fid(config, workdir: str):
-    """--mode=fid: eval/fid.json and eval/fid_samples.png."""
+    """--mode=fid: eval/fid.json (with the reference and its statistics file) and
+    eval/fid_samples.png."""
     mesh = parallel.make_mesh()
     params, step = checkpoint.restore_ema_params(config, workdir, mesh)
     evaluator = FidEvaluator(config, workdir, mesh, data.make_source(config))
     samples = evaluator.samples(params, config.sampling.delta)
     value = evaluator(samples)
-    data.report_skipped(evaluator.source)
+    data.report_skipped(evaluator.source, *evaluator.reference_sources)
     if not parallel.is_main_process():
         return value
-    logging.info('FID of %d samples of checkpoint %d (δ = %g) against the training set: %.4f',
-                 len(samples), step, config.sampling.delta, value)
+    logging.info('FID of %d samples of checkpoint %d (δ = %g) against %s: %.4f',
+                 len(samples), step, config.sampling.delta, evaluator.describe(), value)
     out = outputs.folder(workdir, 'eval')
     outputs.write_json(os.path.join(out, 'fid.json'),
                 {**_describe(config, step), 'delta': config.sampling.delta, 'fid': value,
-                 'num_samples': len(samples), 'train_stats': evaluator.stats_path})
+                 'num_samples': len(samples), 'reference': evaluator.describe(),
+                 'train_stats': evaluator.stats_path})
     images.save_grid(os.path.join(out, 'fid_samples.png'), samples[:GRID_SAMPLES])
     logging.info('Written to %s (fid.json, fid_samples.png).', out)
     return value
@@ -198,7 +258,8 @@ def sweep_delta(config, workdir: str):
         row['fid'] = evaluator(evaluator.samples(params, delta))
         rows.append(row)
         logging.info('δ = %g: %.4f bits/dim, FID %s', delta, row['bits_per_dim'], row['fid'])
-    data.report_skipped(evaluator.source, negative_elbo.test, negative_elbo.train)
+    data.report_skipped(evaluator.source, *evaluator.reference_sources, negative_elbo.test,
+                        negative_elbo.train)
     if not parallel.is_main_process():
         return rows
     out = outputs.folder(workdir, 'eval')

@@ -1,6 +1,6 @@
 """Analyses of the forward process on the data, one job (config, workdir) per --mode: psd
-(Fig. 4, 9) and prior_overlap (App. C.2, Fig. 12), written into <workdir>/analysis/<mode>/.
-They read no checkpoint."""
+(Fig. 4, 9), frequency_partition (App. B.6, Fig. 10) and prior_overlap (App. C.2, Fig. 12),
+written into <workdir>/analysis/<mode>/. They read no checkpoint."""
 
 import os
 
@@ -24,6 +24,11 @@ def check_psd(config):
     validation.require(config.analysis.num_images >= 1, f'config.analysis.num_images='
                        f'{config.analysis.num_images} must be at least 1.')
     schedule_lib.analysis_levels(config)
+
+
+def check_frequency_partition(config):
+    validation.require(config.data.image_size >= 2, f'config.data.image_size='
+                       f'{config.data.image_size}: the partition needs at least 2 px.')
 
 
 def check_prior_overlap(config):
@@ -85,6 +90,38 @@ def psd(config, workdir):
                          blur_sigmas, energy, sigma, n)
     logging.info('psd: power-law exponent of the data PSD (psd ∝ 1/f^α, f ≤ 0.25 cycles/px) '
                  'α = %.3f; psd.png, energy_vs_blur.png and psd.json written to %s.', alpha, out)
+
+
+def frequency_partition(config, workdir):
+    """The equal-frequency contours over which the spectra are averaged (App. B.6, Fig. 10).
+
+    Coefficient (n, m) of the 2-D DCT of an image_size² image belongs to contour ⌊2 size ρ⌋
+    (spectra.frequency_rings, as radial_psd bins); radial_psd averages contours 1..size − 1 and
+    leaves out the DC term and the corner beyond the last full ring. Writes
+    frequency_partition.png (left, the contours; middle, the DCT power of one training image,
+    the first prior draw's as in input_gradients, with the contour edges; right, its radial PSD)
+    and frequency_partition.npz: rings (H, W) int, −1 where left out; frequencies (contour
+    centres, cycles per pixel); image (H, W, C) uint8; power (H, W), the squared DCT
+    coefficients of the image scaled to [0, 1], mean over channels; psd, its radial PSD.
+    """
+    size = config.data.image_size
+    source = data.make_source(config)
+    image = source.load(rng.prior_picks(config.seed, rng.ANALYSIS_DRAW, 1, len(source)))
+    x = image.astype(np.float32) / 255.0
+    power = np.mean(np.square(np.asarray(heat.dct_2d(x), np.float64)), axis=(0, 3))
+    frequencies, psd = spectra.radial_psd(x)
+    rings = spectra.frequency_rings(size, size)
+    rings = np.where((rings >= 1) & (rings < size), rings, -1)
+    data.report_skipped(source)
+    if not parallel.is_main_process():
+        return
+    out = outputs.folder(workdir, 'analysis', 'frequency_partition')
+    np.savez(os.path.join(out, 'frequency_partition.npz'), rings=rings, frequencies=frequencies,
+             image=image[0], power=power, psd=psd)
+    plots.frequency_partition(os.path.join(out, 'frequency_partition.png'), rings, power,
+                              frequencies, psd, image[0])
+    logging.info('frequency_partition: %d contours of the %dx%d DCT written to %s.', size - 1,
+                 size, size, out)
 
 
 def prior_overlap(config, workdir):

@@ -1,6 +1,8 @@
-"""Probes of a trained model, one job (config, workdir) per --mode: input_gradients (Fig. 8) and
-nearest_neighbours (App. D.4, Fig. 30), written into <workdir>/analysis/<mode>/."""
+"""Probes of a trained model, one job (config, workdir) per --mode: input_gradients (Fig. 8),
+trajectory_gradients (Fig. 8 right, 13b) and nearest_neighbours (App. D.4, Fig. 30), written
+into <workdir>/analysis/<mode>/."""
 
+import functools
 import os
 
 import jax
@@ -18,6 +20,7 @@ from ihdm_jax import parallel
 from ihdm_jax import plots
 from ihdm_jax import programs
 from ihdm_jax import rng
+from ihdm_jax import sampling
 from ihdm_jax import schedule as schedule_lib
 from ihdm_jax import state as state_lib
 from ihdm_jax import validation
@@ -31,6 +34,15 @@ def check_input_gradients(config):
                                          for p in fractions),
                        f'config.analysis.gradient_pixels={tuple(fractions)} must be (row, column) '
                        'pairs of fractions of the image size in [0, 1).')
+    validation.require(config.analysis.gradient_linthresh > 0,
+                       f'config.analysis.gradient_linthresh={config.analysis.gradient_linthresh} '
+                       'must be > 0.')
+
+
+def check_trajectory_gradients(config):
+    schedule_lib.analysis_levels(config)
+    validation.require(config.analysis.num_rows >= 1, f'config.analysis.num_rows='
+                       f'{config.analysis.num_rows} must be at least 1.')
     validation.require(config.analysis.gradient_linthresh > 0,
                        f'config.analysis.gradient_linthresh={config.analysis.gradient_linthresh} '
                        'must be > 0.')
@@ -57,16 +69,10 @@ def input_gradients(config, workdir):
     pixels = [(int(r * size), int(c * size)) for r, c in config.analysis.gradient_pixels]
     mesh = parallel.make_mesh()
     params, step = checkpoint.restore_ema_params(config, workdir, mesh)
-    f = programs.residual(state_lib.model_graphdef(config))
     source = data.make_source(config)
     x = source.load(rng.prior_picks(config.seed, rng.ANALYSIS_DRAW, 1, len(source)))
     t = np.asarray(schedule_lib.from_config(config).t)
-
-    @jax.jit
-    def gradient(params, u, k, i, j):
-        mu = lambda v: v + f(params, v, jnp.full((1,), k, jnp.int32))  # noqa: E731
-        return probes.input_gradient(mu, u, (i, j, 0))
-
+    gradient = _gradient_program(config)
     inputs = np.stack([np.asarray(heat.heat_forward(x.astype(np.float32) / 255.0, t[k]))[0]
                        for k in levels])
     grads = np.stack([[np.asarray(gradient(params, u[None], k, i, j))
@@ -81,6 +87,67 @@ def input_gradients(config, workdir):
                           pixels, t, config.analysis.gradient_linthresh, step)
     logging.info('input_gradients: %d pixels x %d levels written to %s.', len(pixels),
                  len(levels), out)
+
+
+def _gradient_program(config):
+    """(params, u (1, H, W, C), k, i, j) -> ∂μ(u, k)[0, i, j, 0]/∂u, (H, W, C); k, i, j traced."""
+    f = programs.residual(state_lib.model_graphdef(config))
+
+    @jax.jit
+    def gradient(params, u, k, i, j):
+        mu = lambda v: v + f(params, v, jnp.full((1,), k, jnp.int32))  # noqa: E731
+        return probes.input_gradient(mu, u, (i, j, 0))
+    return gradient
+
+
+def trajectory_gradients(config, workdir):
+    """∂μ(u_k, k)[centre]/∂u_k along generated trajectories (Fig. 8 right, Fig. 13b).
+
+    config.analysis.num_rows chains run from prior draws (config.sampling.delta, the noise keys
+    of the other analyses); at each level k of config.analysis.level_fractions the chain's own
+    state u_k, the input of the step at level k, is probed: how the predicted mean at the centre
+    pixel (channel 0) depends on every input pixel. The paper shows a run with σ > 0 and one
+    with σ = 0 sampled at δ = 0 (README.md). Writes trajectory_gradients.png (per chain a row
+    of states u_k, level K first, and a row of their gradients, symlog colours with linear range
+    gradient_linthresh) and trajectory_gradients.npz: gradients and states (chains, levels, H,
+    W, C) float32, levels, pixel, u_K, noise_keys, delta, sigma.
+    """
+    levels = sorted(set(schedule_lib.analysis_levels(config)), reverse=True)
+    rows, size = config.analysis.num_rows, config.data.image_size
+    K, delta = config.model.K, config.sampling.delta
+    pixel = (size // 2, size // 2)
+    mesh = parallel.make_mesh()
+    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
+    sampler = programs.Sampler(config, mesh)
+    u_K = sampler.prior_states(data.make_source(config), rng.ANALYSIS_DRAW, rows,
+                               rng.analysis_key(config.seed, rng.ANALYSIS_PRIOR))
+    noise_keys = rng.example_keys(rng.analysis_key(config.seed, rng.ANALYSIS_NOISE), rows)
+    f = programs.residual(state_lib.model_graphdef(config))
+
+    def run(params, batched):
+        u, raw = batched
+        noise = sampling.example_noise(jax.random.wrap_key_data(raw), u.shape[1:])
+        _, states = sampling.sample_with_noise(functools.partial(f, params), u, K, delta, noise,
+                                               levels)
+        return jnp.swapaxes(states, 0, 1)
+    states = np.asarray(programs.on_mesh(mesh, run)(params, u_K, noise_keys))
+    gradient = _gradient_program(config)
+    grads = np.stack([[np.asarray(gradient(params, u[None], k, *pixel))
+                       for k, u in zip(levels, chain)] for chain in tqdm.tqdm(
+                           states, desc='trajectory gradients',
+                           disable=not parallel.is_main_process())])
+    if not parallel.is_main_process():
+        return
+    out = outputs.folder(workdir, 'analysis', 'trajectory_gradients')
+    np.savez(os.path.join(out, 'trajectory_gradients.npz'), gradients=grads, states=states,
+             levels=np.array(levels), pixel=np.array(pixel), u_K=u_K, noise_keys=noise_keys,
+             delta=delta, sigma=config.model.sigma)
+    t = np.asarray(schedule_lib.from_config(config).t)
+    plots.trajectory_gradients(os.path.join(out, 'trajectory_gradients.png'), grads[..., 0],
+                               states, levels, pixel, t, config.analysis.gradient_linthresh,
+                               step, config.model.sigma, delta)
+    logging.info('trajectory_gradients: %d chains x %d levels written to %s.', rows, len(levels),
+                 out)
 
 
 class _ScaledImages:

@@ -1,5 +1,5 @@
 """The paper's sampling variants, one job (config, workdir) per --mode: same_init, share_noise,
-interpolate and hierarchical (Fig. 5b, 7, 15; App. D.2).
+interpolate, hierarchical and delta_grid (Fig. 5b, 6, 7, 15; App. D.2).
 
 Each writes into <workdir>/analysis/<mode>/ a picture (PNG), a GIF where the result is a
 sequence, and its numbers (NPZ). The chains use the EMA parameters of the newest checkpoint and
@@ -58,6 +58,13 @@ def check_interpolate(config):
 def check_hierarchical(config):
     _require_positive(config, 'num_trees', 'branches')
     split_levels(config)
+
+
+def check_delta_grid(config):
+    _require_positive(config, 'num_rows')
+    deltas = tuple(config.analysis.deltas)
+    validation.require(deltas and all(d >= 0 for d in deltas),
+                       f'config.analysis.deltas={deltas} must be values of δ ≥ 0.')
 
 
 def _setup(config, workdir):
@@ -222,3 +229,35 @@ def hierarchical(config, workdir):
                       f'Chains split in {branches} at k = {splits} (checkpoint {step})',
                       yticks=yticks)
     logging.info('hierarchical: %d trees of %d samples written to %s.', trees, leaves, out)
+
+
+def delta_grid(config, workdir):
+    """Samples from the same starting points over the δ of config.analysis.deltas (Fig. 6).
+
+    Row r: every column starts from the prior draw u_K[r] (drawn once, at config.sampling.delta)
+    and adds the noise sequence of noise_keys[r], scaled by the column's δ; only δ differs
+    along a row. Writes delta_grid.png (first column u_K, then one column per δ) and
+    delta_grid.npz: images (rows, deltas, H, W, C) uint8, deltas, u_K (rows, H, W, C) float32,
+    noise_keys (rows, 2).
+    """
+    rows = config.analysis.num_rows
+    deltas = [float(d) for d in config.analysis.deltas]
+    _, sampler, params, step, source, prior_key, noise_key = _setup(config, workdir)
+    u_K = sampler.prior_states(source, rng.ANALYSIS_DRAW, rows, prior_key)
+    noise_keys = rng.example_keys(noise_key, rows)
+    samples = np.stack([programs.to_uint8(sampler.chains(params, u_K, noise_keys, delta))
+                        for delta in deltas], axis=1)
+    if not parallel.is_main_process():
+        return
+    out = outputs.folder(workdir, 'analysis', 'delta_grid')
+    np.savez(os.path.join(out, 'delta_grid.npz'), images=samples, deltas=np.array(deltas),
+             u_K=u_K, noise_keys=noise_keys)
+    table = np.concatenate([programs.to_uint8(u_K)[:, None], samples], axis=1)
+    tile = samples.shape[2] * plots.tile_scale(samples.shape[2])
+    xticks = list(zip(plots.tile_centres(len(deltas) + 1, tile),
+                      ['u_K'] + [f'δ={d:g}' for d in deltas]))
+    plots.save_canvas(os.path.join(out, 'delta_grid.png'),
+                      images.grid(table.reshape((-1,) + table.shape[2:]), len(deltas) + 1),
+                      f'Same u_K and noise per row, δ per column (checkpoint {step}, '
+                      f'σ = {config.model.sigma:g})', xticks)
+    logging.info('delta_grid: %d rows x %d values of δ written to %s.', rows, len(deltas), out)
