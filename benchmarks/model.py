@@ -16,8 +16,10 @@ compiled before timing; a window draws config.sampling.num_samples images in cal
 config.sampling.batch_size and copies each call's images to the host, as `--mode=sample` does.
 """
 
+import functools
 import json
 import math
+import types
 
 from absl import app
 from absl import flags
@@ -32,16 +34,6 @@ from ihdm_jax import programs
 from ihdm_jax import rng
 from ihdm_jax import state as state_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 10, 'Training steps per timed window.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed training windows; the median is reported.')
-_SAMPLE_REPEATS = flags.DEFINE_integer(
-    'sample_repeats', 3, 'Timed sampling windows (0: no sampling); the median is reported.')
-_PEAK = flags.DEFINE_float('peak_tflops', None,
-                           'Peak TFLOP/s per device for MFU; default: the table in measure.py.')
-_JSON = flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).')
-flags.mark_flags_as_required(['config'])
 
 
 def _random_images(shape, sharding, seed):
@@ -153,30 +145,49 @@ def markdown(config_name, info, training, sampling):
     return '\n'.join(lines)
 
 
-def main(argv):
+def _define_flags():
+    """The command line's flags, defined only when this module runs as a script (so that the
+    tests can import it next to ihdm_jax.main, which defines --config too)."""
+    f = types.SimpleNamespace(
+        config=config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
+                                               lock_config=True),
+        steps=flags.DEFINE_integer('steps', 10, 'Training steps per timed window.'),
+        repeats=flags.DEFINE_integer('repeats', 5,
+                                     'Timed training windows; the median is reported.'),
+        sample_repeats=flags.DEFINE_integer(
+            'sample_repeats', 3, 'Timed sampling windows (0: no sampling); the median is '
+            'reported.'),
+        peak=flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device for MFU; '
+                                'default: the table in measure.py.'),
+        json=flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).'))
+    flags.mark_flags_as_required(['config'])
+    return f
+
+
+def main(argv, f):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    measure.check_new_file(_JSON.value)
+    measure.check_new_file(f.json.value)
     info = measure.device_info()
-    config = _CONFIG.value
+    config = f.config.value
     mesh = parallel.make_mesh()
-    training, state = benchmark_training(config, mesh, steps=_STEPS.value,
-                                         repeats=_REPEATS.value, peak_tflops=_PEAK.value)
+    training, state = benchmark_training(config, mesh, steps=f.steps.value,
+                                         repeats=f.repeats.value, peak_tflops=f.peak.value)
     sampling = None
-    if _SAMPLE_REPEATS.value > 0:
-        sampling = benchmark_sampling(config, mesh, state.params, repeats=_SAMPLE_REPEATS.value)
+    if f.sample_repeats.value > 0:
+        sampling = benchmark_sampling(config, mesh, state.params, repeats=f.sample_repeats.value)
     if not parallel.is_main_process():
         return
     overrides = config_flags.get_override_values(flags.FLAGS['config'])
     config_name = ' '.join([config_flags.get_config_filename(flags.FLAGS['config'])]
                            + [f'{k}={v}' for k, v in sorted(overrides.items())])
     print(markdown(config_name, info, training, sampling))
-    if _JSON.value:
-        measure.write_json(_JSON.value, dict(
+    if f.json.value:
+        measure.write_json(f.json.value, dict(
             **info, command=measure.command(__spec__.name), config_name=config_name,
             config=json.loads(config.to_json_best_effort()), training=training,
             sampling=sampling))
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(functools.partial(main, f=_define_flags()))
