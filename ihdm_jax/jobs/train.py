@@ -32,10 +32,13 @@ def check(config):
 
 
 class _OrbaxInfoFilter(std_logging.Filter):
-    """Drops orbax's INFO records (a few dozen per checkpoint); its warnings and errors pass."""
+    """Drops orbax's INFO records (a few dozen per checkpoint); its warnings and errors pass,
+    without their tracebacks (a failed save ends the job with one line that names it)."""
 
     def filter(self, record):
         orbax = f'{os.sep}orbax{os.sep}' in record.pathname
+        if orbax:
+            record.exc_info = record.exc_text = None
         return record.levelno >= std_logging.WARNING or not orbax
 
 
