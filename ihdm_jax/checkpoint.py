@@ -210,7 +210,8 @@ def config_differences(config, workdir: str, training: bool) -> list:
     except (OSError, ValueError) as error:
         raise errors.UserError(f'{path} cannot be read ({error}); restore it or use a new '
                                '--workdir.') from None
-    now, before = validation.flatten(json.loads(config.to_json_best_effort())), validation.flatten(saved)
+    now = validation.flatten(json.loads(config.to_json_best_effort()))
+    before = validation.flatten(saved)
     keys = RUN_KEYS if training else MODEL_KEYS
     in_scope = [k for k in set(now) | set(before)
                 if any(k == p or k.startswith(p + '.') for p in keys) and k not in _FREE_KEYS]
@@ -255,7 +256,8 @@ def check_workdir(config, workdir: str, use: str, allow_config_change=False):
     how = ('Use a new --workdir, or pass --allow_config_change to continue this run with the '
            'new values.' if training else
            'Pass the config that trained this run (its values are in config.json).')
-    raise errors.UserError(f'--workdir={workdir} holds a run of a different config:\n{lines}\n{how}')
+    raise errors.UserError(
+        f'--workdir={workdir} holds a run of a different config:\n{lines}\n{how}')
 
 
 def save_config(config, workdir: str):

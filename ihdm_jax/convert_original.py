@@ -28,6 +28,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ihdm_jax import checkpoint
+from ihdm_jax import command_line
 from ihdm_jax import errors
 from ihdm_jax import parallel
 from ihdm_jax import state as state_lib
@@ -319,25 +320,6 @@ def convert(config, checkpoint_path: str, workdir: str) -> int:
     return original['step']
 
 
-def _parse_flags(argv):
-    """absl's flag parsing, with one line for a mistake instead of usage text or a traceback."""
-    paths = [arg.split('=', 1)[1] for arg in argv[1:] if arg.startswith('--config=')]
-    if not paths:
-        sys.exit('Error: --config is required, e.g. --config=configs/cifar10.py.')
-    if not os.path.isfile(paths[-1]):
-        sys.exit(f'Error: --config={paths[-1]}: no such file.')
-    try:
-        return flags.FLAGS(argv)
-    except Exception as error:  # a bad flag or override, or a config file that fails
-        for arg in argv[1:]:
-            if arg.startswith('--config.'):
-                message = validation.unknown_key(arg[len('--config.'):].split('=')[0])
-                if message:
-                    sys.exit(f'Error: {message} (in {arg})')
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        sys.exit(f'Error: {lines[-1] if lines else type(error).__name__}')
-
-
 def _main():
     # Defined here, not on import, so that this module and ihdm_jax.main load in one process.
     checkpoint_flag = flags.DEFINE_string('checkpoint', None,
@@ -360,7 +342,7 @@ def _main():
             sys.exit(f'Error: {error}')
         print(f'Converted {checkpoint_flag.value} (step {step}) into {workdir_flag.value}.')
 
-    app.run(run, flags_parser=_parse_flags)
+    app.run(run, flags_parser=command_line.parse_flags)
 
 
 if __name__ == '__main__':

@@ -7,8 +7,6 @@ the host in example order, so the estimate does not depend on the batch size or 
 devices (up to float32 rounding in the network: about 1e-7 relative).
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np

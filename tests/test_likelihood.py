@@ -7,6 +7,7 @@ import pytest
 import scipy.special
 
 import numpy_reference
+from ihdm_jax import errors
 from ihdm_jax import heat
 from ihdm_jax import objective
 from ihdm_jax.evaluation import likelihood
@@ -70,7 +71,7 @@ def test_monte_carlo_elbo_matches_closed_form_expectation():
 
 
 def test_assemble_refuses_unsampled_levels():
-    with pytest.raises(ValueError, match=r'Levels \[2\]'):
+    with pytest.raises(errors.UserError, match=r'Levels \[2\]'):
         likelihood.assemble(np.zeros(3), np.ones(4), np.array([0, 5, 0, 5]), 16)
 
 

@@ -2,8 +2,8 @@
 a corrupt image is skipped, a failed save and a diverged loss stop the run.
 
 The interrupted runs and a few bad command lines are subprocesses; everything else calls the
-library in-process: main.run for the checks and the runs of configs/tiny.py, main._parse_flags
-for the command line's config handling.
+library in-process: main.run for the checks and the runs of configs/tiny.py,
+command_line.parse_flags for the command line's config handling.
 """
 
 import concurrent.futures
@@ -33,6 +33,7 @@ from conftest import ROOT
 from conftest import TRAINED_STEP
 from configs import tiny
 from ihdm_jax import checkpoint
+from ihdm_jax import command_line
 from ihdm_jax import errors
 from ihdm_jax import main
 from ihdm_jax import parallel
@@ -301,7 +302,7 @@ def test_corrupt_image_is_skipped_with_one_warning_and_training_ends(tmp_path, c
 
 @pytest.fixture
 def parse(monkeypatch):
-    """main._parse_flags on a command line: (config, mode, workdir), or the SystemExit message.
+    """command_line.parse_flags on a command line: (config, mode, workdir), or the exit message.
 
     ml_collections reads the --config.KEY overrides from sys.argv and defines a flag for each,
     so sys.argv is set and those flags are removed afterwards (absl's FLAGS are global)."""
@@ -309,7 +310,7 @@ def parse(monkeypatch):
         argv = ['ihdm_jax.main', *map(str, args)]
         monkeypatch.setattr(sys, 'argv', argv)
         try:
-            main._parse_flags(argv)
+            command_line.parse_flags(argv)
             return main._CONFIG.value, main._MODE.value, main._WORKDIR.value
         except SystemExit as exit_:
             return exit_.code
