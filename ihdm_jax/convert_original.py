@@ -267,10 +267,10 @@ def train_state(config, original: dict, expected: dict) -> state_lib.TrainState:
 
     def fill(s):
         if isinstance(s, optax.ScaleByAdamState):
-            return s._replace(count=adam_count, mu=s.mu if mu is None else mu,
-                              nu=s.nu if nu is None else nu)
+            return optax.ScaleByAdamState(count=adam_count, mu=s.mu if mu is None else mu,
+                                          nu=s.nu if nu is None else nu)
         if isinstance(s, optax.ScaleByScheduleState):
-            return s._replace(count=step)
+            return optax.ScaleByScheduleState(count=step)
         return s
 
     opt_state = jax.tree.map(
