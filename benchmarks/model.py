@@ -167,9 +167,10 @@ def _define_flags():
 def main(argv, f):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    config = f.config.value
+    parallel.use_cpu_cores([config.training.batch_size, config.sampling.batch_size])
     measure.check_new_file(f.json.value)
     info = measure.device_info()
-    config = f.config.value
     mesh = parallel.make_mesh()
     training, state = benchmark_training(config, mesh, steps=f.steps.value,
                                          repeats=f.repeats.value, peak_tflops=f.peak.value)

@@ -108,8 +108,10 @@ def run(config, mode, workdir, **options):
 def main(argv):
     if len(argv) > 1:
         sys.exit(f'Error: unexpected arguments {argv[1:]}; flags look like --name=value.')
+    config = _CONFIG.value
+    parallel.use_cpu_cores([config.training.batch_size, config.sampling.batch_size])
     try:
-        run(_CONFIG.value, _MODE.value, _WORKDIR.value, multihost=_MULTIHOST.value,
+        run(config, _MODE.value, _WORKDIR.value, multihost=_MULTIHOST.value,
             coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except errors.JobError as error:

@@ -45,6 +45,25 @@ def initialize(*, multihost=False, coordinator_address=None, num_processes=None,
         jax.distributed.initialize()
 
 
+def use_cpu_cores(batch_sizes) -> int:
+    """Splits the CPU into one device per core (at most), as many as divide every batch size.
+
+    XLA runs the many small operations of a U-Net step on one CPU device with poor use of
+    several cores; one device per core runs the rows of a batch side by side, 1.6-2x faster on
+    2 cores (docs/benchmarks.md). Affects only the CPU backend, so GPU and TPU runs are
+    unchanged. Call before JAX starts its backends; a device count that XLA_FLAGS or
+    jax_num_cpu_devices already set is left as it is. Returns the count in use (0 when left).
+    """
+    if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+            or jax.config.jax_num_cpu_devices >= 0):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    sizes = [b for b in batch_sizes if isinstance(b, int) and b > 0]
+    count = max(d for d in range(1, (cores or 1) + 1) if all(b % d == 0 for b in sizes))
+    jax.config.update('jax_num_cpu_devices', count)
+    return count
+
+
 def make_mesh(devices=None) -> Mesh:
     """A 1-D mesh with axis 'data' over `devices` (default: all devices of all processes)."""
     devices = jax.devices() if devices is None else devices

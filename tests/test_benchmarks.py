@@ -8,6 +8,8 @@ import pytest
 
 from benchmarks import measure
 from benchmarks import model
+from benchmarks import profile
+from benchmarks import speed
 from configs import tiny
 from ihdm_jax import parallel
 
@@ -50,3 +52,24 @@ def test_tiny_benchmark_runs_the_real_step_and_sampler():
     assert sampling['images_per_s'] > 0
     table = model.markdown('configs/tiny.py', measure.device_info(), training, sampling)
     assert '| 8 |' in table and 'of 1' in table
+
+
+def test_profile_assigns_the_step_time_to_the_parts_of_the_model():
+    config = tiny.get_config()  # dropout 0.1
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    compiled, state, batch, key = speed._train_program(config, mesh)
+
+    def step():
+        nonlocal state
+        state = jax.block_until_ready(compiled(state, batch, key)[0])
+
+    parts = profile.breakdown(compiled, step, calls=1)
+    for part in [('convolutions', 'forward'), ('convolutions', 'backward'),
+                 ('GroupNorm', 'forward'), ('GroupNorm', 'backward'), ('dropout', 'forward'),
+                 ('attention', 'forward'), ('optimizer', 'forward'), ('EMA', 'forward')]:
+        assert parts.get(part, 0) > 0, part
+    total = parts.pop(('total', ''))
+    assert total == pytest.approx(sum(parts.values()))
+    assert parts.get(('other', ''), 0) < 0.1 * total
+    table = profile.markdown({'step': {**parts, ('total', ''): total}})
+    assert table.splitlines()[-1].startswith('| total |')

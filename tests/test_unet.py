@@ -141,6 +141,29 @@ def test_dropout_only_in_training(tiny, tiny_perturbed, tiny_apply):
         unet.apply(graphdef, params, x, k, train=True)
 
 
+def test_dropout_drops_the_rate_and_keeps_the_mean():
+    x = jnp.ones((16, 64, 64, 16))  # 2**20 entries
+    y = np.asarray(unet.dropout(x, 0.1, jax.random.key(3)))
+    dropped = np.mean(y == 0)
+    assert abs(dropped - 6554 / 2**16) < 4 * math.sqrt(0.09 / y.size)  # 4 standard errors
+    np.testing.assert_array_equal(np.unique(y), [0.0, np.float32(2**16 / (2**16 - 6554))])
+    assert abs(y.mean() - 1.0) < 4 * math.sqrt(0.09 / y.size) / 0.9
+    assert unet.dropout(x, 0.0, None) is x
+
+
+def test_group_norm_matches_numpy():
+    x = np.random.default_rng(0).normal(3.0, 2.0, (2, 5, 6, 64)).astype(np.float32)
+    norm = unet.GroupNorm(64, dtype=jnp.float32)
+    norm.scale[...] = jnp.linspace(0.5, 1.5, 64)
+    norm.bias[...] = jnp.linspace(-1.0, 1.0, 64)
+    groups = x.astype(np.float64).reshape(2, 5, 6, 32, 2)
+    mean = groups.mean(axis=(1, 2, 4), keepdims=True)
+    variance = ((groups - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+    expected = ((groups - mean) / np.sqrt(variance + 1e-5)).reshape(x.shape)
+    expected = expected * np.linspace(0.5, 1.5, 64) + np.linspace(-1.0, 1.0, 64)
+    np.testing.assert_allclose(norm(jnp.asarray(x)), expected, rtol=0, atol=2e-6)
+
+
 def test_bfloat16_matches_float32(tiny, tiny_perturbed, tiny_apply):
     _, _, _, x, k = tiny
     config = get_config('tiny')
