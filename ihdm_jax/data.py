@@ -119,7 +119,7 @@ def prepare(config):
     if parallel.is_main_process():
         logging.info('Preparing the tfds data set %s in %s (once; it is downloaded first).',
                      name, builder.data_dir)
-        if importlib.util.find_spec(PREPARE_PACKAGE):
+        if importlib.util.find_spec('tensorflow'):
             import tensorflow as tf
             tf.config.set_visible_devices([], 'GPU')  # TensorFlow must not take the GPUs
         builder.download_and_prepare(file_format='array_record')
@@ -252,8 +252,9 @@ def check(config, split: str = 'train'):
                  f'--config.data.{key} to the folder of its {split} images.')
         storage.check_reachable(folder, f'config.data.{key}')
         _require(storage.isdir(folder),
-                 f'config.data.{key}={folder!r} does not exist. Download {d.dataset} and '
-                 f'point --config.data.{key} at its folder of {split} images (README.md, '
+                 f'config.data.{key}={folder!r} does not exist. '
+                 + ('Point' if d.dataset == 'folder' else f'Download {d.dataset} and point')
+                 + f' --config.data.{key} at its folder of {split} images (README.md, '
                  '"CIFAR-10 and the other paper settings").')
         _require(image_files(folder),
                  f'config.data.{key}={folder!r} holds no image files '

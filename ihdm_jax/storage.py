@@ -3,7 +3,7 @@
 Every file that orbax does not write (config.json, the lock, samples, results, FID statistics,
 TensorBoard events) and every image of a folder data set goes through etils.epath, the path
 library orbax itself uses, so `--workdir=gs://bucket/run` and `--config.data.data_dir=gs://...`
-work without gcsfuse. gs:// paths need gcsfs (`pip install -e '.[gcs]'`); s3:// needs s3fs.
+work without gcsfuse. gs:// paths need the package gcsfs, s3:// paths s3fs.
 
 Files are written whole: cloud storage has no appends, so each writer builds its bytes first.
 """

@@ -66,7 +66,8 @@ def _digest(folder):
 
 
 def _restore(workdir):
-    manager = checkpoint.make_manager(str(workdir))
+    """The training state as the next training run restores it."""
+    manager = checkpoint.make_manager(str(workdir), remove_unfinished=True)
     try:
         state = checkpoint.restore_latest(
             manager, state_lib.abstract_state(tiny.get_config(), parallel.make_mesh()))

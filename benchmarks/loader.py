@@ -1,0 +1,124 @@
+"""Throughput of the training data loader on an image folder, against what the training step
+consumes.
+
+  python -m benchmarks.loader [--configs=afhq64,afhq256]
+      [--num_files=256] [--source_size=512] [--steps=8] [--json=loader.json]
+
+Writes `--num_files` JPEGs of `--source_size` px (smooth random pictures with noise, quality
+90) into a temporary folder and reads them as `--mode=train` does: data.FolderSource (decode,
+halve, resize, crop) and data.Loader's batches of (seed, step) on this process's devices, with
+the loader's own pool of decoding threads. For each config it reports the loader's images/s
+(the median over `--repeats` windows of `--steps` batches) and the training step's appetite: the
+step's FLOPs per image from XLA's cost analysis of the lowered step (the program as written, no
+compilation), and the images/s one H100 would consume at `--mfu` of its dense bf16 peak, the
+projection docs/benchmarks.md makes for CIFAR-10.
+"""
+
+import importlib
+import os
+import tempfile
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from PIL import Image
+
+from benchmarks import measure
+from ihdm_jax import data
+from ihdm_jax import parallel
+from ihdm_jax import programs
+from ihdm_jax import rng
+from ihdm_jax import state as state_lib
+
+_CONFIGS = flags.DEFINE_list('configs', ['afhq64', 'afhq256'],
+                             'Configs (modules of configs/) whose image size, batch and U-Net '
+                             'are measured.')
+_NUM_FILES = flags.DEFINE_integer('num_files', 256, 'JPEG files in the folder.')
+_SOURCE_SIZE = flags.DEFINE_integer('source_size', 512, 'Side of the JPEGs in pixels.')
+_STEPS = flags.DEFINE_integer('steps', 8, 'Batches per timed window.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.')
+_MFU = flags.DEFINE_float('mfu', 0.35, 'Fraction of the H100 bf16 peak the projection assumes.')
+_JSON = flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).')
+
+H100_BF16_TFLOPS = dict(measure.PEAK_TFLOPS)['H100']['bfloat16']
+
+
+def write_jpegs(folder, count, size, seed=0):
+    """`count` size x size RGB JPEGs: smooth random pictures (bicubic upsampling of 8x8 noise)
+    with pixel noise, so that they compress about as photographs do."""
+    generator = np.random.default_rng(seed)
+    for i in range(count):
+        coarse = Image.fromarray(generator.integers(0, 256, (8, 8, 3), np.uint8))
+        smooth = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), np.int16)
+        noisy = np.clip(smooth + generator.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(os.path.join(folder, f'{i:05d}.jpg'), quality=90)
+
+
+def loader_images_per_s(config, folder, steps, repeats):
+    """Median images/s of the training loader's batches (this process's rows)."""
+    mesh = parallel.make_mesh()
+    source = data.FolderSource(folder, config.data.image_size, config.data.num_channels)
+    loader = data.make_loader(config, source, parallel.batch_sharding(mesh))
+    rows = len(loader.local_batch(0))  # also warms the thread pool up
+    step = iter(range(1, 10**9))
+    seconds = measure.median_seconds(
+        lambda: [loader.local_batch(next(step)) for _ in range(steps)], repeats)
+    return rows * steps / seconds, rows, len(source.skipped)
+
+
+def step_gflop_per_image(config):
+    """GFLOP per image of the training step as written (XLA's cost analysis of the lowered step
+    on abstract arguments; nothing is compiled or allocated)."""
+    mesh = parallel.make_mesh()
+    batch = config.training.batch_size
+    size, channels = config.data.image_size, config.data.num_channels
+    images = jax.ShapeDtypeStruct((batch, size, size, channels), np.float32,
+                                  sharding=parallel.batch_sharding(mesh))
+    step = programs.make_train_step(config, state_lib.model_graphdef(config), mesh)
+    lowered = step.lower(state_lib.abstract_state(config, mesh), images,
+                         rng.train_key(config.seed))
+    return measure.flops(lowered) / batch / 1e9
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    measure.check_new_file(_JSON.value)
+    info = measure.device_info()
+    info['decoding_threads'] = min(16, os.cpu_count() or 1)  # data.FolderSource's pool
+    rows = []
+    with tempfile.TemporaryDirectory(prefix='ihdm-loader-') as folder:
+        write_jpegs(folder, _NUM_FILES.value, _SOURCE_SIZE.value)
+        jpeg_kib = sum(os.path.getsize(os.path.join(folder, f))
+                       for f in os.listdir(folder)) / _NUM_FILES.value / 1024
+        for name in _CONFIGS.value:
+            config = importlib.import_module(f'configs.{name}').get_config()
+            loaded, batch_rows, skipped = loader_images_per_s(config, folder, _STEPS.value,
+                                                              _REPEATS.value)
+            gflop = step_gflop_per_image(config)
+            need = _MFU.value * H100_BF16_TFLOPS * 1e3 / gflop
+            rows.append(dict(config=name, image_size=config.data.image_size,
+                             batch_rows=batch_rows, loader_images_per_s=loaded,
+                             loader_images_per_s_per_core=loaded / info.get('cpu_cores', 1),
+                             skipped_files=skipped, step_gflop_per_image=gflop,
+                             h100_images_per_s=need, cores_per_h100=need / loaded * info.get(
+                                 'cpu_cores', 1)))
+    print(measure.describe(info))
+    print(f'{_NUM_FILES.value} JPEGs of {_SOURCE_SIZE.value} px ({jpeg_kib:.0f} KiB each), '
+          f'{info["decoding_threads"]} decoding threads; H100 need at {_MFU.value:.0%} of '
+          f'{H100_BF16_TFLOPS:.0f} TFLOP/s (bf16)\n')
+    print('| config | px | loader images/s | per core | step GFLOP / image '
+          '| H100 images/s | cores per H100 |')
+    print('|---|---:|---:|---:|---:|---:|---:|')
+    for r in rows:
+        print(f"| {r['config']} | {r['image_size']} | {r['loader_images_per_s']:,.0f} "
+              f"| {r['loader_images_per_s_per_core']:,.0f} | {r['step_gflop_per_image']:,.1f} "
+              f"| {r['h100_images_per_s']:,.0f} | {r['cores_per_h100']:.1f} |")
+    if _JSON.value:
+        measure.write_json(_JSON.value, dict(**info, command=measure.command(__spec__.name),
+                                             jpeg_kib=jpeg_kib, results=rows))
+
+
+if __name__ == '__main__':
+    app.run(main)
