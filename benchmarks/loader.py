@@ -8,7 +8,9 @@ Writes `--num_files` JPEGs of `--source_size` px (smooth random pictures with no
 90) into a temporary folder and reads them as `--mode=train` does: data.FolderSource (decode,
 halve, resize, crop) and data.Loader's batches of (seed, step) on this process's devices, with
 the loader's own pool of decoding threads. For each config it reports the loader's images/s
-(the median over `--repeats` windows of `--steps` batches) and the training step's appetite: the
+(the median over `--repeats` windows of `--steps` batches) while it decodes every image (the
+first epoch) and once the images are in its memory cache (config.data.cache_mb; the later
+epochs of a folder that fits), and the training step's appetite: the
 step's FLOPs per image from XLA's cost analysis of the lowered step (the program as written, no
 compilation), and the images/s one H100 would consume at `--mfu` of its dense bf16 peak, the
 projection docs/benchmarks.md makes for CIFAR-10.
@@ -55,10 +57,16 @@ def write_jpegs(folder, count, size, seed=0):
         Image.fromarray(noisy).save(os.path.join(folder, f'{i:05d}.jpg'), quality=90)
 
 
-def loader_images_per_s(config, folder, steps, repeats):
-    """Median images/s of the training loader's batches (this process's rows)."""
+def loader_images_per_s(config, folder, steps, repeats, cached):
+    """Median images/s of the training loader's batches (this process's rows): every image
+    decoded (the first epoch), or, with `cached`, every image from the memory cache of
+    config.data.cache_mb (the later epochs of a folder that fits)."""
     mesh = parallel.make_mesh()
-    source = data.FolderSource(folder, config.data.image_size, config.data.num_channels)
+    source = data.FolderSource(folder, config.data.image_size, config.data.num_channels,
+                               config.data.cache_mb if cached else 0)
+    if cached:
+        source.load(np.arange(len(source)))
+        assert len(source.cache) == len(source), 'raise config.data.cache_mb'
     loader = data.make_loader(config, source, parallel.batch_sharding(mesh))
     rows = len(loader.local_batch(0))  # also warms the thread pool up
     step = iter(range(1, 10**9))
@@ -94,27 +102,31 @@ def main(argv):
                        for f in os.listdir(folder)) / _NUM_FILES.value / 1024
         for name in _CONFIGS.value:
             config = importlib.import_module(f'configs.{name}').get_config()
-            loaded, batch_rows, skipped = loader_images_per_s(config, folder, _STEPS.value,
-                                                              _REPEATS.value)
+            decoded, batch_rows, skipped = loader_images_per_s(
+                config, folder, _STEPS.value, _REPEATS.value, cached=False)
+            cached, _, _ = loader_images_per_s(config, folder, _STEPS.value, _REPEATS.value,
+                                               cached=True)
             gflop = step_gflop_per_image(config)
             need = _MFU.value * H100_BF16_TFLOPS * 1e3 / gflop
+            cores = info.get('cpu_cores', 1)
             rows.append(dict(config=name, image_size=config.data.image_size,
-                             batch_rows=batch_rows, loader_images_per_s=loaded,
-                             loader_images_per_s_per_core=loaded / info.get('cpu_cores', 1),
-                             skipped_files=skipped, step_gflop_per_image=gflop,
-                             h100_images_per_s=need, cores_per_h100=need / loaded * info.get(
-                                 'cpu_cores', 1)))
+                             batch_rows=batch_rows, skipped_files=skipped,
+                             decoded_images_per_s=decoded, cached_images_per_s=cached,
+                             decoded_images_per_s_per_core=decoded / cores,
+                             step_gflop_per_image=gflop, h100_images_per_s=need,
+                             cores_per_h100_decoding=need / decoded * cores))
     print(measure.describe(info))
     print(f'{_NUM_FILES.value} JPEGs of {_SOURCE_SIZE.value} px ({jpeg_kib:.0f} KiB each), '
           f'{info["decoding_threads"]} decoding threads; H100 need at {_MFU.value:.0%} of '
           f'{H100_BF16_TFLOPS:.0f} TFLOP/s (bf16)\n')
-    print('| config | px | loader images/s | per core | step GFLOP / image '
-          '| H100 images/s | cores per H100 |')
-    print('|---|---:|---:|---:|---:|---:|---:|')
+    print('| config | px | decoded images/s | per core | cached images/s | step GFLOP / image '
+          '| H100 needs images/s | cores per H100 while decoding |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|')
     for r in rows:
-        print(f"| {r['config']} | {r['image_size']} | {r['loader_images_per_s']:,.0f} "
-              f"| {r['loader_images_per_s_per_core']:,.0f} | {r['step_gflop_per_image']:,.1f} "
-              f"| {r['h100_images_per_s']:,.0f} | {r['cores_per_h100']:.1f} |")
+        print(f"| {r['config']} | {r['image_size']} | {r['decoded_images_per_s']:,.0f} "
+              f"| {r['decoded_images_per_s_per_core']:,.0f} | {r['cached_images_per_s']:,.0f} "
+              f"| {r['step_gflop_per_image']:,.1f} | {r['h100_images_per_s']:,.0f} "
+              f"| {r['cores_per_h100_decoding']:.1f} |")
     if _JSON.value:
         measure.write_json(_JSON.value, dict(**info, command=measure.command(__spec__.name),
                                              jpeg_kib=jpeg_kib, results=rows))

@@ -33,7 +33,7 @@ CONFIG_FILE = 'config.json'
 RUN_KEYS = ('seed', 'data', 'model', 'optim', 'training.batch_size')
 # Settings a checkpoint's parameters depend on, checked by the jobs that only read the run.
 MODEL_KEYS = ('data', 'model')
-_FREE_KEYS = ('data.data_dir', 'data.test_dir')
+_FREE_KEYS = ('data.data_dir', 'data.test_dir', 'data.cache_mb')
 
 
 def _directory(workdir: str) -> str:

@@ -164,11 +164,14 @@ class FolderSource:
     resize, then the central crop) in a loader that does not run as released; its folder here
     is prepared as the others.
 
-    Unreadable files are skipped (see the module docstring); `skipped` lists them.
+    Unreadable files are skipped (see the module docstring); `skipped` lists them. Prepared
+    images are kept in memory up to `cache_mb` MiB (config.data.cache_mb), so that after the
+    first epoch a folder that fits is not decoded again; the batches stay the same.
     """
 
-    def __init__(self, folder: str, size: int, channels: int):
+    def __init__(self, folder: str, size: int, channels: int, cache_mb: float = 0):
         self.paths = image_files(folder)
+        self.cache, self._cache_left = {}, int(cache_mb * 2**20)
         self.size = size
         self.mode = 'L' if channels == 1 else 'RGB'
         self.pool = concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1))
@@ -194,6 +197,15 @@ class FolderSource:
         return first
 
     def _read(self, index) -> np.ndarray:
+        image = self.cache.get(index)
+        if image is None:
+            image = self._read_file(index)
+            with self._lock:
+                if image.nbytes <= self._cache_left:
+                    self.cache[index], self._cache_left = image, self._cache_left - image.nbytes
+        return image
+
+    def _read_file(self, index) -> np.ndarray:
         for offset in range(len(self.paths)):
             candidate = (index + offset) % len(self.paths)
             try:
@@ -223,7 +235,8 @@ def make_source(config, split: str = 'train'):
         return ArraySource(images[:DIGITS_TRAIN] if split == 'train' else images[DIGITS_TRAIN:])
     if data.dataset in TFDS_IMAGE_SIZES:
         return TfdsSource(data.dataset, data.data_dir, data.image_size, split)
-    return FolderSource(data[folder_key(split)], data.image_size, data.num_channels)
+    return FolderSource(data[folder_key(split)], data.image_size, data.num_channels,
+                        data.cache_mb)
 
 
 def folder_key(split):

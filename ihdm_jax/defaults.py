@@ -16,6 +16,7 @@ def get_default_config():
     data.image_size = 32
     data.num_channels = 3
     data.random_flip = False
+    data.cache_mb = 4096  # image folders: prepared images kept in memory, per process (MiB)
 
     config.model = model = ml_collections.ConfigDict()
     model.K = 200

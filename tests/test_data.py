@@ -15,6 +15,7 @@ from ihdm_jax import data
 from ihdm_jax import errors
 from ihdm_jax import parallel
 from ihdm_jax import rng
+from ihdm_jax import validation
 
 
 @pytest.fixture(scope='module')
@@ -156,6 +157,23 @@ def test_folder_source_reads_every_image_file_below_its_folder(tmp_path):
     gray = data.FolderSource(str(tmp_path), 8, 1).load(np.array([1]))
     assert gray.shape == (1, 8, 8, 1)
     assert not source.skipped
+
+
+def test_prepared_images_are_cached_up_to_cache_mb(tmp_path):
+    generator = np.random.default_rng(0)
+    for i in range(3):
+        _save(tmp_path / f'{i}.png', generator.integers(0, 256, (24, 20, 3), np.uint8))
+    uncached = data.FolderSource(str(tmp_path), 8, 3).load(np.arange(3))
+    cached = data.FolderSource(str(tmp_path), 8, 3, cache_mb=2 * 8 * 8 * 3 / 2**20)
+    np.testing.assert_array_equal(cached.load(np.array([2, 0, 1])), uncached[[2, 0, 1]])
+    assert sorted(cached.cache) == [0, 2]  # room for two 8x8x3 images
+    for i in range(3):
+        (tmp_path / f'{i}.png').unlink()
+    np.testing.assert_array_equal(cached.load(np.array([0, 2])), uncached[[0, 2]])
+    config = tiny.get_config()
+    config.data.cache_mb = -1
+    with pytest.raises(errors.UserError, match='config.data.cache_mb=-1 is negative'):
+        validation.check_values(config)
 
 
 def _folder_config(tmp_path, channels=1):

@@ -191,13 +191,13 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_images(path: str):
     """uint8 NHWC images of an .npz (key `images`) or an ImageFolder of a folder of image files."""
-    if os.path.isdir(path):
+    if storage.isdir(path):
         return ImageFolder(path)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise InputError(f'{path} does not exist')
     if not path.endswith('.npz') or 'images' not in _npz_keys(path):
         raise InputError(f'{path} is neither a folder of images nor an .npz with key `images`')
-    with np.load(path) as data:
+    with np.load(io.BytesIO(storage.read_bytes(path))) as data:
         images = data['images']
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise InputError(f'{path}: `images` must be uint8 (N, H, W, 1 or 3), got {images.dtype} '

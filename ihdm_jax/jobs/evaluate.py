@@ -56,7 +56,7 @@ def _check_fid(config):
         if entry in data.SPLITS:
             data.check(config, entry)
         else:
-            validation.require(os.path.isdir(entry) and data.image_files(entry),
+            validation.require(storage.isdir(entry) and data.image_files(entry),
                                f'config.evaluation.fid_reference: {entry!r} is neither '
                                "'train', 'test' nor a folder holding image files.")
     validation.require(e.batch_size >= 1,
