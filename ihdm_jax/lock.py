@@ -6,9 +6,11 @@ over, when its heartbeat is older than STALE_S seconds or its holder ran on this
 pid is gone; so a crashed job blocks the workdir for at most STALE_S seconds (not at all on the
 same machine). A second job finds a live lock and ends with one `Error:` line naming the holder.
 
-On a local disk the lock file is created exclusively (O_EXCL). Cloud storage has no exclusive
-create through epath, so there a job writes its lock, waits SETTLE_S seconds and reads it back:
-of two jobs started within that time, the one whose write landed last holds the lock.
+The lock is always written whole. On a local disk a new lock is created exclusively (a hard
+link fails if the name exists). Cloud storage has no exclusive create through epath, so there a
+job writes its lock, waits SETTLE_S seconds and reads it back: of two jobs started within that
+time, the one whose write landed last holds the lock. Jobs that take over a stale lock check
+the same way.
 """
 
 import json
@@ -57,20 +59,19 @@ def _alive_here(holder) -> bool:
 
 
 def _read(location):
-    """The lock's content; None if there is none or it is unreadable (a torn write)."""
+    """The lock's content; None if there is none, {} (a stale lock) if it cannot be read."""
     try:
-        return json.loads(storage.read_text(location))
-    except (FileNotFoundError, ValueError):
+        content = json.loads(storage.read_text(location))
+    except FileNotFoundError:
         return None
+    except ValueError:
+        return {}
+    return content if isinstance(content, dict) else {}
 
 
-def live_holder(workdir: str):
-    """The content of the workdir's lock if a live job holds it; None otherwise."""
-    holder = _read(storage.join(workdir, LOCK_FILE))
-    if holder is None or not _alive_here(holder):
-        return None
+def _live(holder) -> bool:
     age = time.time() - float(holder.get('heartbeat', 0))
-    return holder if age < STALE_S else None
+    return age < STALE_S and _alive_here(holder)
 
 
 def _describe(holder, workdir) -> str:
@@ -99,37 +100,54 @@ class WorkdirLock:
     def _payload(self) -> str:
         return json.dumps({**self.content, 'heartbeat': time.time()}, indent=2) + '\n'
 
+    def _write(self):
+        """Writes the lock whole: a reader never sees a part of it (an object write on cloud
+        storage; a rename on a local disk)."""
+        if storage.is_remote(self.location):
+            storage.write_text(self.location, self._payload())
+            return
+        tmp = f'{self.location}.{self.content["token"]}'
+        storage.write_text(tmp, self._payload())
+        os.replace(tmp, self.location)
+
     def _create_local(self) -> bool:
+        """Creates the lock with its content if there is none (a hard link fails if the name
+        exists); False if another job's lock is there."""
+        tmp = f'{self.location}.{self.content["token"]}'
+        storage.write_text(tmp, self._payload())
         try:
-            descriptor = os.open(self.location, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, self.location)
         except FileExistsError:
             return False
-        with os.fdopen(descriptor, 'w') as f:
-            f.write(self._payload())
+        finally:
+            os.unlink(tmp)
         return True
 
+    def _holds(self) -> bool:
+        time.sleep(SETTLE_S)
+        return (_read(self.location) or {}).get('token') == self.content['token']
+
     def _take(self):
-        """Takes the lock or returns the live holder's content."""
+        """Takes the lock; returns None, or the content of a live holder's lock."""
         storage.makedirs(self.workdir)
-        for _ in range(3):  # a stale lock removed here may be taken by another job meanwhile
-            holder = live_holder(self.workdir)
-            if holder is not None:
-                return holder
+        for _ in range(3):  # another job may take or renew the lock meanwhile: look again
             previous = _read(self.location)
+            if previous is not None and _live(previous):
+                return previous
             if previous is not None:
                 logging.warning('Taking over the stale lock %s of pid %s on host %s.',
                                 self.location, previous.get('pid'), previous.get('host'))
             if storage.is_remote(self.location):
-                storage.write_text(self.location, self._payload())
-                time.sleep(SETTLE_S)
-                now = _read(self.location)
-                if now is not None and now.get('token') == self.content['token']:
+                self._write()
+                if self._holds():
                     return None
-            else:
-                if previous is not None or storage.exists(self.location):
-                    storage.path(self.location).unlink(missing_ok=True)
-                if self._create_local():
-                    return None
+                continue
+            if previous is not None:
+                storage.path(self.location).unlink(missing_ok=True)
+            if self._create_local() and (previous is None or self._holds()):
+                # Two jobs that both found the stale lock may both create one; the one whose
+                # lock is there after SETTLE_S holds it.
+                return None
         return _read(self.location) or {'host': '?', 'pid': '?'}
 
     def __enter__(self):
@@ -150,7 +168,7 @@ class WorkdirLock:
     def _beat(self):
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                storage.write_text(self.location, self._payload())
+                self._write()
             except Exception as error:  # a storage hiccup must not end the job
                 logging.warning('Could not renew the lock %s: %s', self.location, error)
 

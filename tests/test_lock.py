@@ -41,7 +41,9 @@ def test_the_holder_is_named_and_the_lock_is_released(tmp_path):
         assert (tmp_path / 'new' / 'run' / lock.LOCK_FILE).exists()
 
 
-def test_a_live_holder_elsewhere_blocks_until_its_heartbeat_is_stale(tmp_path, caplog):
+def test_a_live_holder_elsewhere_blocks_until_its_heartbeat_is_stale(tmp_path, caplog,
+                                                                     monkeypatch):
+    monkeypatch.setattr(lock, 'SETTLE_S', 0.01)
     _write_lock(tmp_path, heartbeat=time.time() - lock.STALE_S + 60)
     with pytest.raises(errors.UserError, match='pid 1 on host elsewhere'):
         with lock.WorkdirLock(str(tmp_path)):
@@ -52,12 +54,17 @@ def test_a_live_holder_elsewhere_blocks_until_its_heartbeat_is_stale(tmp_path, c
     assert 'Taking over the stale lock' in caplog.text and 'pid 1 on host elsewhere' in caplog.text
 
 
-def test_a_crashed_holder_on_this_machine_is_taken_over_at_once(tmp_path):
+def test_a_crashed_holder_on_this_machine_is_taken_over_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock, 'SETTLE_S', 0.01)
     dead = subprocess.Popen([sys.executable, '-c', 'pass'])
     dead.wait()
     _write_lock(tmp_path, host=socket.gethostname(), machine=lock.this_machine(), pid=dead.pid)
     with lock.WorkdirLock(str(tmp_path)):
         assert json.loads((tmp_path / lock.LOCK_FILE).read_text())['pid'] == os.getpid()
+    (tmp_path / lock.LOCK_FILE).write_text('{"host": "elsew')  # damaged: no heartbeat to trust
+    with lock.WorkdirLock(str(tmp_path)):
+        assert json.loads((tmp_path / lock.LOCK_FILE).read_text())['pid'] == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_the_heartbeat_is_renewed(tmp_path, monkeypatch):
