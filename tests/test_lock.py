@@ -5,6 +5,7 @@ checkpoint saves."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -90,25 +91,29 @@ def test_only_the_lock_holder_removes_unfinished_saves(config, trained, tmp_path
     assert not unfinished.exists() and 'did not finish' in caplog.text
 
 
-def _launch(workdir, n_iters):
+def _launch(workdir):
     return [sys.executable, '-m', 'ihdm_jax.main', '--config=configs/tiny.py',
-            f'--workdir={workdir}', f'--config.training.n_iters={n_iters}',
-            '--config.training.snapshot_freq=10']
+            f'--workdir={workdir}', '--config.training.n_iters=4',
+            '--config.training.snapshot_freq=2']
 
 
 def test_a_second_launch_on_a_live_workdir_exits_with_one_line(tmp_path):
     """Two launches on one workdir: the second ends with one `Error:` line naming the first,
-    which finishes as if alone (every checkpoint, one TensorBoard file, no warning)."""
+    which finishes as if alone (every checkpoint, one TensorBoard file, no warning). The first
+    is paused (SIGSTOP) from the moment it holds the lock until the second has ended, so that
+    it surely runs meanwhile."""
     workdir = tmp_path / 'run'
-    first = subprocess.Popen(_launch(workdir, 20), cwd=ROOT, stdout=subprocess.DEVNULL,
+    first = subprocess.Popen(_launch(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
-    while not (workdir / lock.LOCK_FILE).exists() and first.poll() is None:
-        time.sleep(0.02)
-    second = subprocess.run(_launch(workdir, 20), cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
-    still_running = first.poll() is None
+    try:
+        while not (workdir / lock.LOCK_FILE).exists() and first.poll() is None:
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.run(_launch(workdir), cwd=ROOT, capture_output=True, text=True,
+                                timeout=600)
+    finally:
+        first.send_signal(signal.SIGCONT)
     _, first_err = first.communicate(timeout=600)
-    assert still_running, 'the first run ended before the second was refused'
     assert second.returncode == 1
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1, second.stderr
@@ -116,6 +121,7 @@ def test_a_second_launch_on_a_live_workdir_exits_with_one_line(tmp_path):
                                f'{first.pid} on host {socket.gethostname()}'), lines[0]
     assert first.returncode == 0, first_err[-3000:]
     assert 'WARNING' not in first_err and 'Error' not in first_err, first_err[-3000:]
-    assert checkpoint.steps_on_disk(str(workdir)) == [10, 20]
+    assert checkpoint.steps_on_disk(str(workdir)) == [2, 4]
     assert len(list((workdir / 'tensorboard').iterdir())) == 1
+    assert sorted(p.name for p in (workdir / 'samples').iterdir()) == ['step_00000004.png']
     assert not (workdir / lock.LOCK_FILE).exists()
