@@ -30,8 +30,8 @@ from ihdm_jax import parallel
 from ihdm_jax import storage
 
 LOCK_FILE = 'lock.json'
-HEARTBEAT_S = 30.0
-STALE_S = 300.0
+HEARTBEAT_S = 20.0
+STALE_S = 120.0
 SETTLE_S = 2.0
 
 
