@@ -16,9 +16,11 @@ compilation), and the images/s one H100 would consume at `--mfu` of its dense bf
 projection docs/benchmarks.md makes for CIFAR-10.
 """
 
+import functools
 import importlib
 import os
 import tempfile
+import types
 
 import jax
 import numpy as np
@@ -32,16 +34,6 @@ from ihdm_jax import parallel
 from ihdm_jax import programs
 from ihdm_jax import rng
 from ihdm_jax import state as state_lib
-
-_CONFIGS = flags.DEFINE_list('configs', ['afhq64', 'afhq256'],
-                             'Configs (modules of configs/) whose image size, batch and U-Net '
-                             'are measured.')
-_NUM_FILES = flags.DEFINE_integer('num_files', 256, 'JPEG files in the folder.')
-_SOURCE_SIZE = flags.DEFINE_integer('source_size', 512, 'Side of the JPEGs in pixels.')
-_STEPS = flags.DEFINE_integer('steps', 8, 'Batches per timed window.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.')
-_MFU = flags.DEFINE_float('mfu', 0.35, 'Fraction of the H100 bf16 peak the projection assumes.')
-_JSON = flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).')
 
 H100_BF16_TFLOPS = dict(measure.PEAK_TFLOPS)['H100']['bfloat16']
 
@@ -89,25 +81,41 @@ def step_gflop_per_image(config):
     return measure.flops(lowered) / batch / 1e9
 
 
-def main(argv):
+def _define_flags():
+    """The command line's flags, defined only when this module runs as a script (so that the
+    tests can import it next to the other modules that define flags)."""
+    return types.SimpleNamespace(
+        configs=flags.DEFINE_list('configs', ['afhq64', 'afhq256'],
+                                  'Configs (modules of configs/) whose image size, batch and '
+                                  'U-Net are measured.'),
+        num_files=flags.DEFINE_integer('num_files', 256, 'JPEG files in the folder.'),
+        source_size=flags.DEFINE_integer('source_size', 512, 'Side of the JPEGs in pixels.'),
+        steps=flags.DEFINE_integer('steps', 8, 'Batches per timed window.'),
+        repeats=flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.'),
+        mfu=flags.DEFINE_float('mfu', 0.35,
+                               'Fraction of the H100 bf16 peak the projection assumes.'),
+        json=flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).'))
+
+
+def main(argv, f):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    measure.check_new_file(_JSON.value)
+    measure.check_new_file(f.json.value)
     info = measure.device_info()
     info['decoding_threads'] = min(16, os.cpu_count() or 1)  # data.FolderSource's pool
     rows = []
     with tempfile.TemporaryDirectory(prefix='ihdm-loader-') as folder:
-        write_jpegs(folder, _NUM_FILES.value, _SOURCE_SIZE.value)
-        jpeg_kib = sum(os.path.getsize(os.path.join(folder, f))
-                       for f in os.listdir(folder)) / _NUM_FILES.value / 1024
-        for name in _CONFIGS.value:
+        write_jpegs(folder, f.num_files.value, f.source_size.value)
+        jpeg_kib = sum(os.path.getsize(os.path.join(folder, file))
+                       for file in os.listdir(folder)) / f.num_files.value / 1024
+        for name in f.configs.value:
             config = importlib.import_module(f'configs.{name}').get_config()
             decoded, batch_rows, skipped = loader_images_per_s(
-                config, folder, _STEPS.value, _REPEATS.value, cached=False)
-            cached, _, _ = loader_images_per_s(config, folder, _STEPS.value, _REPEATS.value,
+                config, folder, f.steps.value, f.repeats.value, cached=False)
+            cached, _, _ = loader_images_per_s(config, folder, f.steps.value, f.repeats.value,
                                                cached=True)
             gflop = step_gflop_per_image(config)
-            need = _MFU.value * H100_BF16_TFLOPS * 1e3 / gflop
+            need = f.mfu.value * H100_BF16_TFLOPS * 1e3 / gflop
             cores = info.get('cpu_cores', 1)
             rows.append(dict(config=name, image_size=config.data.image_size,
                              batch_rows=batch_rows, skipped_files=skipped,
@@ -116,8 +124,8 @@ def main(argv):
                              step_gflop_per_image=gflop, h100_images_per_s=need,
                              cores_per_h100_decoding=need / decoded * cores))
     print(measure.describe(info))
-    print(f'{_NUM_FILES.value} JPEGs of {_SOURCE_SIZE.value} px ({jpeg_kib:.0f} KiB each), '
-          f'{info["decoding_threads"]} decoding threads; H100 need at {_MFU.value:.0%} of '
+    print(f'{f.num_files.value} JPEGs of {f.source_size.value} px ({jpeg_kib:.0f} KiB each), '
+          f'{info["decoding_threads"]} decoding threads; H100 need at {f.mfu.value:.0%} of '
           f'{H100_BF16_TFLOPS:.0f} TFLOP/s (bf16)\n')
     print('| config | px | decoded images/s | per core | cached images/s | step GFLOP / image '
           '| H100 needs images/s | cores per H100 while decoding |')
@@ -127,10 +135,10 @@ def main(argv):
               f"| {r['decoded_images_per_s_per_core']:,.0f} | {r['cached_images_per_s']:,.0f} "
               f"| {r['step_gflop_per_image']:,.1f} | {r['h100_images_per_s']:,.0f} "
               f"| {r['cores_per_h100_decoding']:.1f} |")
-    if _JSON.value:
-        measure.write_json(_JSON.value, dict(**info, command=measure.command(__spec__.name),
+    if f.json.value:
+        measure.write_json(f.json.value, dict(**info, command=measure.command(__spec__.name),
                                              jpeg_kib=jpeg_kib, results=rows))
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(functools.partial(main, f=_define_flags()))
