@@ -20,5 +20,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['ihdm_jax', 'ihdm_jax.*']),
     install_requires=requirements,
     # 'original': ihdm_jax.convert_original reads checkpoints of the original PyTorch code.
-    extras_require={'test': ['pytest>=8', 'scikit-image>=0.22'], 'original': ['torch']},
+    # 'prepare': tfds's MNIST and CIFAR-10 builders need TensorFlow to prepare their data once
+    # (reading it does not).
+    extras_require={'test': ['pytest>=8', 'scikit-image>=0.22'], 'original': ['torch'],
+                    'prepare': ['tensorflow>=2.16']},
 )

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from ihdm_jax import errors
 from ihdm_jax import parallel
 from ihdm_jax import state as state_lib
+from ihdm_jax import storage
 from ihdm_jax import validation
 
 MAX_TO_KEEP = 3
@@ -32,36 +33,35 @@ CONFIG_FILE = 'config.json'
 RUN_KEYS = ('seed', 'data', 'model', 'optim', 'training.batch_size')
 # Settings a checkpoint's parameters depend on, checked by the jobs that only read the run.
 MODEL_KEYS = ('data', 'model')
-_FREE_KEYS = ('data.data_dir', 'data.test_dir')
+_FREE_KEYS = ('data.data_dir', 'data.test_dir', 'data.cache_mb')
 
 
 def _directory(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), 'checkpoints')
+    absolute = workdir if storage.is_remote(workdir) else os.path.abspath(workdir)
+    return storage.join(absolute, 'checkpoints')
 
 
 def steps_on_disk(workdir: str) -> list:
     """The steps of the complete checkpoints in `workdir`, oldest first."""
-    directory = _directory(workdir)
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    return sorted(int(name) for name in storage.listdir(_directory(workdir)) if name.isdigit())
 
 
-def make_manager(workdir: str) -> ocp.CheckpointManager:
+def make_manager(workdir: str, remove_unfinished: bool = False) -> ocp.CheckpointManager:
     """A manager of <workdir>/checkpoints that keeps the newest MAX_TO_KEEP checkpoints.
 
-    The caller decides when to save. Folders of saves that never finished (a killed job) are
-    named in a warning and removed.
+    The caller decides when to save. With remove_unfinished, which only the job holding the
+    workdir's lock (ihdm_jax.lock) may pass, folders of saves that never finished (a killed job)
+    are named in a warning and removed; other jobs leave them, as they may be a live job's save.
     """
     directory = _directory(workdir)
-    if os.path.isdir(directory):
-        for name in sorted(os.listdir(directory)):
+    if remove_unfinished:
+        for name in storage.listdir(directory):
             if not name.isdigit():
                 logging.warning('Ignoring and removing %s: a checkpoint save that did not finish.',
-                                os.path.join(directory, name))
+                                storage.join(directory, name))
     options = ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP,
                                            enable_async_checkpointing=True,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=remove_unfinished)
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -115,13 +115,13 @@ class Saver:
 
 
 def _newest(manager):
-    steps = [s for s in manager.all_steps() if (pathlib.Path(manager.directory) / str(s)).is_dir()]
+    steps = [s for s in manager.all_steps() if (storage.path(manager.directory) / str(s)).is_dir()]
     return max(steps) if steps else 'none'
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps):
     """Moves the checkpoints `steps` to <workdir>/checkpoints_unreadable/ (process 0 moves)."""
-    directory = pathlib.Path(manager.directory)
+    directory = storage.path(manager.directory)
     aside = directory.parent / UNREADABLE
     if jax.process_index() == 0:
         aside.mkdir(exist_ok=True)
@@ -150,9 +150,9 @@ def _restore_newest(manager: ocp.CheckpointManager, restore):
             continue
         for bad, error in failed:
             logging.warning('Checkpoint %s cannot be read (%s: %s); skipping it and moving it '
-                            'to %s.', os.path.join(manager.directory, str(bad)),
+                            'to %s.', storage.path(manager.directory) / str(bad),
                             type(error).__name__, str(error).splitlines()[0],
-                            os.path.join(os.path.dirname(manager.directory), UNREADABLE))
+                            storage.path(manager.directory).parent / UNREADABLE)
         if failed:
             _set_aside(manager, [bad for bad, _ in failed])
         return restored, step
@@ -201,12 +201,11 @@ def _jsonable(value):
 def config_differences(config, workdir: str, training: bool) -> list:
     """(key, value in config.json, value now) for each setting that defines the run (RUN_KEYS
     when training, MODEL_KEYS otherwise) and differs; [] without a config.json."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.exists(path):
         return []
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(storage.read_text(path))
     except (OSError, ValueError) as error:
         raise errors.UserError(f'{path} cannot be read ({error}); restore it or use a new '
                                '--workdir.') from None
@@ -233,24 +232,25 @@ def check_workdir(config, workdir: str, use: str, allow_config_change=False):
     can be created or written. use='trained': it holds a checkpoint trained with the same
     MODEL_KEYS settings.
     """
-    path = pathlib.Path(workdir).absolute()
-    if use in ('train', 'results'):
-        existing = _nearest_existing(path)
+    if storage.is_remote(workdir):
+        storage.check_reachable(workdir, '--workdir')
+    elif use in ('train', 'results'):
+        existing = _nearest_existing(pathlib.Path(workdir).absolute())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             what = 'is not a directory' if not existing.is_dir() else 'cannot be written'
             raise errors.UserError(f'--workdir={workdir} cannot be written ({existing} {what}); '
                                    'choose a directory you can write to.')
-        if use == 'results':
-            return
-    elif not steps_on_disk(workdir):
-        where = 'does not exist' if not path.exists() else 'holds no checkpoint'
+    if use == 'results':
+        return
+    if use == 'trained' and not steps_on_disk(workdir):
+        where = 'does not exist' if not storage.exists(workdir) else 'holds no checkpoint'
         raise errors.UserError(f'--workdir={workdir} {where}: train first (--mode=train), or '
                                'point --workdir at a trained run.')
     training = use == 'train'
     changed = config_differences(config, workdir, training)
     if not changed or (training and allow_config_change):
         return
-    saved_path = os.path.join(workdir, CONFIG_FILE)
+    saved_path = storage.join(workdir, CONFIG_FILE)
     lines = '\n'.join(f'  config.{k}: {before!r} in {saved_path}, {now!r} now'
                       for k, before, now in changed)
     how = ('Use a new --workdir, or pass --allow_config_change to continue this run with the '
@@ -268,13 +268,12 @@ def save_config(config, workdir: str):
     """
     if not parallel.is_main_process():
         return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
+    storage.makedirs(workdir)
+    path = storage.join(workdir, CONFIG_FILE)
     if config_differences(config, workdir, training=True):
         stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-        os.replace(path, os.path.join(workdir, f'config.{stamp}.json'))
+        storage.path(path).replace(storage.join(workdir, f'config.{stamp}.json'))
     tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
-        f.write('\n')
-    os.replace(tmp, path)
+    storage.write_text(tmp, json.dumps(json.loads(config.to_json_best_effort()), indent=2,
+                                       sort_keys=True) + '\n')
+    storage.path(tmp).replace(path)

@@ -17,26 +17,32 @@ process and every relaunch.
 import collections
 import concurrent.futures
 import functools
+import importlib.util
+import io
 import os
-import pathlib
 import threading
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from ihdm_jax import errors
 from ihdm_jax import parallel
 from ihdm_jax import rng
+from ihdm_jax import storage
 
 TFDS_IMAGE_SIZES = {'mnist': 28, 'cifar10': 32}
-FOLDER_DATASETS = ('afhq', 'ffhq', 'lsun_church')
+FOLDER_DATASETS = ('folder', 'afhq', 'ffhq', 'lsun_church')  # 'folder': any image folder
 DATASETS = ('digits',) + tuple(TFDS_IMAGE_SIZES) + FOLDER_DATASETS
 CHANNELS = {'digits': 1, 'mnist': 1, 'cifar10': 3}  # image folders are converted as configured
 SPLITS = ('train', 'test')
 DIGITS_TRAIN = 1500  # digits 0..1499 train, 1500..1796 test
 IMAGE_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
+# tfds's MNIST and CIFAR-10 builders need TensorFlow to prepare (not to read) their data.
+PREPARE_PACKAGE = 'tensorflow'
+PREPARE_COMMAND = "python -m pip install -e '.[prepare]'"
 
 
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -91,12 +97,45 @@ class ArraySource:
         return self.images[indices]
 
 
+def tfds_builder(name: str, data_dir: str):
+    """tfds's builder of `name` in `data_dir` ('' = tfds's default), writing array_record."""
+    import tensorflow_datasets as tfds
+    return tfds.builder(name, data_dir=data_dir or None, file_format='array_record')
+
+
+def prepare(config):
+    """Downloads and prepares config's tfds data set once if it is not prepared: process 0
+    prepares, the other processes wait for it; every process calls this. data.check(config) has
+    made sure that it can run. Other data sets need nothing."""
+    name, data_dir = config.data.dataset, config.data.data_dir
+    if name not in TFDS_IMAGE_SIZES:
+        return
+    builder = tfds_builder(name, data_dir)
+    missing = not builder.is_prepared()
+    if jax.process_count() > 1:
+        missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+    if not missing:
+        return
+    if parallel.is_main_process():
+        logging.info('Preparing the tfds data set %s in %s (once; it is downloaded first).',
+                     name, builder.data_dir)
+        if importlib.util.find_spec('tensorflow'):
+            import tensorflow as tf
+            tf.config.set_visible_devices([], 'GPU')  # TensorFlow must not take the GPUs
+        builder.download_and_prepare(file_format='array_record')
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'ihdm_jax prepared {name}')
+        _require(tfds_builder(name, data_dir).is_prepared(),
+                 f'Process 0 prepared the tfds data set {name!r} in {builder.data_dir}, which '
+                 'this host does not see: set --config.data.data_dir to storage that every '
+                 'host sees (a shared file system or gs://).')
+
+
 class TfdsSource:
-    """A tfds data set read through tfds.data_source (array_record; no TensorFlow needed)."""
+    """A tfds data set read as a tfds data source (array_record; no TensorFlow needed)."""
 
     def __init__(self, name: str, data_dir: str, size: int, split: str = 'train'):
-        import tensorflow_datasets as tfds
-        self.examples = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        self.examples = tfds_builder(name, data_dir).as_data_source(split=split)
         self.size = size
 
     def __len__(self):
@@ -108,9 +147,14 @@ class TfdsSource:
 
 
 def image_files(folder: str) -> list:
-    """The image files under `folder`, searched recursively, in sorted order."""
-    return sorted(p for p in pathlib.Path(folder).rglob('*')
-                  if p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The image files under `folder` (a local path or gs://...), searched recursively, in
+    sorted order, as etils.epath paths."""
+    return sorted(p for p in storage.walk_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def open_image(path) -> Image.Image:
+    """The image file at `path` (local or gs://...), read whole and opened with PIL."""
+    return Image.open(io.BytesIO(storage.read_bytes(path)))
 
 
 class FolderSource:
@@ -120,11 +164,14 @@ class FolderSource:
     resize, then the central crop) in a loader that does not run as released; its folder here
     is prepared as the others.
 
-    Unreadable files are skipped (see the module docstring); `skipped` lists them.
+    Unreadable files are skipped (see the module docstring); `skipped` lists them. Prepared
+    images are kept in memory up to `cache_mb` MiB (config.data.cache_mb), so that after the
+    first epoch a folder that fits is not decoded again; the batches stay the same.
     """
 
-    def __init__(self, folder: str, size: int, channels: int):
+    def __init__(self, folder: str, size: int, channels: int, cache_mb: float = 0):
         self.paths = image_files(folder)
+        self.cache, self._cache_left = {}, int(cache_mb * 2**20)
         self.size = size
         self.mode = 'L' if channels == 1 else 'RGB'
         self.pool = concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1))
@@ -136,7 +183,7 @@ class FolderSource:
         return len(self.paths)
 
     def _decode(self, index) -> np.ndarray:
-        with Image.open(self.paths[index]) as image:
+        with open_image(self.paths[index]) as image:
             if image.mode not in (self.mode, 'P') and self._first_conversion():
                 logging.info('Converting images of mode %s (e.g. %s) to %s, as '
                              'config.data.num_channels asks.', image.mode, self.paths[index],
@@ -150,6 +197,15 @@ class FolderSource:
         return first
 
     def _read(self, index) -> np.ndarray:
+        image = self.cache.get(index)
+        if image is None:
+            image = self._read_file(index)
+            with self._lock:
+                if image.nbytes <= self._cache_left:
+                    self.cache[index], self._cache_left = image, self._cache_left - image.nbytes
+        return image
+
+    def _read_file(self, index) -> np.ndarray:
         for offset in range(len(self.paths)):
             candidate = (index + offset) % len(self.paths)
             try:
@@ -179,7 +235,8 @@ def make_source(config, split: str = 'train'):
         return ArraySource(images[:DIGITS_TRAIN] if split == 'train' else images[DIGITS_TRAIN:])
     if data.dataset in TFDS_IMAGE_SIZES:
         return TfdsSource(data.dataset, data.data_dir, data.image_size, split)
-    return FolderSource(data[folder_key(split)], data.image_size, data.num_channels)
+    return FolderSource(data[folder_key(split)], data.image_size, data.num_channels,
+                        data.cache_mb)
 
 
 def folder_key(split):
@@ -206,9 +263,11 @@ def check(config, split: str = 'train'):
         folder = d[key]
         _require(folder, f'config.data.dataset={d.dataset!r} reads image files: set '
                  f'--config.data.{key} to the folder of its {split} images.')
-        _require(os.path.isdir(folder),
-                 f'config.data.{key}={folder!r} does not exist. Download {d.dataset} and '
-                 f'point --config.data.{key} at its folder of {split} images (README.md, '
+        storage.check_reachable(folder, f'config.data.{key}')
+        _require(storage.isdir(folder),
+                 f'config.data.{key}={folder!r} does not exist. '
+                 + ('Point' if d.dataset == 'folder' else f'Download {d.dataset} and point')
+                 + f' --config.data.{key} at its folder of {split} images (README.md, '
                  '"CIFAR-10 and the other paper settings").')
         _require(image_files(folder),
                  f'config.data.{key}={folder!r} holds no image files '
@@ -218,13 +277,14 @@ def check(config, split: str = 'train'):
         _require(d.image_size == native,
                  f'config.data.image_size={d.image_size} does not match {d.dataset}, whose '
                  f'images are {native}x{native}; set --config.data.image_size={native}.')
-        import tensorflow_datasets as tfds
-        builder = tfds.builder(d.dataset, data_dir=d.data_dir or None)
-        _require(builder.is_prepared(),
-                 f'The tfds data set {d.dataset!r} is not prepared in {builder.data_dir}. '
-                 'Prepare it once on a machine with TensorFlow: tfds build '
-                 f'{d.dataset} --file_format=array_record (then copy it here or set '
-                 '--config.data.data_dir to the tfds data directory).')
+        storage.check_reachable(d.data_dir, 'config.data.data_dir')
+        builder = tfds_builder(d.dataset, d.data_dir)
+        _require(builder.is_prepared() or importlib.util.find_spec(PREPARE_PACKAGE),
+                 f'The tfds data set {d.dataset!r} is not prepared in {builder.data_dir}, and '
+                 f'preparing it needs {PREPARE_PACKAGE}. Install it in this repository with '
+                 f'`{PREPARE_COMMAND}`; the first run then downloads and prepares the data set '
+                 'itself. (Or prepare it on another machine and set --config.data.data_dir to '
+                 'its tfds data directory.)')
 
 
 def report_skipped(*sources):

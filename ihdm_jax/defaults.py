@@ -8,12 +8,15 @@ def get_default_config():
     config.seed = 0
 
     config.data = data = ml_collections.ConfigDict()
-    data.dataset = 'cifar10'  # digits | mnist | cifar10 | afhq | ffhq | lsun_church
-    data.data_dir = ''  # image folder (afhq, ffhq, lsun_church) or tfds data_dir; '' = default
-    data.test_dir = ''  # image folder of the test split (afhq, ffhq, lsun_church), for --mode=eval
+    data.dataset = 'cifar10'  # digits | mnist | cifar10 | folder | afhq | ffhq | lsun_church
+    # image folder (folder, afhq, ffhq, lsun_church) or tfds data_dir ('' = tfds's default);
+    # local or gs://
+    data.data_dir = ''
+    data.test_dir = ''  # image folder of the test split (image-folder data sets), for --mode=eval
     data.image_size = 32
     data.num_channels = 3
     data.random_flip = False
+    data.cache_mb = 4096  # image folders: prepared images kept in memory, per process (MiB)
 
     config.model = model = ml_collections.ConfigDict()
     model.K = 200

@@ -5,6 +5,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from ihdm_jax import storage
+
 MIN_TILE = 64  # smaller images are enlarged (nearest neighbour) to at least this many pixels
 
 
@@ -34,12 +36,12 @@ def _pil(image: np.ndarray) -> Image.Image:
 
 def save_grid(path: str, images: np.ndarray, columns: int = 0):
     """Writes uint8 NHWC images as one PNG grid."""
-    _pil(grid(images, columns)).save(path)
+    storage.write_with(path, _pil(grid(images, columns)).save, format='PNG')
 
 
 def save_gif(path: str, frames, frame_ms: int = 80, last_frame_ms: int = 1500):
     """Writes uint8 HWC frames as a looping GIF that holds the last frame a little longer."""
     pictures = [_pil(frame) for frame in frames]
     durations = [frame_ms] * (len(pictures) - 1) + [last_frame_ms]
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations,
-                     loop=0)
+    storage.write_with(path, pictures[0].save, format='GIF', save_all=True,
+                       append_images=pictures[1:], duration=durations, loop=0)

@@ -7,7 +7,6 @@
 """
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -20,6 +19,7 @@ from ihdm_jax import errors
 from ihdm_jax import parallel
 from ihdm_jax import programs
 from ihdm_jax import state as state_lib
+from ihdm_jax import storage
 from ihdm_jax import validation
 
 
@@ -33,14 +33,13 @@ def _like_default(value, default):
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config of <workdir>/config.json on top of the defaults, checked."""
-    path = os.path.join(workdir, checkpoint.CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(workdir, checkpoint.CONFIG_FILE)
+    if not storage.isfile(path):
         raise errors.UserError(f'{path} does not exist: {workdir} is not a workdir of ihdm_jax '
                                '(train with ihdm_jax.main, or convert an original checkpoint '
                                'with ihdm_jax.convert_original).')
     try:
-        with open(path) as f:
-            saved = validation.flatten(json.load(f))
+        saved = validation.flatten(json.loads(storage.read_text(path)))
     except (OSError, ValueError, AttributeError) as error:
         raise errors.UserError(f'{path} cannot be read ({error}).') from None
     config = defaults.get_default_config()

@@ -13,6 +13,7 @@ themselves (--multihost forces that detection); processes started by hand pass
 --coordinator_address, --num_processes and --process_id.
 """
 
+import contextlib
 import dataclasses
 import sys
 from typing import Callable
@@ -25,6 +26,7 @@ from ihdm_jax import checkpoint
 from ihdm_jax import command_line
 from ihdm_jax import data
 from ihdm_jax import errors
+from ihdm_jax import lock
 from ihdm_jax import parallel
 from ihdm_jax import validation
 from ihdm_jax.jobs import evaluate
@@ -102,7 +104,10 @@ def run(config, mode, workdir, **options):
     job.check(config)
     checkpoint.check_workdir(config, workdir, job.workdir,
                              allow_config_change=options.get('allow_config_change', False))
-    job.run(config, workdir)
+    # Training holds the workdir's lock; the other jobs only read checkpoints and may run beside it.
+    with lock.WorkdirLock(workdir) if job.workdir == 'train' else contextlib.nullcontext():
+        data.prepare(config)
+        job.run(config, workdir)
 
 
 def main(argv):

@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 
 from ihdm_jax import images
 from ihdm_jax import programs
+from ihdm_jax import storage
 
 PAD = 2  # white pixels between tiles, as in images.grid
 
@@ -20,6 +21,11 @@ def tile_scale(image_size):
 
 def tile_centres(count, tile):
     return [PAD + i * (tile + PAD) + tile / 2 for i in range(count)]
+
+
+def _save(fig, path, **kwargs):
+    """Writes a matplotlib figure in the format of the path's suffix."""
+    storage.write_with(path, fig.savefig, format=str(path).rsplit('.', 1)[-1], **kwargs)
 
 
 def save_canvas(path, canvas, title, xticks=(), yticks=()):
@@ -35,7 +41,7 @@ def save_canvas(path, canvas, title, xticks=(), yticks=()):
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    fig.savefig(path, bbox_inches='tight', pad_inches=0.1)
+    _save(fig, path, bbox_inches='tight', pad_inches=0.1)
 
 
 def save_trajectory_gif(path, trajectory, columns):
@@ -91,7 +97,7 @@ def psd(path, frequencies, data_psd, curves, sigma, n):
     heat_ax.legend(fontsize=7)
     diffusion_ax.legend(fontsize=7)
     fig.suptitle(f'Radial power spectral density of {n} training images (Fig. 4)')
-    fig.savefig(path, bbox_inches='tight')
+    _save(fig, path, bbox_inches='tight')
 
 
 def energy_vs_blur(path, frequencies, data_psd, alpha, blur_sigmas, energy, sigma, n):
@@ -124,7 +130,7 @@ def energy_vs_blur(path, frequencies, data_psd, alpha, blur_sigmas, energy, sigm
                        label='frequency (cycles per pixel)')
     _plain_log_ticks(bar.ax.yaxis, frequencies[0], frequencies[-1])
     fig.suptitle(f'DCT energy against blur, {n} training images (Fig. 9)')
-    fig.savefig(path, bbox_inches='tight')
+    _save(fig, path, bbox_inches='tight')
 
 
 def input_gradients(path, grads, inputs, levels, pixels, t, linthresh, step):
@@ -152,7 +158,7 @@ def input_gradients(path, grads, inputs, levels, pixels, t, linthresh, step):
     fig.colorbar(shown, ax=axes[1:].ravel().tolist(), shrink=0.8,
                  label=f'∂μ/∂u (symlog, linear below {linthresh:g})')
     fig.suptitle(f'Input gradients of the predicted mean μ(u_k, k) (checkpoint {step}, Fig. 8)')
-    fig.savefig(path, bbox_inches='tight')
+    _save(fig, path, bbox_inches='tight')
 
 
 def trajectory_gradients(path, grads, states, levels, pixel, t, linthresh, step, sigma, delta):
@@ -185,7 +191,7 @@ def trajectory_gradients(path, grads, states, levels, pixel, t, linthresh, step,
                  label=f'gradient of the pixel ({i}, {j}), symlog, linear below {linthresh:g}')
     fig.suptitle(f'Input gradients along generated trajectories (checkpoint {step}, σ = '
                  f'{sigma:g}, δ = {delta:g}; Fig. 8 right, 13b)')
-    fig.savefig(path, bbox_inches='tight')
+    _save(fig, path, bbox_inches='tight')
 
 
 def _contour_edges(ax, rings, colour):
@@ -241,7 +247,7 @@ def frequency_partition(path, rings, power, frequencies, psd, image):
     psd_ax.grid(True, alpha=0.3)
     fig.suptitle('Partition of the DCT frequencies into equal-frequency contours (App. B.6, '
                  'Fig. 10)')
-    fig.savefig(path, bbox_inches='tight')
+    _save(fig, path, bbox_inches='tight')
 
 
 def likelihood_levels(path, result, title):
@@ -262,7 +268,7 @@ def likelihood_levels(path, result, title):
     right.set_ylabel('bits/dim (total = 8 + sum)')
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path, dpi=120)
 
 
 def sweep_delta(path, rows, title):
@@ -279,7 +285,7 @@ def sweep_delta(path, rows, title):
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path, dpi=120)
 
 
 def prior_overlap(path, maxes, results, model_max, num_test, sigma, delta):
@@ -299,4 +305,4 @@ def prior_overlap(path, maxes, results, model_max, num_test, sigma, delta):
                  f'(σ = {sigma:g}, δ = {delta:g}; Fig. 12)', fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, bbox_inches='tight')
+    _save(fig, path, bbox_inches='tight')

@@ -71,6 +71,7 @@ def check_values(config):
     d, m, t, o, s = config.data, config.model, config.training, config.optim, config.sampling
     require(d.num_channels in (1, 3),
              f'config.data.num_channels={d.num_channels} must be 1 (grayscale) or 3 (RGB).')
+    require(d.cache_mb >= 0, f'config.data.cache_mb={d.cache_mb} is negative; expected MiB ≥ 0.')
     require(m.K >= 1, f'config.model.K={m.K} must be at least 1 (the number of blur levels).')
     require(m.sigma >= 0, f'config.model.sigma={m.sigma} is negative; expected σ ≥ 0.')
     require(s.delta >= 0, f'config.sampling.delta={s.delta} is negative; expected δ ≥ 0.')

@@ -71,6 +71,33 @@ def trained(config, tmp_path_factory):
     return workdir
 
 
+@pytest.fixture
+def fake_gcs(monkeypatch):
+    """gs:// served from memory for one test: an fsspec memory file system registered for the
+    gs and gcs protocols, which etils.epath (and so ihdm_jax.storage) uses for gs:// paths when
+    it does not use TensorFlow. Yields its store, {path: file}, empty at the start. Nothing else
+    in the suite uses gs://, so the registration stays for the session."""
+    import fsspec
+    from etils.epath import backend
+    from etils.epath import gpath
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGcs(MemoryFileSystem):
+        protocol = ('gs', 'gcs')
+        store, pseudo_dirs = {}, ['']
+
+        def __init__(self, *args, finalize_on_close=False, **kwargs):
+            del finalize_on_close  # gcsfs's option, which epath passes
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
+    for protocol in FakeGcs.protocol:
+        fsspec.register_implementation(protocol, FakeGcs, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    yield FakeGcs.store
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
 def fid_wheel() -> str:
     wheel = os.environ.get(WHEEL_ENV)
     if not wheel or not os.path.isfile(wheel):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import loader
 from benchmarks import measure
 from benchmarks import model
 from benchmarks import profile
@@ -73,3 +74,19 @@ def test_profile_assigns_the_step_time_to_the_parts_of_the_model():
     assert parts.get(('other', ''), 0) < 0.1 * total
     table = profile.markdown({'step': {**parts, ('total', ''): total}})
     assert table.splitlines()[-1].startswith('| total |')
+
+
+def test_loader_benchmark_reads_a_folder_of_jpegs_as_training_does(tmp_path):
+    loader.write_jpegs(str(tmp_path), 8, 32)
+    assert sorted(p.name for p in tmp_path.iterdir())[0] == '00000.jpg'
+    config = tiny.get_config()
+    config.data.dataset, config.data.num_channels = 'folder', 3
+    config.data.data_dir = str(tmp_path)
+    decoded, rows, skipped = loader.loader_images_per_s(config, str(tmp_path), 1, 1, False)
+    cached, _, _ = loader.loader_images_per_s(config, str(tmp_path), 1, 1, True)
+    assert (rows, skipped) == (config.training.batch_size, 0)
+    assert decoded > 0 and cached > 0
+    per_image = loader.step_gflop_per_image(config)
+    config.training.batch_size = 16
+    assert per_image > 0
+    assert loader.step_gflop_per_image(config) == pytest.approx(per_image, rel=0.1)

@@ -15,6 +15,7 @@ from ihdm_jax import data
 from ihdm_jax import errors
 from ihdm_jax import parallel
 from ihdm_jax import rng
+from ihdm_jax import validation
 
 
 @pytest.fixture(scope='module')
@@ -156,6 +157,23 @@ def test_folder_source_reads_every_image_file_below_its_folder(tmp_path):
     gray = data.FolderSource(str(tmp_path), 8, 1).load(np.array([1]))
     assert gray.shape == (1, 8, 8, 1)
     assert not source.skipped
+
+
+def test_prepared_images_are_cached_up_to_cache_mb(tmp_path):
+    generator = np.random.default_rng(0)
+    for i in range(3):
+        _save(tmp_path / f'{i}.png', generator.integers(0, 256, (24, 20, 3), np.uint8))
+    uncached = data.FolderSource(str(tmp_path), 8, 3).load(np.arange(3))
+    cached = data.FolderSource(str(tmp_path), 8, 3, cache_mb=2 * 8 * 8 * 3 / 2**20)
+    np.testing.assert_array_equal(cached.load(np.array([2, 0, 1])), uncached[[2, 0, 1]])
+    assert sorted(cached.cache) == [0, 2]  # room for two 8x8x3 images
+    for i in range(3):
+        (tmp_path / f'{i}.png').unlink()
+    np.testing.assert_array_equal(cached.load(np.array([0, 2])), uncached[[0, 2]])
+    config = tiny.get_config()
+    config.data.cache_mb = -1
+    with pytest.raises(errors.UserError, match='config.data.cache_mb=-1 is negative'):
+        validation.check_values(config)
 
 
 def _folder_config(tmp_path, channels=1):
@@ -335,4 +353,72 @@ def test_tfds_source_reads_array_record_without_tensorflow(tmp_path):
     images = source.load(np.arange(6))
     assert images.shape == (6, 8, 8, 3)
     np.testing.assert_array_equal(np.sort(images[:, 0, 0, 0]), 40 * np.arange(6))
+    assert 'tensorflow' not in sys.modules
+
+
+class FakeMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """MNIST as tfds would prepare it, 16 examples made here instead of downloaded (PNG bytes
+    keep the preparation free of TensorFlow); counts its preparations."""
+
+    name = 'mnist'
+    VERSION = tfds.core.Version('3.0.1')
+    prepared = 0
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {'image': tfds.features.Image(shape=(28, 28, 1)), 'label': tfds.features.ClassLabel(
+                num_classes=10)}))
+
+    def _split_generators(self, dl_manager):
+        FakeMnist.prepared += 1
+        return {'train': self._generate_examples(16), 'test': self._generate_examples(4)}
+
+    def _generate_examples(self, count):
+        for i in range(count):
+            png = io.BytesIO()
+            Image.fromarray(np.full((28, 28), 15 * i, np.uint8)).save(png, format='PNG')
+            yield i, {'image': png.getvalue(), 'label': i % 10}
+
+
+def _mnist_config(data_dir):
+    config = tiny.get_config()
+    config.data.dataset, config.data.image_size = 'mnist', 28
+    config.data.data_dir = str(data_dir)
+    config.analysis.num_images = 8
+    return config
+
+
+def test_without_the_prepare_extra_an_unprepared_tfds_set_names_the_command(tmp_path,
+                                                                           monkeypatch):
+    from ihdm_jax import main
+    monkeypatch.setattr(data, 'PREPARE_PACKAGE', 'a_package_that_is_not_installed')
+    monkeypatch.setattr(data, 'tfds_builder', lambda name, data_dir: FakeMnist(
+        data_dir=data_dir, file_format='array_record'))
+    with pytest.raises(errors.UserError) as refused:
+        main.run(_mnist_config(tmp_path / 'tfds'), 'train', str(tmp_path / 'run'))
+    assert str(refused.value) == (
+        f"The tfds data set 'mnist' is not prepared in {tmp_path / 'tfds' / 'mnist' / '3.0.1'}, "
+        "and preparing it needs a_package_that_is_not_installed. Install it in this repository "
+        "with `python -m pip install -e '.[prepare]'`; the first run then downloads and prepares "
+        "the data set itself. (Or prepare it on another machine and set --config.data.data_dir "
+        "to its tfds data directory.)")
+    assert not (tmp_path / 'run').exists() and not (tmp_path / 'tfds').exists()
+
+
+def test_with_the_prepare_extra_the_first_run_prepares_the_data_once(tmp_path, monkeypatch):
+    from ihdm_jax import main
+    monkeypatch.setattr(data, 'PREPARE_PACKAGE', 'numpy')  # stands in for TensorFlow
+    monkeypatch.setattr(data, 'tfds_builder', lambda name, data_dir: FakeMnist(
+        data_dir=data_dir, file_format='array_record'))
+    FakeMnist.prepared = 0
+    config = _mnist_config(tmp_path / 'tfds')
+    main.run(config, 'psd', str(tmp_path / 'run'))
+    assert FakeMnist.prepared == 1
+    assert (tmp_path / 'run' / 'analysis' / 'psd' / 'psd.png').is_file()
+    data.prepare(config)
+    assert FakeMnist.prepared == 1
+    train, test = data.make_source(config), data.make_source(config, 'test')
+    assert (len(train), len(test)) == (16, 4)
+    np.testing.assert_array_equal(np.sort(train.load(np.arange(16))[:, 0, 0, 0]),
+                                  15 * np.arange(16))
     assert 'tensorflow' not in sys.modules

@@ -66,7 +66,8 @@ def _digest(folder):
 
 
 def _restore(workdir):
-    manager = checkpoint.make_manager(str(workdir))
+    """The training state as the next training run restores it."""
+    manager = checkpoint.make_manager(str(workdir), remove_unfinished=True)
     try:
         state = checkpoint.restore_latest(
             manager, state_lib.abstract_state(tiny.get_config(), parallel.make_mesh()))
@@ -439,8 +440,9 @@ BAD_INPUTS = {
                            r"config\.data\.data_dir='.*/empty' holds no image files \(\.bmp, "),
     'missing_tfds_dataset': ('cifar10', {'data.data_dir': 'EMPTY'}, 'train', 'new',
                              r"The tfds data set 'cifar10' is not prepared in "
-                             r'.*/empty/cifar10/[0-9.]+\. Prepare it once on a machine with '
-                             r'TensorFlow: tfds build cifar10 '),
+                             r".*/empty/cifar10/[0-9.]+, and preparing it needs tensorflow\. "
+                             r"Install it in this repository with `python -m pip install -e "
+                             r"'\.\[prepare\]'`"),
     'another_runs_config': ('tiny', {'model.K': 20}, 'train', 'trained',
                             r'--workdir=.* holds a run of a different config:\n  config\.model\.K: '
                             r'10 in .*/config\.json, 20 now\nUse a new --workdir, or pass '

@@ -11,6 +11,7 @@ recursively, converted to RGB as clean-fid does), or an .npz of statistics (keys
 """
 
 import concurrent.futures
+import io
 import os
 import zipfile
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from ihdm_jax import data
 from ihdm_jax import errors
+from ihdm_jax import storage
 from ihdm_jax.evaluation import inception
 
 WEIGHTS_ENV = 'IHDM_INCEPTION_WEIGHTS'
@@ -84,7 +86,7 @@ class ImageFolder:
         return len(self.paths)
 
     def __getitem__(self, index):
-        with Image.open(self.paths[index]) as image:
+        with data.open_image(self.paths[index]) as image:
             return np.asarray(image.convert('RGB'))
 
 
@@ -162,24 +164,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray):
-    np.savez(path, mu=mu, sigma=sigma)
+    storage.save_npz(path, mu=mu, sigma=sigma)
 
 
 def _npz_keys(path: str) -> set[str]:
-    with np.load(path) as data:
+    with np.load(io.BytesIO(storage.read_bytes(path))) as data:
         return set(data.files)
 
 
 def is_statistics(path: str) -> bool:
     """Whether `path` is an .npz of statistics (keys mu, sigma)."""
-    return (path.endswith('.npz') and os.path.isfile(path)
+    return (path.endswith('.npz') and storage.isfile(path)
             and {'mu', 'sigma'} <= _npz_keys(path))
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not is_statistics(path):
         raise InputError(f'{path} is not an .npz of statistics (keys mu, sigma)')
-    with np.load(path) as data:
+    with np.load(io.BytesIO(storage.read_bytes(path))) as data:
         mu, sigma = np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise InputError(f'{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and '
@@ -189,13 +191,13 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_images(path: str):
     """uint8 NHWC images of an .npz (key `images`) or an ImageFolder of a folder of image files."""
-    if os.path.isdir(path):
+    if storage.isdir(path):
         return ImageFolder(path)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise InputError(f'{path} does not exist')
     if not path.endswith('.npz') or 'images' not in _npz_keys(path):
         raise InputError(f'{path} is neither a folder of images nor an .npz with key `images`')
-    with np.load(path) as data:
+    with np.load(io.BytesIO(storage.read_bytes(path))) as data:
         images = data['images']
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise InputError(f'{path}: `images` must be uint8 (N, H, W, 1 or 3), got {images.dtype} '

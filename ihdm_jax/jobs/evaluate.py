@@ -21,6 +21,7 @@ from ihdm_jax import parallel
 from ihdm_jax import plots
 from ihdm_jax import programs
 from ihdm_jax import rng
+from ihdm_jax import storage
 from ihdm_jax import validation
 from ihdm_jax.evaluation import frechet
 
@@ -55,7 +56,7 @@ def _check_fid(config):
         if entry in data.SPLITS:
             data.check(config, entry)
         else:
-            validation.require(os.path.isdir(entry) and data.image_files(entry),
+            validation.require(storage.isdir(entry) and data.image_files(entry),
                                f'config.evaluation.fid_reference: {entry!r} is neither '
                                "'train', 'test' nor a folder holding image files.")
     validation.require(e.batch_size >= 1,
@@ -104,7 +105,8 @@ def reference_parts(config) -> list:
         folder = entry if split is None else (
             config.data[data.folder_key(split)] if config.data.dataset in data.FOLDER_DATASETS
             else None)
-        identity = os.path.realpath(folder) if folder else split
+        identity = (folder if storage.is_remote(folder) else os.path.realpath(folder)) if folder \
+            else split
         if identity in seen:
             continue
         seen.add(identity)
@@ -152,7 +154,7 @@ class FidEvaluator:
         return ' + '.join(label if split else folder for label, split, folder in self.parts)
 
     def _reference_statistics(self):
-        if os.path.exists(self.stats_path):
+        if storage.exists(self.stats_path):
             logging.info('FID: reference statistics (%s) from %s', self.describe(),
                          self.stats_path)
             return frechet.load_statistics(self.stats_path)
@@ -163,7 +165,7 @@ class FidEvaluator:
             for _, split, folder in self.parts]
         images = _ReferenceImages(self.reference_sources)
         stats = frechet.statistics(self.features(images, description='FID reference images'))
-        os.makedirs(os.path.dirname(os.path.abspath(self.stats_path)), exist_ok=True)
+        storage.makedirs(storage.path(self.stats_path).parent)
         frechet.save_statistics(self.stats_path, *stats)
         logging.info('FID: statistics of %d reference images (%s) written to %s', len(images),
                      self.describe(), self.stats_path)
@@ -269,7 +271,7 @@ def sweep_delta(config, workdir: str):
     lines = ['| δ | bits/dim | L_K | Σ L_k | L_0 | FID |', '|---|---|---|---|---|---|']
     lines += [f'| {row["delta"]:g} | {row["bits_per_dim"]:.4f} | {row["L_K"]:.4f} | '
               f'{row["sum_L_k"]:.4f} | {row["L_0"]:.4f} | {row["fid"]:.2f} |' for row in rows]
-    with open(os.path.join(out, 'sweep_delta.md'), 'w') as f:
+    with storage.path(out, 'sweep_delta.md').open('w') as f:
         f.write('\n'.join(lines) + '\n')
     title = (f'{config.data.dataset}, checkpoint {step}: ELBO on {negative_elbo.num_examples} '
              f'test images, FID of {config.evaluation.fid_num_samples} samples')

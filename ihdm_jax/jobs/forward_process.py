@@ -17,6 +17,7 @@ from ihdm_jax import plots
 from ihdm_jax import rng
 from ihdm_jax import schedule as schedule_lib
 from ihdm_jax import validation
+from ihdm_jax import storage
 from ihdm_jax.analysis import spectra
 
 
@@ -116,8 +117,8 @@ def frequency_partition(config, workdir):
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'frequency_partition')
-    np.savez(os.path.join(out, 'frequency_partition.npz'), rings=rings, frequencies=frequencies,
-             image=image[0], power=power, psd=psd)
+    storage.save_npz(os.path.join(out, 'frequency_partition.npz'), rings=rings,
+                     frequencies=frequencies, image=image[0], power=power, psd=psd)
     plots.frequency_partition(os.path.join(out, 'frequency_partition.png'), rings, power,
                               frequencies, psd, image[0])
     logging.info('frequency_partition: %d contours of the %dx%d DCT written to %s.', size - 1,

@@ -24,6 +24,7 @@ from ihdm_jax import sampling
 from ihdm_jax import schedule as schedule_lib
 from ihdm_jax import state as state_lib
 from ihdm_jax import validation
+from ihdm_jax import storage
 from ihdm_jax.analysis import probes
 
 
@@ -81,8 +82,8 @@ def input_gradients(config, workdir):
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'input_gradients')
-    np.savez(os.path.join(out, 'input_gradients.npz'), gradients=grads, inputs=inputs,
-             levels=np.array(levels), pixels=np.array(pixels))
+    storage.save_npz(os.path.join(out, 'input_gradients.npz'), gradients=grads, inputs=inputs,
+                     levels=np.array(levels), pixels=np.array(pixels))
     plots.input_gradients(os.path.join(out, 'input_gradients.png'), grads[..., 0], inputs, levels,
                           pixels, t, config.analysis.gradient_linthresh, step)
     logging.info('input_gradients: %d pixels x %d levels written to %s.', len(pixels),
@@ -139,9 +140,9 @@ def trajectory_gradients(config, workdir):
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'trajectory_gradients')
-    np.savez(os.path.join(out, 'trajectory_gradients.npz'), gradients=grads, states=states,
-             levels=np.array(levels), pixel=np.array(pixel), u_K=u_K, noise_keys=noise_keys,
-             delta=delta, sigma=config.model.sigma)
+    storage.save_npz(os.path.join(out, 'trajectory_gradients.npz'), gradients=grads,
+                     states=states, levels=np.array(levels), pixel=np.array(pixel), u_K=u_K,
+                     noise_keys=noise_keys, delta=delta, sigma=config.model.sigma)
     t = np.asarray(schedule_lib.from_config(config).t)
     plots.trajectory_gradients(os.path.join(out, 'trajectory_gradients.png'), grads[..., 0],
                                states, levels, pixel, t, config.analysis.gradient_linthresh,
@@ -186,8 +187,8 @@ def nearest_neighbours(config, workdir):
     distances = np.sqrt(np.sum(np.square(samples[:, None] / 255.0 - neighbours / 255.0),
                                axis=(2, 3, 4)))
     out = outputs.folder(workdir, 'analysis', 'nearest_neighbours')
-    np.savez(os.path.join(out, 'nearest_neighbours.npz'), images=samples, neighbours=neighbours,
-             indices=indices, distances=distances)
+    storage.save_npz(os.path.join(out, 'nearest_neighbours.npz'), images=samples,
+                     neighbours=neighbours, indices=indices, distances=distances)
     table = np.concatenate([samples[:, None], neighbours], axis=1)
     tile = samples.shape[1] * plots.tile_scale(samples.shape[1])
     xticks = list(zip(plots.tile_centres(num + 1, tile),

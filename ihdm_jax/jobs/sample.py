@@ -3,7 +3,6 @@ the reverse heat process."""
 
 import os
 
-import numpy as np
 from absl import logging
 
 from ihdm_jax import checkpoint
@@ -12,6 +11,7 @@ from ihdm_jax import images
 from ihdm_jax import parallel
 from ihdm_jax import programs
 from ihdm_jax import rng
+from ihdm_jax import storage
 
 GIF_EXAMPLES = 16  # examples shown side by side in the trajectory GIF
 
@@ -33,8 +33,8 @@ def sample(config, workdir: str):
     if not parallel.is_main_process():
         return
     out_dir = os.path.join(workdir, 'samples')
-    os.makedirs(out_dir, exist_ok=True)
-    np.savez(os.path.join(out_dir, 'samples.npz'), images=samples)
+    storage.makedirs(out_dir)
+    storage.save_npz(os.path.join(out_dir, 'samples.npz'), images=samples)
     images.save_grid(os.path.join(out_dir, 'samples.png'), samples)
     shown = trajectory[:GIF_EXAMPLES]
     images.save_gif(os.path.join(out_dir, 'trajectory.gif'),

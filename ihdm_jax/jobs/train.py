@@ -24,6 +24,7 @@ from ihdm_jax import parallel
 from ihdm_jax import programs
 from ihdm_jax import rng
 from ihdm_jax import state as state_lib
+from ihdm_jax import storage
 
 
 def check(config):
@@ -57,7 +58,7 @@ class _Logger:
         self.writer = self.bar = None
         if self.main:
             from tensorboardX import SummaryWriter
-            os.makedirs(self.sample_dir, exist_ok=True)
+            storage.makedirs(self.sample_dir)
             self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
             # Redrawn every second on a terminal, every minute into a log file.
             self.bar = tqdm.tqdm(total=n_iters, initial=start_step, desc='train', unit='step',
@@ -154,7 +155,8 @@ def train(config, workdir: str):
 
     Checkpoints every snapshot_freq steps, at the end, and when asked to stop (SIGTERM, SIGINT;
     then it stops after the current step). The metrics are checked for NaN and infinity before
-    anything is logged or saved, so a diverged state is never written.
+    anything is logged or saved, so a diverged state is never written. The caller holds the
+    workdir's lock (ihdm_jax.lock; main.run takes it).
     """
     quiet_orbax()
     mesh = parallel.make_mesh()
@@ -163,7 +165,7 @@ def train(config, workdir: str):
     checkpoint.save_config(config, workdir)
     graphdef = state_lib.model_graphdef(config)
 
-    manager = checkpoint.make_manager(workdir)
+    manager = checkpoint.make_manager(workdir, remove_unfinished=True)
     saver = checkpoint.Saver(manager)
     stop = _StopRequest(manager)
     state = checkpoint.restore_latest(manager, state_lib.abstract_state(config, mesh))

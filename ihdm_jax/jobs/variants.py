@@ -24,6 +24,7 @@ from ihdm_jax import rng
 from ihdm_jax import sampling
 from ihdm_jax import state as state_lib
 from ihdm_jax import validation
+from ihdm_jax import storage
 
 
 def _require_positive(config, *names):
@@ -95,8 +96,8 @@ def same_init(config, workdir):
     out = outputs.folder(workdir, 'analysis', 'same_init')
     samples = programs.to_uint8(u0)
     shape = (rows, columns) + samples.shape[1:]
-    np.savez(os.path.join(out, 'same_init.npz'), images=samples.reshape(shape),
-             u_K=trajectory[:, 0].reshape(shape), noise_keys=noise_keys)
+    storage.save_npz(os.path.join(out, 'same_init.npz'), images=samples.reshape(shape),
+                     u_K=trajectory[:, 0].reshape(shape), noise_keys=noise_keys)
     starts = programs.to_uint8(u_K[::columns])
     table = np.concatenate([starts[:, None], samples.reshape(shape)], axis=1)
     tile = samples.shape[1] * plots.tile_scale(samples.shape[1])
@@ -170,8 +171,8 @@ def interpolate(config, workdir):
         return
     out = outputs.folder(workdir, 'analysis', 'interpolate')
     frames = programs.to_uint8(frames)
-    np.savez(os.path.join(out, 'interpolate.npz'), images=frames, u_K_a=u_K_a, u_K_b=u_K_b,
-             noise_keys_a=keys_a, noise_keys_b=keys_b)
+    storage.save_npz(os.path.join(out, 'interpolate.npz'), images=frames, u_K_a=u_K_a,
+                     u_K_b=u_K_b, noise_keys_a=keys_a, noise_keys_b=keys_b)
     tile = frames.shape[2] * plots.tile_scale(frames.shape[2])
     weights = np.linspace(0, 1, points)
     xticks = list(zip(plots.tile_centres(points, tile), [f'{w:.2f}' for w in weights]))
@@ -211,8 +212,9 @@ def hierarchical(config, workdir):
         return
     out = outputs.folder(workdir, 'analysis', 'hierarchical')
     levels = splits + [0]
-    np.savez(os.path.join(out, 'hierarchical.npz'), u_K=u_K, noise_keys=noise_keys,
-             levels=np.array(levels), **{f'level_{k}': s for k, s in zip(levels, states)})
+    storage.save_npz(os.path.join(out, 'hierarchical.npz'), u_K=u_K, noise_keys=noise_keys,
+                     levels=np.array(levels),
+                     **{f'level_{k}': s for k, s in zip(levels, states)})
     leaves = branches ** len(splits)
     scale = plots.tile_scale(u_K.shape[1])
     tile = u_K.shape[1] * scale
@@ -250,8 +252,8 @@ def delta_grid(config, workdir):
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'delta_grid')
-    np.savez(os.path.join(out, 'delta_grid.npz'), images=samples, deltas=np.array(deltas),
-             u_K=u_K, noise_keys=noise_keys)
+    storage.save_npz(os.path.join(out, 'delta_grid.npz'), images=samples, deltas=np.array(deltas),
+                     u_K=u_K, noise_keys=noise_keys)
     table = np.concatenate([programs.to_uint8(u_K)[:, None], samples], axis=1)
     tile = samples.shape[2] * plots.tile_scale(samples.shape[2])
     xticks = list(zip(plots.tile_centres(len(deltas) + 1, tile),

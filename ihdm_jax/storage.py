@@ -1,0 +1,145 @@
+"""Files of the workdir and of image folders, on a local disk or on cloud storage.
+
+Every file that orbax does not write (config.json, the lock, samples, results, FID statistics,
+TensorBoard events) and every image of a folder data set goes through etils.epath, the path
+library orbax itself uses, so `--workdir=gs://bucket/run` and `--config.data.data_dir=gs://...`
+work without gcsfuse. gs:// paths need the package gcsfs, s3:// paths s3fs.
+
+Files are written whole: cloud storage has no appends, so each writer builds its bytes first.
+"""
+
+import io
+import os
+
+import numpy as np
+from etils import epath
+
+from ihdm_jax import errors
+
+REMOTE_PREFIXES = ('gs://', 's3://', 'az://')
+_PACKAGES = {'gs://': 'gcsfs', 's3://': 's3fs', 'az://': 'adlfs'}
+
+
+def path(location) -> epath.Path:
+    """`location` (a local path or a gs:// ... URI) as an etils.epath.Path."""
+    return epath.Path(location)
+
+
+def is_remote(location) -> bool:
+    return os.fspath(location).startswith(REMOTE_PREFIXES)
+
+
+def join(location, *parts) -> str:
+    return os.fspath(path(location).joinpath(*parts))
+
+
+def makedirs(location):
+    path(location).mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes(location, data: bytes):
+    path(location).write_bytes(data)
+
+
+def write_text(location, text: str):
+    path(location).write_text(text)
+
+
+def write_with(location, save, **kwargs):
+    """Writes the bytes that save(file_object, **kwargs) produces, e.g. np.savez, a PIL image's
+    save or a matplotlib figure's savefig."""
+    buffer = io.BytesIO()
+    save(buffer, **kwargs)
+    write_bytes(location, buffer.getvalue())
+
+
+def save_npz(location, **arrays):
+    """np.savez of `arrays` to `location`."""
+    write_with(location, np.savez, **arrays)
+
+
+def read_bytes(location) -> bytes:
+    return path(location).read_bytes()
+
+
+def read_text(location) -> str:
+    return path(location).read_text()
+
+
+def exists(location) -> bool:
+    return path(location).exists()
+
+
+def isdir(location) -> bool:
+    return path(location).is_dir()
+
+
+def isfile(location) -> bool:
+    return path(location).exists() and not path(location).is_dir()
+
+
+def listdir(location) -> list:
+    """The names in the folder `location`; [] if it does not exist."""
+    folder = path(location)
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def walk_files(location) -> list:
+    """Every file under the folder `location`, searched recursively, as epath.Paths."""
+    return [root / name for root, _, names in path(location).walk() for name in names]
+
+
+def check_reachable(location, what: str):
+    """A remote `location` can be looked at (its file system's package is installed and the
+    bucket answers); errors.UserError naming the cause otherwise. Local paths pass."""
+    location = os.fspath(location)
+    if not is_remote(location):
+        return
+    prefix = next(p for p in REMOTE_PREFIXES if location.startswith(p))
+    try:
+        path(location).exists()
+    except ImportError:
+        raise errors.UserError(
+            f'{what}={location} is on {prefix} storage, which needs the package '
+            f'{_PACKAGES[prefix]}: pip install {_PACKAGES[prefix]}') from None
+    except Exception as error:  # credentials, permissions, a missing bucket
+        cause = str(error).strip().splitlines()
+        raise errors.UserError(f'{what}={location} cannot be reached ({type(error).__name__}: '
+                               f'{cause[0] if cause else ""}).') from None
+
+
+class _RecordFile:
+    """An event file of tensorboardX on any epath location: the records are kept and the whole
+    file is written again at each flush (cloud storage has no appends)."""
+
+    def __init__(self, location):
+        self.location = location
+        self.buffer = io.BytesIO()
+
+    def write(self, data):
+        self.buffer.write(data)
+
+    def flush(self):
+        write_bytes(self.location, self.buffer.getvalue())
+
+    def close(self):
+        self.flush()
+
+
+class _RecordFiles:
+    def open(self, location):
+        return _RecordFile(location)
+
+    def directory_check(self, location):
+        makedirs(location)
+
+
+def _route_tensorboard():
+    """tensorboardX writes event files under a remote logdir through epath (its own gs:// writer
+    needs google-cloud-storage; this registry is tensorboardX's extension point for schemes)."""
+    from tensorboardX import record_writer
+    for prefix in REMOTE_PREFIXES:
+        record_writer.register_writer_factory(prefix.split(':')[0], _RecordFiles())
+
+
+_route_tensorboard()

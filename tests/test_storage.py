@@ -1,0 +1,157 @@
+"""Workdirs and image folders on cloud storage without gcsfuse: every file that orbax does not
+write goes through ihdm_jax.storage (etils.epath). gs:// is served from memory (conftest's
+fake_gcs); local paths take the same functions in the rest of the suite."""
+
+import io
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
+
+from conftest import ROOT
+from ihdm_jax import checkpoint
+from ihdm_jax import data
+from ihdm_jax import errors
+from ihdm_jax import images
+from ihdm_jax import loading
+from ihdm_jax import lock
+from ihdm_jax import main
+from ihdm_jax import storage
+from ihdm_jax.evaluation import frechet
+
+RUN = 'gs://bucket/run'
+
+
+def test_local_and_gs_paths_take_the_same_functions(tmp_path, fake_gcs):
+    for root in (str(tmp_path / 'run'), RUN):
+        storage.makedirs(storage.join(root, 'a', 'b'))
+        storage.write_text(storage.join(root, 'a', 'b', 'x.json'), '{"k": 1}')
+        storage.save_npz(storage.join(root, 'a', 'y.npz'), images=np.arange(3))
+        assert storage.listdir(storage.join(root, 'a')) == ['b', 'y.npz']
+        assert storage.listdir(storage.join(root, 'missing')) == []
+        assert sorted(p.name for p in storage.walk_files(root)) == ['x.json', 'y.npz']
+        assert json.loads(storage.read_text(storage.join(root, 'a', 'b', 'x.json'))) == {'k': 1}
+        with np.load(io.BytesIO(storage.read_bytes(storage.join(root, 'a', 'y.npz')))) as npz:
+            np.testing.assert_array_equal(npz['images'], np.arange(3))
+        assert storage.isfile(storage.join(root, 'a', 'y.npz'))
+        assert storage.isdir(storage.join(root, 'a')) and not storage.isfile(
+            storage.join(root, 'a'))
+    assert set(fake_gcs) == {f'{RUN}/a/b/x.json', f'{RUN}/a/y.npz'}
+    assert not os.path.exists(os.path.join(ROOT, 'gs:'))
+
+
+def test_an_analysis_job_writes_its_results_on_gs(config, fake_gcs):
+    main.run(config, 'frequency_partition', RUN)
+    main.run(config, 'psd', RUN)
+    out = f'{RUN}/analysis'
+    assert {f'{out}/frequency_partition/frequency_partition.png',
+            f'{out}/frequency_partition/frequency_partition.npz', f'{out}/psd/psd.json',
+            f'{out}/psd/psd.png', f'{out}/psd/energy_vs_blur.png'} <= set(fake_gcs)
+    png = Image.open(io.BytesIO(storage.read_bytes(f'{out}/psd/psd.png')))
+    assert png.format == 'PNG' and min(png.size) > 100
+    assert json.loads(storage.read_text(f'{out}/psd/psd.json'))['num_images'] == config.analysis.num_images
+    assert not os.path.exists(os.path.join(ROOT, 'gs:'))
+
+
+def test_config_json_and_the_lock_on_gs(config, fake_gcs, monkeypatch):
+    checkpoint.check_workdir(config, RUN, 'train')
+    checkpoint.save_config(config, RUN)
+    assert json.loads(fake_gcs[f'{RUN}/config.json'].getvalue())['model']['K'] == config.model.K
+    assert loading.read_config(RUN).to_dict() == config.to_dict()
+    other = config.copy_and_resolve_references()
+    other.model.K = config.model.K + 1
+    with pytest.raises(errors.UserError, match=rf'config.model.K: {config.model.K} in '
+                                               rf'{RUN}/config.json, {config.model.K + 1} now'):
+        checkpoint.check_workdir(other, RUN, 'train')
+    with pytest.raises(errors.UserError, match=f'--workdir={RUN} holds no checkpoint'):
+        checkpoint.check_workdir(config, RUN, 'trained')
+
+    monkeypatch.setattr(lock, 'SETTLE_S', 0.0)
+    with lock.WorkdirLock(RUN):
+        assert f'{RUN}/{lock.LOCK_FILE}' in fake_gcs
+        with pytest.raises(errors.UserError, match=f'pid {os.getpid()} on host'):
+            with lock.WorkdirLock(RUN):
+                pass
+    assert f'{RUN}/{lock.LOCK_FILE}' not in fake_gcs
+
+
+def _events(content: bytes):
+    """The events of a TensorBoard event file (records: length, crc, data, crc)."""
+    events, offset = [], 0
+    while offset < len(content):
+        (length,) = struct.unpack('Q', content[offset:offset + 8])
+        events.append(event_pb2.Event.FromString(content[offset + 12:offset + 12 + length]))
+        offset += 12 + length + 4
+    return events
+
+
+def test_samples_tensorboard_and_fid_statistics_on_gs(fake_gcs):
+    pictures = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), np.uint8)
+    images.save_grid(f'{RUN}/samples/step_00000010.png', pictures)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(storage.read_bytes(f'{RUN}/samples/step_00000010.png')))),
+        images.grid(pictures))
+
+    writer = SummaryWriter(f'{RUN}/tensorboard')
+    writer.add_scalar('train/loss', 0.25, 10)
+    writer.add_image('samples', images.grid(pictures), 10, dataformats='HWC')
+    writer.close()
+    (name,) = [k for k in fake_gcs if k.startswith(f'{RUN}/tensorboard/events.out.tfevents.')]
+    events = _events(fake_gcs[name].getvalue())
+    scalars = [(v.tag, v.simple_value, e.step) for e in events for v in e.summary.value
+               if v.HasField('simple_value')]
+    assert scalars == [('train/loss', 0.25, 10)]
+    assert any(v.tag == 'samples' for e in events for v in e.summary.value)
+
+    mu, sigma = np.arange(3.0), np.eye(3)
+    frechet.save_statistics(f'{RUN}/eval/train_stats_digits_8.npz', mu, sigma)
+    assert frechet.is_statistics(f'{RUN}/eval/train_stats_digits_8.npz')
+    loaded = frechet.load_statistics(f'{RUN}/eval/train_stats_digits_8.npz')
+    np.testing.assert_array_equal(loaded[0], mu)
+    np.testing.assert_array_equal(loaded[1], sigma)
+
+
+def test_an_image_folder_on_gs_reads_as_its_local_copy(config, tmp_path, fake_gcs):
+    generator = np.random.default_rng(1)
+    for name in ('cats/b.png', 'cats/a.jpg', 'dogs/c.png', 'notes.txt'):
+        local = tmp_path / name
+        local.parent.mkdir(exist_ok=True)
+        if name.endswith('.txt'):
+            local.write_text('not an image')
+        else:
+            Image.fromarray(generator.integers(0, 256, (20, 12, 3), np.uint8)).save(local)
+        storage.write_bytes(f'gs://bucket/images/{name}', local.read_bytes())
+    config = config.copy_and_resolve_references()
+    config.data.dataset, config.data.num_channels = 'folder', 3
+    config.data.data_dir = 'gs://bucket/images'
+    data.check(config)
+    remote = data.make_source(config)
+    local = data.FolderSource(str(tmp_path), config.data.image_size, 3)
+    assert [p.name for p in remote.paths] == [p.name for p in local.paths] == [
+        'a.jpg', 'b.png', 'c.png']
+    np.testing.assert_array_equal(remote.load(np.arange(3)), local.load(np.arange(3)))
+    config.data.data_dir = 'gs://bucket/none'
+    with pytest.raises(errors.UserError, match="data_dir='gs://bucket/none' does not exist"):
+        data.check(config)
+
+
+def test_an_unprepared_tfds_data_dir_on_gs_names_the_prepare_command(config, fake_gcs,
+                                                                    monkeypatch):
+    monkeypatch.setattr(data, 'PREPARE_PACKAGE', 'a_package_that_is_not_installed')
+    config = config.copy_and_resolve_references()
+    config.data.dataset, config.data.image_size = 'mnist', 28
+    config.data.data_dir = 'gs://bucket/tfds'
+    with pytest.raises(errors.UserError, match=r"not prepared in gs://bucket/tfds.*"
+                                               r"python -m pip install -e '\.\[prepare\]'"):
+        data.check(config)
+
+
+def test_storage_without_its_package_names_it():
+    with pytest.raises(errors.UserError, match=r'--workdir=s3://bucket/run is on s3:// storage, '
+                                               r'which needs the package s3fs: pip install s3fs'):
+        storage.check_reachable('s3://bucket/run', '--workdir')
