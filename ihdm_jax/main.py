@@ -102,6 +102,7 @@ def run(config, mode, workdir, **options):
     job.check(config)
     checkpoint.check_workdir(config, workdir, job.workdir,
                              allow_config_change=options.get('allow_config_change', False))
+    parallel.use_compilation_cache(config, workdir)
     job.run(config, workdir)
 
 
