@@ -54,7 +54,8 @@ def usage(argv) -> str:
     main = sys.modules['__main__']
     program = (main.__spec__.name if getattr(main, '__spec__', None) else
                os.path.basename(argv[0]))
-    configs = '\n'.join(f'  {path:26} {line}' for path, line in shipped_configs())
+    configs = '\n'.join(f'  {path:26} {line}' for path, line in shipped_configs()) or (
+        f'  none in {CONFIGS} (they ship in the repository, not in the installed package)')
     return (f'{(main.__doc__ or "").strip()}\n\n'
             'Config values: --config=FILE loads a config file and --config.KEY=VALUE overrides '
             'one of its\nvalues (the keys and their meaning: ihdm_jax/defaults.py), e.g.\n'

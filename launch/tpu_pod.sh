@@ -65,4 +65,5 @@ for arg in "$config" "$workdir" "$@"; do
 done
 gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$command"
 echo "Started on every worker of $name. Follow process 0's log with:"
-echo "  gcloud compute tpus tpu-vm ssh $name --zone=$zone --worker=0 --command='tail -f ~/ihdm_jax_run/log'"
+echo "  gcloud compute tpus tpu-vm ssh $name --zone=$zone --worker=0 \\"
+echo "      --command='tail -f ~/ihdm_jax_run/log'"

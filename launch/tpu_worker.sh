@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The worker side of launch/tpu_pod.sh, run on every worker of the TPU VM:
 #   1. stops this job's training process of a previous launch (SIGTERM: it saves a checkpoint
-#      and exits; SIGKILL after STOP_TIMEOUT seconds),
+#      and exits; SIGKILL if it still runs 10 minutes later),
 #   2. unpacks the project into ~/ihdm_jax,
 #   3. installs uv if missing, a Python 3.12 environment in ~/ihdm_jax_venv, the requirements
 #      and jax[tpu] (quick when they are there already),
@@ -10,7 +10,6 @@
 # there every minute and at the end); ~/ihdm_jax_run/log points at it.
 #
 # Usage: tpu_worker.sh ARCHIVE CONFIG WORKDIR [flags for ihdm_jax.main ...]
-# Environment: STOP_TIMEOUT (default 600 s: a checkpoint save of a large model takes a while).
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
@@ -30,15 +29,15 @@ mkdir -p "$run_dir"
 # 1. The process of a previous launch, if it is still this job's (a pid may be reused).
 if [[ -f $run_dir/pid ]]; then
     pid=$(<"$run_dir/pid")
-    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q 'ihdm_jax\.main'; then
+    if grep -qa 'ihdm_jax\.main' "/proc/$pid/cmdline" 2>/dev/null; then
         echo "$host: stopping the previous launch (pid $pid); it saves a checkpoint first."
         kill -TERM "$pid" 2>/dev/null || true
-        for ((waited = 0; waited < ${STOP_TIMEOUT:-600}; waited++)); do
+        for ((waited = 0; waited < 600; waited++)); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 1
         done
         if kill -0 "$pid" 2>/dev/null; then
-            echo "$host: pid $pid still runs after ${STOP_TIMEOUT:-600} s; killing it."
+            echo "$host: pid $pid still runs after 600 s; killing it."
             kill -KILL "$pid" 2>/dev/null || true
         fi
     fi
