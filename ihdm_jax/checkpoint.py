@@ -46,8 +46,10 @@ def steps_on_disk(workdir: str) -> list:
     return sorted(int(name) for name in storage.listdir(_directory(workdir)) if name.isdigit())
 
 
-def make_manager(workdir: str, remove_unfinished: bool = False) -> ocp.CheckpointManager:
-    """A manager of <workdir>/checkpoints that keeps the newest MAX_TO_KEEP checkpoints.
+def make_manager(workdir: str, max_to_keep: int = MAX_TO_KEEP, keep_period: int = 0,
+                 remove_unfinished: bool = False) -> ocp.CheckpointManager:
+    """A manager of <workdir>/checkpoints that keeps the newest `max_to_keep` checkpoints and,
+    with keep_period > 0, every checkpoint whose step is a multiple of `keep_period`.
 
     The caller decides when to save. With remove_unfinished, which only the job holding the
     workdir's lock (ihdm_jax.lock) may pass, folders of saves that never finished (a killed job)
@@ -59,7 +61,10 @@ def make_manager(workdir: str, remove_unfinished: bool = False) -> ocp.Checkpoin
             if not name.isdigit():
                 logging.warning('Ignoring and removing %s: a checkpoint save that did not finish.',
                                 storage.join(directory, name))
-    options = ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP,
+    policies = ocp.checkpoint_managers
+    kept = [policies.LatestN(max_to_keep)] + ([policies.EveryNSteps(keep_period)]
+                                              if keep_period else [])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policies.AnyPreservationPolicy(kept),
                                            enable_async_checkpointing=True,
                                            cleanup_tmp_directories=remove_unfinished)
     return ocp.CheckpointManager(directory, options=options)

@@ -174,7 +174,7 @@ class FolderSource:
         self.cache, self._cache_left = {}, int(cache_mb * 2**20)
         self.size = size
         self.mode = 'L' if channels == 1 else 'RGB'
-        self.pool = concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1))
+        self.pool = concurrent.futures.ThreadPoolExecutor(min(16, parallel.host_cpus()))
         self.skipped = set()
         self._converted = False
         self._lock = threading.Lock()

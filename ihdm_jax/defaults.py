@@ -6,6 +6,10 @@ import ml_collections
 def get_default_config():
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # jax's persistent compilation cache, which spares a relaunch (a resubmitted job, a resumed
+    # run) the compilation: 'auto' = <workdir>/compilation_cache on GPU and TPU and none on CPU,
+    # '' = none, otherwise a directory (runs of one config may share it).
+    config.compilation_cache_dir = 'auto'
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = 'cifar10'  # digits | mnist | cifar10 | folder | afhq | ffhq | lsun_church
@@ -41,6 +45,8 @@ def get_default_config():
     training.snapshot_freq = 10_000
     training.log_freq = 100
     training.sampling_freq = 10_000
+    training.max_to_keep = 3  # the newest checkpoints kept
+    training.keep_period = 0  # also keep every checkpoint whose step is a multiple of it; 0 = none
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.lr = 2e-4

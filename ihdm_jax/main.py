@@ -107,6 +107,7 @@ def run(config, mode, workdir, **options):
     # Training holds the workdir's lock; the other jobs only read checkpoints and may run beside it.
     with lock.WorkdirLock(workdir) if job.workdir == 'train' else contextlib.nullcontext():
         data.prepare(config)
+        parallel.use_compilation_cache(config, workdir)
         job.run(config, workdir)
 
 

@@ -45,6 +45,36 @@ def initialize(*, multihost=False, coordinator_address=None, num_processes=None,
         jax.distributed.initialize()
 
 
+def host_cpus() -> int:
+    """The CPUs this process may run on (under SLURM or taskset, those its task was given, not
+    the machine's count); the size of its thread pools."""
+    if hasattr(os, 'sched_getaffinity'):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def compilation_cache_dir(setting: str, workdir: str, platform: str):
+    """The directory of jax's persistent compilation cache for config.compilation_cache_dir
+    (`setting`), or None for no cache: 'auto' is <workdir>/compilation_cache on GPU and TPU and
+    none on CPU (`platform`: jax.default_backend()), '' none, anything else that directory."""
+    if setting == 'auto':
+        return os.path.join(workdir, 'compilation_cache') if platform in ('gpu', 'tpu') else None
+    return setting or None
+
+
+def use_compilation_cache(config, workdir: str):
+    """Compiled programs are stored in and loaded from the directory of compilation_cache_dir, so
+    that a relaunch skips the compilation (process 0 writes; programs that compile in less than
+    jax_persistent_cache_min_compile_time_secs are not stored). Call before anything compiles.
+    With 'auto' on CPU, a cache set through JAX_COMPILATION_CACHE_DIR stays in use."""
+    directory = compilation_cache_dir(config.compilation_cache_dir, workdir,
+                                      jax.default_backend())
+    if directory:
+        jax.config.update('jax_compilation_cache_dir', directory)
+    elif config.compilation_cache_dir == '':
+        jax.config.update('jax_enable_compilation_cache', False)
+
+
 def use_cpu_cores(batch_sizes) -> int:
     """Splits the CPU into one device per core (at most), as many as divide every batch size.
 
@@ -57,9 +87,9 @@ def use_cpu_cores(batch_sizes) -> int:
     if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
             or jax.config.jax_num_cpu_devices >= 0):
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    cores = host_cpus()
     sizes = [b for b in batch_sizes if isinstance(b, int) and b > 0]
-    count = max(d for d in range(1, (cores or 1) + 1) if all(b % d == 0 for b in sizes))
+    count = max(d for d in range(1, cores + 1) if all(b % d == 0 for b in sizes))
     jax.config.update('jax_num_cpu_devices', count)
     return count
 

@@ -104,6 +104,10 @@ def check_values(config):
              f"config.model.dtype={m.dtype!r}; expected 'float32' or 'bfloat16'.")
     for name in ('batch_size', 'snapshot_freq', 'log_freq', 'sampling_freq'):
         require(t[name] >= 1, f'config.training.{name}={t[name]} must be at least 1.')
+    require(t.max_to_keep >= 1, f'config.training.max_to_keep={t.max_to_keep} must be at '
+             'least 1 (a run resumes from the newest checkpoint).')
+    require(t.keep_period >= 0, f'config.training.keep_period={t.keep_period} must be ≥ 0 '
+             '(0 keeps no milestones).')
     require(t.n_iters >= 0, f'config.training.n_iters={t.n_iters} must be ≥ 0.')
     for name in ('num_samples', 'batch_size'):
         require(s[name] >= 1, f'config.sampling.{name}={s[name]} must be at least 1.')

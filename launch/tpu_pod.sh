@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# Creates a Cloud TPU VM (a pod slice or a single host), copies this repository to every worker,
-# installs it and runs one training process per worker. The processes find each other through
-# jax.distributed (--multihost).
-#
-# All workers must see the same WORKDIR: mount a Cloud Storage bucket with gcsfuse at the same
-# path on every worker (done below when BUCKET is set) or use another shared file system.
+# Trains on a Cloud TPU VM (a pod slice or a single host): creates it, copies this repository to
+# every worker and starts one training process per worker, detached from the ssh session (the
+# processes find each other through jax.distributed, --multihost). launch/tpu_worker.sh is the
+# worker side: it stops this job's processes of a previous launch, installs Python 3.12 with uv,
+# the requirements and jax[tpu], and starts the job with its log under WORKDIR/logs/.
 #
 # Usage: launch/tpu_pod.sh TPU_NAME CONFIG WORKDIR [flags for ihdm_jax.main ...]
+# WORKDIR must be seen by every worker: a gs://bucket/path, or a shared file system.
+# Running the same command again stops the running job (it saves a checkpoint) and resumes it
+# with the code and flags given now.
 # Environment:
 #   ZONE              (default us-central2-b)
 #   ACCELERATOR_TYPE  (default v4-32: 4 hosts x 4 chips)
-#   RUNTIME_VERSION   TPU VM image (default tpu-ubuntu2204-base)
-#   BUCKET            Cloud Storage bucket mounted at /mnt/$BUCKET on every worker (optional)
-#   CREATE            set to 0 to reuse an existing TPU VM
+#   RUNTIME_VERSION   TPU VM image; default by generation: tpu-ubuntu2204-base (v4),
+#                     v2-alpha-tpuv5-lite (v5e, v5litepod-*), v2-alpha-tpuv5 (v5p),
+#                     v2-alpha-tpuv6e (v6e)
+#   CREATE            set to 0 to use an existing TPU VM
 # Example:
-#   BUCKET=my-bucket launch/tpu_pod.sh ihdm configs/cifar10.py /mnt/my-bucket/runs/cifar10
+#   ACCELERATOR_TYPE=v5litepod-16 ZONE=us-west4-a \
+#       launch/tpu_pod.sh ihdm-cifar10 configs/cifar10.py gs://my-bucket/runs/cifar10
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
@@ -27,29 +31,39 @@ workdir=$3
 shift 3
 zone=${ZONE:-us-central2-b}
 accelerator=${ACCELERATOR_TYPE:-v4-32}
-runtime=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
+case $accelerator in
+    v4-*) default_runtime=tpu-ubuntu2204-base ;;
+    v5litepod-* | v5e-*) default_runtime=v2-alpha-tpuv5-lite ;;
+    v5p-*) default_runtime=v2-alpha-tpuv5 ;;
+    v6e-*) default_runtime=v2-alpha-tpuv6e ;;
+    *) default_runtime= ;;
+esac
+runtime=${RUNTIME_VERSION:-$default_runtime}
 repo_dir="$(cd "$(dirname "$0")/.." && pwd)"
 
 if [[ ${CREATE:-1} != 0 ]]; then
+    if [[ -z $runtime ]]; then
+        echo "Error: no default TPU runtime for ACCELERATOR_TYPE=$accelerator; set" \
+             "RUNTIME_VERSION (see the Cloud TPU documentation's software versions)." >&2
+        exit 1
+    fi
     gcloud compute tpus tpu-vm create "$name" --zone="$zone" \
         --accelerator-type="$accelerator" --version="$runtime"
 fi
 
-archive=$(mktemp --suffix=.tar.gz)
-trap 'rm -f "$archive"' EXIT
-tar -czf "$archive" -C "$repo_dir" --exclude=.git --exclude=.venv --exclude=.cache --exclude=runs \
-    --exclude='__pycache__' .
-gcloud compute tpus tpu-vm scp "$archive" "$name":ihdm_jax.tar.gz --zone="$zone" --worker=all
+archive=$(mktemp -d)/ihdm_jax.tar.gz
+trap 'rm -rf "$(dirname "$archive")"' EXIT
+tar -czf "$archive" -C "$repo_dir" --exclude=.git --exclude=.venv --exclude=.cache \
+    --exclude=runs --exclude='__pycache__' .
+gcloud compute tpus tpu-vm scp "$archive" "$repo_dir/launch/tpu_worker.sh" "$name":~ \
+    --zone="$zone" --worker=all
 
-setup='rm -rf ~/ihdm_jax && mkdir ~/ihdm_jax && tar -xzf ~/ihdm_jax.tar.gz -C ~/ihdm_jax &&
-       pip install -q -r ~/ihdm_jax/requirements.txt "jax[tpu]"'
-if [[ -n ${BUCKET:-} ]]; then
-    setup+=" && sudo mkdir -p /mnt/$BUCKET && sudo chown \$USER /mnt/$BUCKET &&
-            (mountpoint -q /mnt/$BUCKET || gcsfuse --implicit-dirs $BUCKET /mnt/$BUCKET)"
-fi
-gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$setup"
-
-printf -v flags ' %q' "$@"
-run="cd ~/ihdm_jax && python3 -m ihdm_jax.main --multihost --config=$(printf %q "$config") \
-     --workdir=$(printf %q "$workdir")$flags"
-gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$run"
+# Every argument quoted once for the worker's shell; no extra flags add nothing.
+command="bash ~/tpu_worker.sh ~/ihdm_jax.tar.gz"
+for arg in "$config" "$workdir" "$@"; do
+    command+=" $(printf '%q' "$arg")"
+done
+gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$command"
+echo "Started on every worker of $name. Follow process 0's log with:"
+echo "  gcloud compute tpus tpu-vm ssh $name --zone=$zone --worker=0 \\"
+echo "      --command='tail -f ~/ihdm_jax_run/log'"

@@ -171,3 +171,23 @@ def _shipped_configs():
 @pytest.mark.parametrize('name', _shipped_configs())
 def test_shipped_config_passes_validation(name):
     validation.check_config(importlib.import_module(f'configs.{name}').get_config())
+
+
+def test_help_shows_the_override_syntax_and_the_shipped_configs():
+    result = subprocess.run([sys.executable, '-m', 'ihdm_jax.main', '--help'], cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert '--config.KEY=VALUE' in result.stdout
+    assert '--config.training.n_iters=500' in result.stdout
+    for name in _shipped_configs():
+        first_line = importlib.import_module(f'configs.{name}').__doc__.splitlines()[0]
+        assert re.search(rf'^  configs/{name}\.py +{re.escape(first_line)}$', result.stdout,
+                         re.MULTILINE), result.stdout
+    assert '--workdir: Directory for checkpoints' in result.stdout
+
+
+@pytest.mark.parametrize('setting, platform, expected', [
+    ('auto', 'gpu', 'run/compilation_cache'), ('auto', 'tpu', 'run/compilation_cache'),
+    ('auto', 'cpu', None), ('', 'gpu', None), ('/cache', 'cpu', '/cache')])
+def test_compilation_cache_is_on_by_default_on_gpu_and_tpu(setting, platform, expected):
+    assert parallel.compilation_cache_dir(setting, 'run', platform) == expected

@@ -1,9 +1,12 @@
 """The training state and step, sampling over a mesh, checkpoints, the train and sample jobs."""
 
 import glob
+import logging
 import os
+import re
 import shutil
 import struct
+import time
 
 import jax
 import jax.numpy as jnp
@@ -243,6 +246,81 @@ def test_training_writes_grids_of_ema_samples(config, runs, meshes, samplers, so
     for workdir in runs:
         grid = np.asarray(Image.open(workdir / 'samples' / 'step_00000004.png'))
         np.testing.assert_array_equal(grid, images.grid(expected)[..., 0])
+
+
+def _scalar_steps_as_tensorboard_shows(directory, tag):
+    """The steps of `tag` after TensorBoard's purge rule: a SessionLog START event at step P
+    (tensorboardX's purge_step) hides the events of earlier files at steps >= P."""
+    steps = []
+    for path in sorted(glob.glob(os.path.join(directory, 'events.out.tfevents.*'))):
+        with open(path, 'rb') as f:
+            while header := f.read(12):
+                (length,) = struct.unpack('<Q', header[:8])
+                event = event_pb2.Event.FromString(f.read(length))
+                f.read(4)
+                if event.session_log.status == event_pb2.SessionLog.START:
+                    steps = [step for step in steps if step < event.step]
+                steps += [event.step for value in event.summary.value if value.tag == tag]
+    return steps
+
+
+def test_retention_progress_phases_and_purged_events_of_a_resumed_run(config, runs, tmp_path,
+                                                                       monkeypatch, caplog,
+                                                                       capfd):
+    """A crash after the events of step 4 but before its checkpoint, resumed from step 2 with
+    a checkpoint every step, the newest one kept and every 4th step: sampling at step 4 made
+    10 s slower must not lower the logged steps/s of steps 5 and 6."""
+    caplog.set_level(logging.INFO, logger='absl')
+    workdir = tmp_path / 'run'
+    shutil.copytree(runs[1], workdir)  # checkpoints 2 and 4, events at steps 2 and 4
+    shutil.rmtree(workdir / 'checkpoints' / '4')
+    draw, delays = programs.Sampler.draw, [10]
+
+    def slow_draw(*args, **kwargs):
+        time.sleep(delays.pop() if delays else 0)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(programs.Sampler, 'draw', slow_draw)
+    run_config = _run_config(config, 6)
+    run_config.training.snapshot_freq = 1
+    run_config.training.max_to_keep = 1
+    run_config.training.keep_period = 4
+    train_job.train(run_config, str(workdir))
+
+    assert checkpoint.steps_on_disk(str(workdir)) == [4, 6]
+    loss = _read_scalars(workdir / 'tensorboard')['train/loss']
+    assert [step for step, _ in loss] == [2, 4, 4, 6]  # step 4 logged by both launches
+    assert _scalar_steps_as_tensorboard_shows(workdir / 'tensorboard', 'train/loss') == [2, 4, 6]
+
+    lines = [r.getMessage() for r in caplog.records if r.pathname.endswith('train.py')]
+    assert re.fullmatch(r'Compiled the training step in [\d.]+ s\.', lines[1]), lines
+    rates = [float(m[1]) for line in lines
+             if (m := re.fullmatch(r'step 6: loss .* steps/s ([\d.]+)  ETA 0m00s', line))]
+    # Steps 5 and 6 came after 10 s of sampling at step 4: counted in, 2 steps / 10 s.
+    assert len(rates) == 1 and rates[0] > 2 / 10, lines
+    phases = re.fullmatch(r'Steps 2 to 6 in \S+: training steps [\d.]+ s \([\d.]+ steps/s\), '
+                          r'compilation ([\d.]+) s, sampling ([\d.]+) s, checkpoints [\d.]+ s\.',
+                          lines[-2])
+    assert phases and float(phases[2]) >= 10, lines
+    assert lines[-1] == (f'Outputs in {workdir}: checkpoints/ (steps [4, 6]), samples/ (sample '
+                         f'grids), tensorboard/ (tensorboard --logdir {workdir}/tensorboard).')
+    assert '\r' not in capfd.readouterr().err  # no progress bar frames without a terminal
+
+
+def test_checkpoint_manager_keeps_the_newest_and_every_mth_step(tmp_path):
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=2, keep_period=4)
+    saver = checkpoint.Saver(manager)
+    for step in range(1, 11):
+        saver.save(step, {'x': np.arange(3) + step})
+    saver.check(wait=True)
+    manager.close()
+    assert checkpoint.steps_on_disk(str(tmp_path)) == [4, 8, 9, 10]
+    manager = checkpoint.make_manager(str(tmp_path))  # the default: the newest 3
+    saver = checkpoint.Saver(manager)
+    saver.save(11, {'x': np.arange(3)})
+    saver.check(wait=True)
+    manager.close()
+    assert checkpoint.steps_on_disk(str(tmp_path)) == [9, 10, 11]
 
 
 # The sample job and EMA-only restores, from conftest's `trained` checkpoint.

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ihdm_jax import data
 from ihdm_jax import errors
+from ihdm_jax import parallel
 from ihdm_jax import storage
 from ihdm_jax.evaluation import inception
 
@@ -103,7 +104,7 @@ class InceptionFeatures:
         self.batch_size = batch_size
         graphdef, self.state = nnx.split(inception.load(weights_path))
         self._apply = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
-        self._pool = concurrent.futures.ThreadPoolExecutor()
+        self._pool = concurrent.futures.ThreadPoolExecutor(parallel.host_cpus())
 
     def preprocess(self, images) -> np.ndarray:
         """A sequence of uint8 HWC images -> float32 (N, 299, 299, 3), resized in threads."""
