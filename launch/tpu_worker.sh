@@ -3,8 +3,8 @@
 #   1. stops this job's training process of a previous launch (SIGTERM: it saves a checkpoint
 #      and exits; SIGKILL if it still runs 10 minutes later),
 #   2. unpacks the project into ~/ihdm_jax,
-#   3. installs uv if missing, a Python 3.12 environment in ~/ihdm_jax_venv, the requirements
-#      and jax[tpu] (quick when they are there already),
+#   3. installs uv if missing, a Python 3.12 environment in ~/ihdm_jax_venv, the requirements,
+#      gcsfs (gs:// workdirs and data) and jax[tpu] (quick when they are there already),
 #   4. starts `python -m ihdm_jax.main --multihost` detached from the ssh session and returns.
 # The log is WORKDIR/logs/<host>.log (for a gs:// WORKDIR: written on the worker and copied
 # there every minute and at the end); ~/ihdm_jax_run/log points at it.
@@ -57,7 +57,7 @@ fi
 if [[ ! -x $venv/bin/python ]]; then
     uv venv --python 3.12 "$venv"
 fi
-uv pip install --quiet --python "$venv/bin/python" -r "$project/requirements.txt" 'jax[tpu]'
+uv pip install --quiet --python "$venv/bin/python" -r "$project/requirements.txt" gcsfs 'jax[tpu]'
 
 # 4. The job, detached: its own session, no terminal, survives the end of the ssh session.
 case $workdir in
