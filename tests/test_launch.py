@@ -140,13 +140,15 @@ def test_tpu_pod_default_runtime_follows_the_generation(fake_cloud, tmp_path):
 
 
 FAKE_SLURM = {
+    # Ready for scancel's TERM before it records its call, which the test waits for.
     'srun': r'''#!/usr/bin/env bash
+trap 'kill $sleeper 2>/dev/null; echo "srun stopped" >>"$FAKE_RECORD"; exit 0' TERM
+echo $$ >"$FAKE_SRUN_PID"
 printf '%q ' srun "$@" >>"$FAKE_RECORD"; echo >>"$FAKE_RECORD"
 echo "OMP_NUM_THREADS=$OMP_NUM_THREADS ACTIVATED=${ACTIVATED:-}" >>"$FAKE_RECORD"
-echo $$ >"$FAKE_SRUN_PID"
 sleep 600 &
-trap 'kill $!; echo "srun stopped" >>"$FAKE_RECORD"; exit 0' TERM
-wait $!
+sleeper=$!
+wait $sleeper
 ''',
     'scancel': r'''#!/usr/bin/env bash
 printf '%q ' scancel "$@" >>"$FAKE_RECORD"; echo >>"$FAKE_RECORD"

@@ -271,8 +271,7 @@ def sweep_delta(config, workdir: str):
     lines = ['| δ | bits/dim | L_K | Σ L_k | L_0 | FID |', '|---|---|---|---|---|---|']
     lines += [f'| {row["delta"]:g} | {row["bits_per_dim"]:.4f} | {row["L_K"]:.4f} | '
               f'{row["sum_L_k"]:.4f} | {row["L_0"]:.4f} | {row["fid"]:.2f} |' for row in rows]
-    with storage.path(out, 'sweep_delta.md').open('w') as f:
-        f.write('\n'.join(lines) + '\n')
+    storage.write_text(storage.join(out, 'sweep_delta.md'), '\n'.join(lines) + '\n')
     title = (f'{config.data.dataset}, checkpoint {step}: ELBO on {negative_elbo.num_examples} '
              f'test images, FID of {config.evaluation.fid_num_samples} samples')
     plots.sweep_delta(os.path.join(out, 'sweep_delta.png'), rows, title)
