@@ -27,8 +27,11 @@ SETTINGS = ['--config.training.snapshot_freq=2', '--config.training.log_freq=2']
 
 def _launch(workdir, n_iters, *flags):
     """The two-process job to n_iters, started; its output goes to WORKDIR/logs/process_i.log."""
+    # Without the session's compilation cache: only process 0 writes it, so on a relaunch
+    # process 0 would load the step while process 1 compiles it, and gloo's 30 s rendezvous
+    # of the first collective would time out on a slow machine.
     env = dict(os.environ, PYTHON=sys.executable, CONFIG='configs/tiny.py', NUM_PROCESSES='2',
-               DEVICES_PER_PROCESS='2')
+               DEVICES_PER_PROCESS='2', JAX_ENABLE_COMPILATION_CACHE='false')
     return subprocess.Popen(
         ['bash', 'launch/local_multiprocess.sh', str(workdir),
          f'--config.training.n_iters={n_iters}', *SETTINGS, *flags],
