@@ -247,7 +247,8 @@ def frequency_partition(path, rings, power, frequencies, psd, image):
 def likelihood_levels(path, result, title):
     """Left, the terms L_1..L_{K−1} of Eq. (7) in nats per image; right, L_K (its App. A.3 bound),
     Σ L_k and L_0 in bits/dim."""
-    levels = np.asarray(result['level_nats'])  # level k holds L_{k−1}
+    # Level k holds L_{k−1}; a level that no Monte-Carlo draw reached is None (a gap).
+    levels = np.asarray([np.nan if v is None else v for v in result['level_nats']], float)
     fig = Figure(figsize=(9, 4))
     left, right = fig.subplots(1, 2, width_ratios=(3, 1))
     left.plot(np.arange(1, len(levels)), levels[1:], '.-')
@@ -259,7 +260,7 @@ def likelihood_levels(path, result, title):
     bars = right.bar(['$L_K$', '$\\Sigma L_k$', '$L_0$'], values, color=['C2', 'C0', 'C1'])
     right.bar_label(bars, fmt='%.3f', fontsize=8)
     right.axhline(0.0, color='black', linewidth=0.8)
-    right.set_ylabel('bits/dim (total = 8 + sum)')
+    right.set_ylabel(f'bits/dim (total = {result.get("offset", 8):g} + sum)')
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,137 @@
+"""The forward process of a config (config.model.process), as the runtime and the jobs use it.
+
+This is the one place that tells the heat process (IHDM: objective.py, sampling.py, the KDE
+prior) from the Gaussian processes of diffusion.py (DDPM, blurring diffusion, non-isotropic
+noise). Both kinds offer the same operations on the same U-Net f(u, k): the training loss, the
+prior draw, the reverse chain, the model mean of one step and the input state of a level.
+
+Images come in and go out in [0, 1] (the heat process works there); the diffusion processes
+work on 2x − 1 in [−1, 1] (Ho et al., Sec. 3.3). Level k runs from K (the prior) to 0.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from ihdm_jax import diffusion
+from ihdm_jax import errors
+from ihdm_jax import heat
+from ihdm_jax import objective
+from ihdm_jax import sampling
+from ihdm_jax import schedule as schedule_lib
+
+NAMES = ('heat', 'ddpm', 'blurring', 'non_isotropic')
+# Modes defined for the heat process only, and why.
+HEAT_ONLY_MODES = {
+    'sweep_delta': 'δ is the sampling noise of the heat process (Eq. 8)',
+    'delta_grid': 'δ is the sampling noise of the heat process (Eq. 8)',
+    'prior_overlap': 'it bounds L_K of the KDE prior of the heat process (App. A.3)',
+    'hierarchical': 'its chains split at levels of the heat sampler (Fig. 5b)',
+    'trajectory_gradients': 'it probes the heat sampler along its chain (Fig. 8 right, 13b)',
+}
+
+
+def check_mode(config, mode):
+    """errors.UserError if `mode` is not defined for config.model.process."""
+    process = config.model.process
+    if process != 'heat' and mode in HEAT_ONLY_MODES:
+        raise errors.UserError(f'--mode={mode} is defined for the heat process only '
+                               f'({HEAT_ONLY_MODES[mode]}); config.model.process={process!r}.')
+
+
+def diffusion_process(config) -> diffusion.Process:
+    """The diffusion.Process of config.model (process 'ddpm', 'blurring' or 'non_isotropic')."""
+    m = config.model
+    if m.process == 'ddpm':
+        return diffusion.ddpm(m.K, m.beta_min, m.beta_max)
+    if m.process == 'blurring':
+        return diffusion.blurring(m.K, m.blur_sigma_max, m.blur_d_min)
+    if m.process == 'non_isotropic':
+        return diffusion.non_isotropic(m.K, m.noise_gamma, m.noise_c0, m.beta_min, m.beta_max)
+    raise ValueError(f'Not a diffusion process: {m.process!r}.')
+
+
+class Heat:
+    """IHDM exactly as objective.py and sampling.py define it (Alg. 1, 2; the KDE prior)."""
+
+    def __init__(self, config):
+        self.schedule = schedule_lib.from_config(config)
+        self.K = self.schedule.K
+
+    def loss(self, f, x, key):
+        return objective.training_loss(f, x, key, self.schedule.t, self.schedule.sigma)
+
+    def prior(self, key, x, delta):
+        """u_K from the KDE prior around the training images x (B, H, W, C)."""
+        return sampling.prior_sample(key, x, self.schedule.t_K, delta)
+
+    def chain(self, f, u_K, delta, noise, trajectory_steps=()):
+        """u_0 (and the states at trajectory_steps) of Alg. 2, in [0, 1]."""
+        return sampling.sample_with_noise(f, u_K, self.K, delta, noise, trajectory_steps)
+
+    def mean(self, f, u, k):
+        """μ(u_k, k) = u_k + f(u_k, k), the mean of the step from level k."""
+        return u + f(u, jnp.full((u.shape[0],), k, jnp.int32))
+
+    def level_state(self, x, k, key):
+        """The input of level k for training images x: F(t_k) x (the noise-free blur)."""
+        del key
+        return heat.heat_forward(x, self.schedule.t[k])
+
+    def interpolate_prior(self, u_a, u_b, weight):
+        """App. D.2: u_K linearly."""
+        return (1.0 - weight) * u_a + weight * u_b
+
+    def to_image(self, u):
+        return u
+
+
+class Diffusion:
+    """A process of diffusion.py with ε-prediction by the U-Net at time input 1000·t."""
+
+    def __init__(self, config):
+        self.process = diffusion_process(config)
+        self.K = self.process.num_levels
+
+    @staticmethod
+    def eps_fn(f):
+        return lambda u, t: f(u, diffusion.TIME_SCALE * t)
+
+    def loss(self, f, x, key):
+        return diffusion.epsilon_loss(self.process, self.eps_fn(f), 2.0 * x - 1.0, key)
+
+    def prior(self, key, x, delta):
+        """u_K ~ N(0, V diag(c²) Vᵀ); the training images and δ play no part."""
+        del delta
+        return diffusion.prior_sample(self.process, key, x.shape)
+
+    def chain(self, f, u_K, delta, noise, trajectory_steps=()):
+        """Ancestral sampling from u_K; u_0 and the states in [0, 1] (δ plays no part)."""
+        del delta
+        out = diffusion.sample_with_noise(self.process, self.eps_fn(f), u_K, noise,
+                                          trajectory_steps)
+        return jax.tree.map(self.to_image, out)
+
+    def mean(self, f, u, k):
+        """The mean of p(u_{k−1} | u_k) (the model's u_0 at k = 1), for u in [−1, 1]."""
+        batch = u.shape[0]
+        t = jnp.full((batch,), k / self.K, jnp.float32)
+        s = jnp.full((batch,), (k - 1) / self.K, jnp.float32)
+        return diffusion.model_mean(self.process, self.eps_fn(f), u, t, s)
+
+    def level_state(self, x, k, key):
+        """A draw of q(u_k | 2x − 1) for training images x."""
+        t = jnp.full((x.shape[0],), k / self.K, jnp.float32)
+        return diffusion.q_sample(self.process, 2.0 * x - 1.0, t,
+                                  jax.random.normal(key, x.shape, jnp.float32))
+
+    def interpolate_prior(self, u_a, u_b, weight):
+        """The prior draws spherically, as the noise (a Gaussian draw keeps its norm)."""
+        return sampling.slerp(u_a, u_b, weight)
+
+    def to_image(self, u):
+        return (u + 1.0) / 2.0
+
+
+def from_config(config):
+    """Heat or Diffusion for config.model.process."""
+    return Heat(config) if config.model.process == 'heat' else Diffusion(config)
