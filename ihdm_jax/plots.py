@@ -94,6 +94,27 @@ def psd(path, frequencies, data_psd, curves, sigma, n):
     fig.savefig(path, bbox_inches='tight')
 
 
+def process_psd(path, frequencies, data_psd, curves, process, n):
+    """The radial PSD of a diffusion process's states at the data's scale, one curve per level
+    (Fig. 4 for DDPM and its kin)."""
+    fig = Figure(figsize=(5.8, 4.5), dpi=100)
+    ax = fig.subplots()
+    ax.loglog(frequencies, data_psd, 'k-', lw=2, label='data')
+    shades = np.linspace(0.35, 1.0, len(curves))
+    for c, s in zip(curves, shades):
+        ax.loglog(frequencies, c['psd'], color=(s, 0.25 * s, 0.1),
+                  label=f'k={c["k"]}, t={c["t"]:.3g}, α={c["alpha"]:.3f}')
+    ax.set_xlabel('frequency (cycles per pixel)')
+    ax.set_ylabel('power (mean squared DCT coefficient)')
+    _plain_log_ticks(ax.xaxis, frequencies[0], frequencies[-1])
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f'{process}: u_k/(2α_k), a draw of q(u_k | 2x − 1) at the data scale',
+                 fontsize=10)
+    fig.suptitle(f'Radial power spectral density of {n} training images (Fig. 4)')
+    fig.savefig(path, bbox_inches='tight')
+
+
 def energy_vs_blur(path, frequencies, data_psd, alpha, blur_sigmas, energy, sigma, n):
     fig = Figure(figsize=(11, 4.5), dpi=100)
     psd_ax, energy_ax = fig.subplots(1, 2)
@@ -127,7 +148,7 @@ def energy_vs_blur(path, frequencies, data_psd, alpha, blur_sigmas, energy, sigm
     fig.savefig(path, bbox_inches='tight')
 
 
-def input_gradients(path, grads, inputs, levels, pixels, t, linthresh, step):
+def input_gradients(path, grads, inputs, levels, pixels, labels, linthresh, step, process):
     rows, columns = len(pixels) + 1, len(levels)
     fig = Figure(figsize=(1.9 * columns + 1.2, 1.9 * rows + 0.6), dpi=100, layout='constrained')
     axes = fig.subplots(rows, columns, squeeze=False)
@@ -138,7 +159,7 @@ def input_gradients(path, grads, inputs, levels, pixels, t, linthresh, step):
         image = np.clip(inputs[col], 0, 1)
         axes[0, col].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray',
                             vmin=0, vmax=1)
-        axes[0, col].set_title(f'k={k}, σ_B={np.sqrt(2 * t[k]):.2f}', fontsize=9)
+        axes[0, col].set_title(labels[col], fontsize=9)
         for p, (i, j) in enumerate(pixels):
             axes[0, col].plot(j, i, 's', mfc='none', mec=f'C{p}', ms=5)
             shown = axes[p + 1, col].imshow(grads[p, col], cmap='RdBu_r', norm=norm)
@@ -151,7 +172,8 @@ def input_gradients(path, grads, inputs, levels, pixels, t, linthresh, step):
         ax.set_yticks([])
     fig.colorbar(shown, ax=axes[1:].ravel().tolist(), shrink=0.8,
                  label=f'∂μ/∂u (symlog, linear below {linthresh:g})')
-    fig.suptitle(f'Input gradients of the predicted mean μ(u_k, k) (checkpoint {step}, Fig. 8)')
+    fig.suptitle(f'{process}: input gradients of the predicted mean μ(u_k, k) (checkpoint '
+                 f'{step}, Fig. 8)')
     fig.savefig(path, bbox_inches='tight')
 
 

@@ -77,9 +77,12 @@ class Heat:
         del key
         return heat.heat_forward(x, self.schedule.t[k])
 
-    def interpolate_prior(self, u_a, u_b, weight):
-        """App. D.2: u_K linearly."""
-        return (1.0 - weight) * u_a + weight * u_b
+    def interpolate(self, f, u_a, u_b, key_a, key_b, delta, num_points):
+        """App. D.2 (sampling.interpolate): u_K linearly, the noise spherically."""
+        return sampling.interpolate(f, u_a, u_b, key_a, key_b, self.K, delta, num_points)
+
+    def level_label(self, k):
+        return f'k={k}, σ_B={float(jnp.sqrt(2 * self.schedule.t[k])):.2f}'
 
     def to_image(self, u):
         return u
@@ -124,9 +127,19 @@ class Diffusion:
         return diffusion.q_sample(self.process, 2.0 * x - 1.0, t,
                                   jax.random.normal(key, x.shape, jnp.float32))
 
-    def interpolate_prior(self, u_a, u_b, weight):
-        """The prior draws spherically, as the noise (a Gaussian draw keeps its norm)."""
-        return sampling.slerp(u_a, u_b, weight)
+    def interpolate(self, f, u_a, u_b, key_a, key_b, delta, num_points):
+        """Frames between two endpoints (u_K, noise keys), each (H, W, C) and a key: u_K and
+        every level's noise interpolated spherically (a linear mix of two Gaussian draws would
+        shrink towards 0), the frames then sampled as usual; (num_points, H, W, C) in [0, 1]."""
+        weight = jnp.linspace(0.0, 1.0, num_points).reshape(-1, 1, 1, 1)
+        u_K = sampling.slerp(u_a[None], u_b[None], weight)
+        noise_a = sampling.example_noise(jnp.stack([key_a] * num_points), u_a.shape)
+        noise_b = sampling.example_noise(jnp.stack([key_b] * num_points), u_a.shape)
+        return self.chain(f, u_K, delta,
+                          lambda k: sampling.slerp(noise_a(k), noise_b(k), weight))
+
+    def level_label(self, k):
+        return f'k={k}, t={k / self.K:.3g}'
 
     def to_image(self, u):
         return (u + 1.0) / 2.0

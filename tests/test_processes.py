@@ -286,3 +286,147 @@ def test_bad_process_and_heat_only_modes_are_refused(config):
     for mode in processes.HEAT_ONLY_MODES:
         with pytest.raises(errors.UserError, match=f'--mode={mode} is defined for the heat'):
             main.run(ddpm, mode, '/nonexistent')
+
+
+
+@pytest.fixture(scope='module')
+def ddpm_config(config):
+    ddpm = config.copy_and_resolve_references()
+    ddpm.model.process = 'ddpm'
+    ddpm.model.beta_max = 0.2  # K = 10 levels that end near N(0, I) (ᾱ_K = 0.28)
+    a = ddpm.analysis
+    a.num_rows, a.num_points, a.num_images = 2, 3, 16
+    a.gradient_pixels = ((0.5, 0.5),)
+    a.level_fractions = (0.1, 1.0)
+    ddpm.evaluation.num_examples = 8
+    ddpm.evaluation.num_passes = 2
+    return ddpm
+
+
+@pytest.fixture(scope='module')
+def ddpm_workdir(ddpm_config, tmp_path_factory):
+    """A DDPM workdir of configs/tiny.py (K = 10) whose checkpoint has parameters far from the
+    zero-initialised output (ε̂ of order 1), written without training, as conftest.trained."""
+    from conftest import perturbed
+    from ihdm_jax import checkpoint, parallel, rng, state as state_lib
+    workdir = str(tmp_path_factory.mktemp('ddpm'))
+    mesh = parallel.make_mesh()
+    initial = jax.device_get(state_lib.init_state(ddpm_config, mesh, rng.init_key(0)))
+    state = initial.replace(step=np.int32(3), params=perturbed(initial.params, 1, 0.05),
+                            ema_params=perturbed(initial.params, 2, 0.05))
+    checkpoint.save_config(ddpm_config, workdir)
+    manager = checkpoint.make_manager(workdir)
+    checkpoint.Saver(manager).save(3, jax.device_put(state, parallel.replicated(mesh)))
+    manager.wait_until_finished()
+    manager.close()
+    return workdir
+
+
+def test_diffusion_training_loss_is_l_simple_on_scaled_data(ddpm_config):
+    """The train step's loss for a diffusion process (processes.Diffusion.loss): L_simple of
+    the data scaled to [−1, 1], with the network given 1000·t (t = i/K on the grid)."""
+    process = processes.from_config(ddpm_config)
+    assert isinstance(process, processes.Diffusion)
+    seen = []
+
+    def f(u, k):
+        seen.append(k)
+        return 0.3 * u * k[:, None, None, None] / 1000
+
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+    key = jax.random.key(1)
+    loss = float(process.loss(f, x, key))
+    t_key, eps_key = jax.random.split(key)
+    t = diffusion.training_times(process.process, t_key, 4)
+    eps = jax.random.normal(eps_key, x.shape)
+    u_t = np.asarray(diffusion.q_sample(process.process, 2 * x - 1, t, eps))
+    np.testing.assert_allclose(seen[0], 1000 * np.asarray(t))
+    assert set(np.round(np.asarray(t) * 10, 6)) <= set(range(1, 11))
+    reference = np.mean((np.asarray(eps) - 0.3 * u_t * np.asarray(t)[:, None, None, None]) ** 2)
+    np.testing.assert_allclose(loss, reference, rtol=1e-5)
+
+
+def test_ddpm_samples_like_heat(ddpm_config, ddpm_workdir):
+    import os
+    import PIL.Image
+    main.run(ddpm_config, 'sample', ddpm_workdir)
+    out = os.path.join(ddpm_workdir, 'samples')
+    samples = np.load(os.path.join(out, 'samples.npz'))['images']
+    assert samples.shape == (8, 8, 8, 1) and samples.dtype == np.uint8
+    assert samples.std() > 10  # not a constant image
+    gif = PIL.Image.open(os.path.join(out, 'trajectory.gif'))
+    assert gif.n_frames == ddpm_config.model.K + 1  # levels K..0
+    assert os.path.getsize(os.path.join(out, 'samples.png')) > 0
+
+
+def test_ddpm_eval_prior_term_is_the_closed_form_kl(ddpm_config, ddpm_workdir):
+    """L_T of --mode=eval against Σ_pixels KL(N(√ᾱ_T x, 1 − ᾱ_T) ‖ N(0, 1)) in float64 over
+    the same test images; the total is the sum of its terms, with no +8."""
+    import json
+    import os
+    from ihdm_jax import data
+    main.run(ddpm_config, 'eval', ddpm_workdir)
+    with open(os.path.join(ddpm_workdir, 'eval', 'likelihood.json')) as f:
+        result = json.load(f)
+    test = data.make_source(ddpm_config, 'test')
+    x = test.load(np.arange(8)).astype(np.float64) / 127.5 - 1
+    alpha_bar = linear_np(10, 1e-4, 0.2)[-1]
+    var = 1 - alpha_bar
+    kl = 0.5 * np.sum(var + alpha_bar * x**2 - 1 - np.log(var), axis=(1, 2, 3))
+    dims = x[0].size
+    np.testing.assert_allclose(result['L_K'], kl.mean() / (dims * np.log(2)), rtol=1e-5)
+    assert result['bits_per_dim'] == pytest.approx(
+        result['L_K'] + result['sum_L_k'] + result['L_0'], rel=1e-9)
+    assert result['L_0'] > 0 and result['sum_L_k'] > 0
+    assert os.path.exists(os.path.join(ddpm_workdir, 'eval', 'likelihood_levels.png'))
+
+
+def test_ddpm_interpolation_ends_are_its_own_chains(ddpm_config, ddpm_workdir):
+    """The end frames of --mode=interpolate are the sampler's chains from the end points."""
+    import os
+    from ihdm_jax import checkpoint, parallel, programs
+    main.run(ddpm_config, 'interpolate', ddpm_workdir)
+    out = np.load(os.path.join(ddpm_workdir, 'analysis', 'interpolate', 'interpolate.npz'))
+    mesh = parallel.make_mesh()
+    params, _ = checkpoint.restore_ema_params(ddpm_config, ddpm_workdir, mesh)
+    sampler = programs.Sampler(ddpm_config, mesh)
+    for end, name in ((0, 'a'), (-1, 'b')):
+        chains = programs.to_uint8(sampler.chains(params, out[f'u_K_{name}'],
+                                                  out[f'noise_keys_{name}']))
+        assert np.abs(chains.astype(int) - out['images'][:, end]).max() <= 1
+    assert not np.array_equal(out['images'][:, 0], out['images'][:, 1])
+
+
+def test_ddpm_input_gradients_and_psd(ddpm_config, ddpm_workdir):
+    import os
+    main.run(ddpm_config, 'input_gradients', ddpm_workdir)
+    main.run(ddpm_config, 'psd', ddpm_workdir)
+    grads = np.load(os.path.join(ddpm_workdir, 'analysis', 'input_gradients',
+                                 'input_gradients.npz'))['gradients']
+    assert grads.shape == (1, 2, 8, 8, 1) and np.all(np.isfinite(grads))
+    assert np.abs(grads).max() > 0.01
+    psd = os.path.join(ddpm_workdir, 'analysis', 'psd')
+    assert os.path.exists(os.path.join(psd, 'psd.png'))
+    import json
+    with open(os.path.join(psd, 'psd.json')) as f:
+        levels = json.load(f)['levels']
+    # At k = K the state is mostly noise: its power exceeds the data's at high frequencies.
+    assert levels[-1]['psd'][-1] > levels[0]['psd'][-1]
+
+
+def test_workdirs_from_before_the_process_keys_still_match(config, tmp_path):
+    """A config.json written before config.model.process and its keys existed reads as the
+    heat process with the defaults, not as a different run."""
+    import json
+    from ihdm_jax import checkpoint
+    checkpoint.save_config(config, str(tmp_path))
+    path = tmp_path / 'config.json'
+    saved = json.loads(path.read_text())
+    for key in ('process', 'beta_min', 'beta_max', 'blur_d_min', 'noise_gamma', 'noise_c0'):
+        del saved['model'][key]
+    path.write_text(json.dumps(saved))
+    assert checkpoint.config_differences(config, str(tmp_path), training=True) == []
+    ddpm = config.copy_and_resolve_references()
+    ddpm.model.process = 'ddpm'
+    assert checkpoint.config_differences(ddpm, str(tmp_path), training=True) == [
+        ('model.process', 'heat', 'ddpm')]
