@@ -14,4 +14,6 @@ def get_config():
     config.model.K = 1000  # T (Ho et al., Sec. 4)
     config.model.beta_min = 1e-4
     config.model.beta_max = 0.02
+    # One sample grid, at the end: a 1000-level chain of 64 samples takes minutes on a CPU.
+    config.training.sampling_freq = 2000
     return config

@@ -17,4 +17,6 @@ def get_config():
     config.model.K = 1000  # T
     config.model.noise_gamma = 1.0
     config.model.noise_c0 = 1.0
+    # One sample grid, at the end: a 1000-level chain of 64 samples takes minutes on a CPU.
+    config.training.sampling_freq = 2000
     return config

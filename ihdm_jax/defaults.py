@@ -55,6 +55,9 @@ def get_default_config():
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.delta = 0.0125  # sampling noise δ (Eq. 8)
+    # Diffusion processes: ancestral steps of the sampler; 0 = all K levels (the heat process
+    # always runs all). Fewer steps skip levels; ddpm and non_isotropic need a divisor of K.
+    sampling.steps = 0
     sampling.num_samples = 64
     sampling.batch_size = 64
 

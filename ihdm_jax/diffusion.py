@@ -209,12 +209,17 @@ def _step_var(process, t, s, shape):
     return coef_0, jnp.where(s > 0, var, 0.0)
 
 
-def sample_with_noise(process: Process, eps_fn, u_N, noise, trajectory_steps: Sequence[int] = ()):
-    """Ancestral sampling on the levels i = N..1 from u_N: u_{i−1} ~ p(u_{t_{i−1}} | u_{t_i}),
-    the last step returning the model's u_0 (Ho et al., Alg. 2). noise(i) gives the unit noise of
-    level i (sampling.example_noise). With trajectory_steps (levels in 0..N), also the states
-    there, (len, B, H, W, C)."""
-    N = process.num_levels
+def sample_with_noise(process: Process, eps_fn, u_N, noise, trajectory_steps: Sequence[int] = (),
+                      num_steps: int = 0):
+    """Ancestral sampling on the levels t_i = i/N, i = N..1, from u_N: u_{i−1} ~
+    p(u_{t_{i−1}} | u_{t_i}), the last step returning the model's u_0 (Ho et al., Alg. 2).
+    noise(i) gives the unit noise of level i (sampling.example_noise). N = num_steps, or the
+    process's num_levels when 0; the posterior holds between any s < t, so fewer steps skip
+    levels (a discrete process needs N to divide its num_levels). With trajectory_steps (levels
+    in 0..N), also the states there, (len, B, H, W, C)."""
+    N = num_steps or process.num_levels
+    if not process.continuous and process.num_levels % N:
+        raise ValueError(f'{N} steps do not divide the {process.num_levels} levels.')
     steps = tuple(int(i) for i in trajectory_steps)
     if any(not 0 <= i <= N for i in steps):
         raise ValueError(f'trajectory_steps must lie in 0..{N}, got {steps}.')

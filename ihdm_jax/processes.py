@@ -30,6 +30,21 @@ HEAT_ONLY_MODES = {
 }
 
 
+def check(config):
+    """config.sampling.steps suits config.model.process (errors.UserError otherwise)."""
+    m, steps = config.model, config.sampling.steps
+    if m.process == 'heat':
+        if steps:
+            raise errors.UserError(f'config.sampling.steps={steps} applies to the diffusion '
+                                   'processes; the heat process samples all K levels (0).')
+        return
+    if steps < 0 or steps > m.K or (m.process != 'blurring' and steps and m.K % steps):
+        raise errors.UserError(f'config.sampling.steps={steps} must be 0 (all K levels) or, '
+                               f'for config.model.process={m.process!r}, '
+                               + ('at most K' if m.process == 'blurring' else 'a divisor of K')
+                               + f' = {m.K}.')
+
+
 def check_mode(config, mode):
     """errors.UserError if `mode` is not defined for config.model.process."""
     process = config.model.process
@@ -55,7 +70,7 @@ class Heat:
 
     def __init__(self, config):
         self.schedule = schedule_lib.from_config(config)
-        self.K = self.schedule.K
+        self.K = self.chain_levels = self.schedule.K
 
     def loss(self, f, x, key):
         return objective.training_loss(f, x, key, self.schedule.t, self.schedule.sigma)
@@ -94,6 +109,7 @@ class Diffusion:
     def __init__(self, config):
         self.process = diffusion_process(config)
         self.K = self.process.num_levels
+        self.chain_levels = config.sampling.steps or self.K  # the sampler's levels
 
     @staticmethod
     def eps_fn(f):
@@ -111,7 +127,7 @@ class Diffusion:
         """Ancestral sampling from u_K; u_0 and the states in [0, 1] (δ plays no part)."""
         del delta
         out = diffusion.sample_with_noise(self.process, self.eps_fn(f), u_K, noise,
-                                          trajectory_steps)
+                                          trajectory_steps, self.chain_levels)
         return jax.tree.map(self.to_image, out)
 
     def mean(self, f, u, k):

@@ -124,7 +124,7 @@ class Sampler:
         self.schedule = schedule_lib.from_config(config)
         self.process = process = processes.from_config(config)
         f = residual(state_lib.model_graphdef(config))
-        self.K = K = process.K
+        self.K = K = process.chain_levels
 
         def run(levels, replicated, batched):
             params, delta = replicated

@@ -124,3 +124,4 @@ def check_config(config):
     """All checks of the config alone."""
     check_keys(config)
     check_values(config)
+    processes.check(config)

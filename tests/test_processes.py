@@ -187,6 +187,24 @@ def test_blurring_with_d_one_is_ddpm():
     assert not np.allclose(outputs(blur_real)[0], outputs(ddpm)[0], atol=1e-3)
 
 
+def test_fewer_sampling_steps_skip_levels():
+    """num_steps = 2 of 4 levels: two ancestral steps, t = 1 → 0.5 → 0 (the posterior between
+    non-adjacent levels), with the noise of levels 2 and 1."""
+    net, _ = _eps_net()
+    u = jax.random.normal(jax.random.key(0), (2, H, W, 1))
+    noise = lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(1), i), u.shape)  # noqa: E731,E501
+    for process in PROCESSES.values():
+        out = diffusion.sample_with_noise(process, net, u, noise, num_steps=2)
+        ones = jnp.ones((2,))
+        half = diffusion.ancestral_step(process, net, u, ones, 0.5 * ones, noise(2))
+        manual = diffusion.ancestral_step(process, net, half, 0.5 * ones, 0 * ones, noise(1))
+        np.testing.assert_allclose(out, manual, rtol=1e-4, atol=1e-5)
+        full = diffusion.sample_with_noise(process, net, u, noise)
+        assert np.abs(np.asarray(full) - np.asarray(out)).max() > 1e-2
+    with pytest.raises(ValueError, match='3 steps do not divide the 4 levels'):
+        diffusion.sample_with_noise(PROCESSES['ddpm'], net, u, noise, num_steps=3)
+
+
 def test_non_isotropic_noise_has_the_requested_spectrum():
     """The empirical variance of scipy's DCT of many prior draws and of q(u_t | 0) draws is
     c(λ)² and σ_t² c(λ)², with c² ∝ (λ + c0)^(−γ) of mean 1."""
@@ -281,8 +299,16 @@ def test_bad_process_and_heat_only_modes_are_refused(config):
     bad.model.process = 'ddim'
     with pytest.raises(errors.UserError, match="config.model.process='ddim'"):
         main.run(bad, 'train', '/nonexistent')
+    steps = config.copy_and_resolve_references()
+    steps.sampling.steps = 5
+    with pytest.raises(errors.UserError, match='config.sampling.steps=5 applies to the diffusion'):
+        main.run(steps, 'sample', '/nonexistent')
     ddpm = config.copy_and_resolve_references()
     ddpm.model.process = 'ddpm'
+    ddpm.sampling.steps = 3
+    with pytest.raises(errors.UserError, match='a divisor of K = 10'):
+        main.run(ddpm, 'sample', '/nonexistent')
+    ddpm.sampling.steps = 0
     for mode in processes.HEAT_ONLY_MODES:
         with pytest.raises(errors.UserError, match=f'--mode={mode} is defined for the heat'):
             main.run(ddpm, mode, '/nonexistent')

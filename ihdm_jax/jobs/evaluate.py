@@ -186,7 +186,8 @@ class FidEvaluator:
 
 def _describe(config, step):
     return {'step': step, 'dataset': config.data.dataset, 'image_size': config.data.image_size,
-            'K': config.model.K, 'sigma': config.model.sigma,
+            'process': config.model.process, 'K': config.model.K,
+            'sampling_steps': config.sampling.steps, 'sigma': config.model.sigma,
             'evaluation': config.evaluation.to_dict()}
 
 
