@@ -38,6 +38,9 @@ def check(config):
             raise errors.UserError(f'config.sampling.steps={steps} applies to the diffusion '
                                    'processes; the heat process samples all K levels (0).')
         return
+    if m.K < 2:
+        raise errors.UserError(f'config.model.K={m.K}: config.model.process={m.process!r} needs '
+                               'at least 2 levels (the decoder at t_1 and the steps above it).')
     if steps < 0 or steps > m.K or (m.process != 'blurring' and steps and m.K % steps):
         raise errors.UserError(f'config.sampling.steps={steps} must be 0 (all K levels) or, '
                                f'for config.model.process={m.process!r}, '

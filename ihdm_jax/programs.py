@@ -112,11 +112,13 @@ def to_uint8(images) -> np.ndarray:
 
 
 class Sampler:
-    """Alg. 2 with the network at given parameters, over the mesh; the sampling of every job.
+    """Alg. 2 (or the ancestral sampler of a diffusion process, processes.py) with the network
+    at given parameters, over the mesh; the sampling of every job.
 
-    `prior_states` draws u_K from the KDE prior (Sec. 3.2), `chains` runs the reverse chain from
-    given states with given noise keys, and `draw` does both for many samples in chunks. δ is an
-    argument of the compiled chain, so a sweep over δ compiles once.
+    `prior_states` draws u_K from the prior (the KDE prior of Sec. 3.2 for the heat process),
+    `chains` runs the reverse chain from given states with given noise keys, and `draw` does both
+    for many samples in chunks. δ is an argument of the compiled chain, so a sweep over δ
+    compiles once.
     """
 
     def __init__(self, config, mesh):
