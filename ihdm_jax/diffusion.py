@@ -166,10 +166,13 @@ def predict_u0(process: Process, eps_fn, u_t, t):
     return u_t_dct, (u_t_dct - s * eps_hat) / a
 
 
-def model_mean(process: Process, eps_fn, u_t, t, s):
+def model_mean(process: Process, eps_fn, u_t, t, s, clip=False):
     """μ_θ(u_t): the mean of p(u_s | u_t) = q(u_s | u_t, u_0 = the model's u_0), in pixels;
-    at s = 0 the model's u_0 itself."""
+    at s = 0 the model's u_0 itself. clip: the model's u_0 clipped to the data range [−1, 1]
+    in pixels first, as Ho et al.'s sampler does (clip_denoised in their code)."""
     u_t_dct, u0_dct = predict_u0(process, eps_fn, u_t, t)
+    if clip:
+        u0_dct = heat.dct_2d(jnp.clip(heat.idct_2d(u0_dct), -1.0, 1.0))
     a_s, s_s = coefficients(process, s, u_t.shape)
     a_t, s_t = coefficients(process, t, u_t.shape)
     coef_t, coef_0, _ = posterior(a_s, s_s, a_t, s_t)
@@ -194,10 +197,11 @@ def epsilon_loss(process: Process, eps_fn, u0, key):
     return jnp.mean(jnp.square(eps - eps_fn(q_sample(process, u0, t, eps), t)))
 
 
-def ancestral_step(process: Process, eps_fn, u_t, t, s, noise):
-    """One draw of p(u_s | u_t): μ_θ(u_t) + V(√var ⊙ Vᵀnoise); at s = 0 the model's u_0."""
+def ancestral_step(process: Process, eps_fn, u_t, t, s, noise, clip=False):
+    """One draw of p(u_s | u_t): μ_θ(u_t) + V(√var ⊙ Vᵀnoise); at s = 0 the model's u_0
+    (clip: model_mean's)."""
     _, var = _step_var(process, t, s, u_t.shape)
-    return model_mean(process, eps_fn, u_t, t, s) + heat.idct_2d(
+    return model_mean(process, eps_fn, u_t, t, s, clip) + heat.idct_2d(
         jnp.sqrt(jnp.maximum(var, 0.0)) * heat.dct_2d(noise))
 
 
@@ -212,7 +216,8 @@ def _step_var(process, t, s, shape):
 def sample_with_noise(process: Process, eps_fn, u_N, noise, trajectory_steps: Sequence[int] = (),
                       num_steps: int = 0):
     """Ancestral sampling on the levels t_i = i/N, i = N..1, from u_N: u_{i−1} ~
-    p(u_{t_{i−1}} | u_{t_i}), the last step returning the model's u_0 (Ho et al., Alg. 2).
+    p(u_{t_{i−1}} | u_{t_i}), the last step returning the model's u_0 (Ho et al., Alg. 2), with
+    the model's u_0 clipped to [−1, 1] at every step as in their code.
     noise(i) gives the unit noise of level i (sampling.example_noise). N = num_steps, or the
     process's num_levels when 0; the posterior holds between any s < t, so fewer steps skip
     levels (a discrete process needs N to divide its num_levels). With trajectory_steps (levels
@@ -236,7 +241,7 @@ def sample_with_noise(process: Process, eps_fn, u_N, noise, trajectory_steps: Se
             traj = traj.at[slot[i]].set(u)
         t = jnp.full((batch,), i / N, jnp.float32)
         s = jnp.full((batch,), (i - 1) / N, jnp.float32)
-        return ancestral_step(process, eps_fn, u, t, s, noise(i)), traj
+        return ancestral_step(process, eps_fn, u, t, s, noise(i), clip=True), traj
 
     traj = jnp.zeros((len(steps) + 1,) + u_N.shape, jnp.float32) if steps else ()
     u, traj = jax.lax.fori_loop(0, N, step, (u_N, traj))

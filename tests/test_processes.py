@@ -189,16 +189,20 @@ def test_blurring_with_d_one_is_ddpm():
 
 def test_fewer_sampling_steps_skip_levels():
     """num_steps = 2 of 4 levels: two ancestral steps, t = 1 → 0.5 → 0 (the posterior between
-    non-adjacent levels), with the noise of levels 2 and 1."""
+    non-adjacent levels), with the noise of levels 2 and 1 and the model's u_0 clipped."""
     net, _ = _eps_net()
     u = jax.random.normal(jax.random.key(0), (2, H, W, 1))
     noise = lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(1), i), u.shape)  # noqa: E731,E501
     for process in PROCESSES.values():
         out = diffusion.sample_with_noise(process, net, u, noise, num_steps=2)
         ones = jnp.ones((2,))
-        half = diffusion.ancestral_step(process, net, u, ones, 0.5 * ones, noise(2))
-        manual = diffusion.ancestral_step(process, net, half, 0.5 * ones, 0 * ones, noise(1))
+        half = diffusion.ancestral_step(process, net, u, ones, 0.5 * ones, noise(2), clip=True)
+        manual = diffusion.ancestral_step(process, net, half, 0.5 * ones, 0 * ones, noise(1),
+                                          clip=True)
         np.testing.assert_allclose(out, manual, rtol=1e-4, atol=1e-5)
+        assert np.abs(np.asarray(out)).max() <= 1.0 + 1e-6  # the clipped model u_0
+        unclipped = diffusion.ancestral_step(process, net, half, 0.5 * ones, 0 * ones, noise(1))
+        assert np.abs(np.asarray(unclipped)).max() > 1.5
         full = diffusion.sample_with_noise(process, net, u, noise)
         assert np.abs(np.asarray(full) - np.asarray(out)).max() > 1e-2
     with pytest.raises(ValueError, match='3 steps do not divide the 4 levels'):
