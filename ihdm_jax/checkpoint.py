@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from ihdm_jax import defaults
 from ihdm_jax import errors
 from ihdm_jax import parallel
 from ihdm_jax import state as state_lib
@@ -215,7 +216,9 @@ def config_differences(config, workdir: str, training: bool) -> list:
         raise errors.UserError(f'{path} cannot be read ({error}); restore it or use a new '
                                '--workdir.') from None
     now = validation.flatten(json.loads(config.to_json_best_effort()))
-    before = validation.flatten(saved)
+    # A key that config.json lacks (added to ihdm_jax/defaults.py after the run) has its default.
+    before = {**validation.flatten(json.loads(defaults.get_default_config().to_json_best_effort())),
+              **validation.flatten(saved)}
     keys = RUN_KEYS if training else MODEL_KEYS
     in_scope = [k for k in set(now) | set(before)
                 if any(k == p or k.startswith(p + '.') for p in keys) and k not in _FREE_KEYS]

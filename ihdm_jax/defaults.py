@@ -23,10 +23,19 @@ def get_default_config():
     data.cache_mb = 4096  # image folders: prepared images kept in memory, per process (MiB)
 
     config.model = model = ml_collections.ConfigDict()
-    model.K = 200
+    # The forward process (ihdm_jax/processes.py): 'heat' (this paper), or a Gaussian process
+    # diagonal in the DCT basis with ε-prediction (ihdm_jax/diffusion.py): 'ddpm' (Ho et al.
+    # 2020), 'blurring' (Hoogeboom & Salimans 2022), 'non_isotropic' (Voleti et al.).
+    model.process = 'heat'
+    model.K = 200  # levels: the heat levels, or T (ddpm, non_isotropic) / sampling steps (blurring)
     model.sigma = 0.01  # training noise σ (Eq. 4)
     model.blur_sigma_min = 0.5
-    model.blur_sigma_max = 24.0
+    model.blur_sigma_max = 24.0  # heat: σ_B,K; blurring: σ_B,max of Hoogeboom & Salimans
+    model.beta_min = 1e-4  # ddpm, non_isotropic: β_1 of the linear schedule (Ho et al., Sec. 4)
+    model.beta_max = 0.02  # ddpm, non_isotropic: β_T
+    model.blur_d_min = 0.001  # blurring: d_min of the blurring factor d_t(λ)
+    model.noise_gamma = 1.0  # non_isotropic: c(λ) ∝ (λ + c0)^(−γ/2)
+    model.noise_c0 = 1.0  # non_isotropic: c0
     model.model_channels = 128
     model.channel_mult = (1, 2, 2, 2)
     model.num_res_blocks = 4
@@ -55,6 +64,9 @@ def get_default_config():
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.delta = 0.0125  # sampling noise δ (Eq. 8)
+    # Diffusion processes: ancestral steps of the sampler; 0 = all K levels (the heat process
+    # always runs all). Fewer steps skip levels; ddpm and non_isotropic need a divisor of K.
+    sampling.steps = 0
     sampling.num_samples = 64
     sampling.batch_size = 64
 

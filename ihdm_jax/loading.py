@@ -64,7 +64,9 @@ class Model:
     shape (B,); pure and jit-able (it closes over the EMA parameters, which jit then embeds as
     constants: inside your own jit of a large model, use apply(params, u, k) with `params`
     passed as an argument). sample(key, num): Alg. 2 from the KDE prior over the training
-    images, on a mesh of all devices, as --mode=sample draws.
+    images, on a mesh of all devices, as --mode=sample draws. For a diffusion process
+    (config.model.process, docs/processes.md) f is the ε-network with k = 1000·t (float32), and
+    sample runs its ancestral sampler from N(0, V diag(c²) Vᵀ), as --mode=sample does.
     """
 
     def __init__(self, config, params, step: int, mesh):

@@ -28,6 +28,7 @@ from ihdm_jax import data
 from ihdm_jax import errors
 from ihdm_jax import lock
 from ihdm_jax import parallel
+from ihdm_jax import processes
 from ihdm_jax import validation
 from ihdm_jax.jobs import evaluate
 from ihdm_jax.jobs import forward_process
@@ -90,6 +91,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index.")
 def run(config, mode, workdir, **options):
     """Checks everything `mode` needs, then runs its job; errors.JobError if a check fails."""
     validation.check_config(config)
+    processes.check_mode(config, mode)
     if mode == 'summary':
         print(unet.summary(config))
         return

@@ -100,6 +100,27 @@ def psd(path, frequencies, data_psd, curves, sigma, n):
     _save(fig, path, bbox_inches='tight')
 
 
+def process_psd(path, frequencies, data_psd, curves, process, n):
+    """The radial PSD of a diffusion process's states at the data's scale, one curve per level
+    (Fig. 4 for DDPM and its kin)."""
+    fig = Figure(figsize=(5.8, 4.5), dpi=100)
+    ax = fig.subplots()
+    ax.loglog(frequencies, data_psd, 'k-', lw=2, label='data')
+    shades = np.linspace(0.35, 1.0, len(curves))
+    for c, s in zip(curves, shades):
+        ax.loglog(frequencies, c['psd'], color=(s, 0.25 * s, 0.1),
+                  label=f'k={c["k"]}, t={c["t"]:.3g}, α={c["alpha"]:.3f}')
+    ax.set_xlabel('frequency (cycles per pixel)')
+    ax.set_ylabel('power (mean squared DCT coefficient)')
+    _plain_log_ticks(ax.xaxis, frequencies[0], frequencies[-1])
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f'{process}: u_k/(2α_k), a draw of q(u_k | 2x − 1) at the data scale',
+                 fontsize=10)
+    fig.suptitle(f'Radial power spectral density of {n} training images (Fig. 4)')
+    _save(fig, path, bbox_inches='tight')
+
+
 def energy_vs_blur(path, frequencies, data_psd, alpha, blur_sigmas, energy, sigma, n):
     fig = Figure(figsize=(11, 4.5), dpi=100)
     psd_ax, energy_ax = fig.subplots(1, 2)
@@ -133,7 +154,7 @@ def energy_vs_blur(path, frequencies, data_psd, alpha, blur_sigmas, energy, sigm
     _save(fig, path, bbox_inches='tight')
 
 
-def input_gradients(path, grads, inputs, levels, pixels, t, linthresh, step):
+def input_gradients(path, grads, inputs, levels, pixels, labels, linthresh, step, process):
     rows, columns = len(pixels) + 1, len(levels)
     fig = Figure(figsize=(1.9 * columns + 1.2, 1.9 * rows + 0.6), dpi=100, layout='constrained')
     axes = fig.subplots(rows, columns, squeeze=False)
@@ -144,7 +165,7 @@ def input_gradients(path, grads, inputs, levels, pixels, t, linthresh, step):
         image = np.clip(inputs[col], 0, 1)
         axes[0, col].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray',
                             vmin=0, vmax=1)
-        axes[0, col].set_title(f'k={k}, σ_B={np.sqrt(2 * t[k]):.2f}', fontsize=9)
+        axes[0, col].set_title(labels[col], fontsize=9)
         for p, (i, j) in enumerate(pixels):
             axes[0, col].plot(j, i, 's', mfc='none', mec=f'C{p}', ms=5)
             shown = axes[p + 1, col].imshow(grads[p, col], cmap='RdBu_r', norm=norm)
@@ -157,7 +178,8 @@ def input_gradients(path, grads, inputs, levels, pixels, t, linthresh, step):
         ax.set_yticks([])
     fig.colorbar(shown, ax=axes[1:].ravel().tolist(), shrink=0.8,
                  label=f'∂μ/∂u (symlog, linear below {linthresh:g})')
-    fig.suptitle(f'Input gradients of the predicted mean μ(u_k, k) (checkpoint {step}, Fig. 8)')
+    fig.suptitle(f'{process}: input gradients of the predicted mean μ(u_k, k) (checkpoint '
+                 f'{step}, Fig. 8)')
     _save(fig, path, bbox_inches='tight')
 
 
@@ -253,7 +275,8 @@ def frequency_partition(path, rings, power, frequencies, psd, image):
 def likelihood_levels(path, result, title):
     """Left, the terms L_1..L_{K−1} of Eq. (7) in nats per image; right, L_K (its App. A.3 bound),
     Σ L_k and L_0 in bits/dim."""
-    levels = np.asarray(result['level_nats'])  # level k holds L_{k−1}
+    # Level k holds L_{k−1}; a level that no Monte-Carlo draw reached is None (a gap).
+    levels = np.asarray([np.nan if v is None else v for v in result['level_nats']], float)
     fig = Figure(figsize=(9, 4))
     left, right = fig.subplots(1, 2, width_ratios=(3, 1))
     left.plot(np.arange(1, len(levels)), levels[1:], '.-')
@@ -265,7 +288,7 @@ def likelihood_levels(path, result, title):
     bars = right.bar(['$L_K$', '$\\Sigma L_k$', '$L_0$'], values, color=['C2', 'C0', 'C1'])
     right.bar_label(bars, fmt='%.3f', fontsize=8)
     right.axhline(0.0, color='black', linewidth=0.8)
-    right.set_ylabel('bits/dim (total = 8 + sum)')
+    right.set_ylabel(f'bits/dim (total = {result.get("offset", 8):g} + sum)')
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path, dpi=120)

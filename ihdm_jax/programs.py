@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import tqdm
 
-from ihdm_jax import objective
+from ihdm_jax import processes
 from ihdm_jax import parallel
 from ihdm_jax import rng
 from ihdm_jax import sampling
@@ -42,9 +42,10 @@ def trajectory_levels(K: int) -> tuple:
 def make_train_step(config, graphdef, mesh):
     """The jitted step (state, batch, key) -> (state, metrics); the old state is donated.
 
-    The step's randomness is fold_in(key, state.step): k, ε of Alg. 1 and the dropout masks.
+    The step's randomness is fold_in(key, state.step): k, ε of Alg. 1 (or the process's t, ε)
+    and the dropout masks.
     """
-    s = schedule_lib.from_config(config)
+    process = processes.from_config(config)
     tx = state_lib.make_optimizer(config)
     lr = state_lib.learning_rate(config)
 
@@ -55,7 +56,7 @@ def make_train_step(config, graphdef, mesh):
         def loss_fn(params):
             def f(u, k):
                 return unet.apply(graphdef, params, u, k, train=True, key=dropout_key)
-            return objective.training_loss(f, batch, loss_key, s.t, s.sigma)
+            return process.loss(f, batch, loss_key)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -110,54 +111,55 @@ def to_uint8(images) -> np.ndarray:
     return np.round(np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
 
 
-@jax.jit
-def _prior(x, raw_keys, t_K, delta):
-    """sampling.prior_sample for each example with its own key."""
-    def one(x_b, key_b):
-        return sampling.prior_sample(key_b, x_b[None], t_K, delta)[0]
-    return jax.vmap(one)(x, jax.random.wrap_key_data(raw_keys))
-
-
 class Sampler:
-    """Alg. 2 with the network at given parameters, over the mesh; the sampling of every job.
+    """Alg. 2 (or the ancestral sampler of a diffusion process, processes.py) with the network
+    at given parameters, over the mesh; the sampling of every job.
 
-    `prior_states` draws u_K from the KDE prior (Sec. 3.2), `chains` runs the reverse chain from
-    given states with given noise keys, and `draw` does both for many samples in chunks. δ is an
-    argument of the compiled chain, so a sweep over δ compiles once.
+    `prior_states` draws u_K from the prior (the KDE prior of Sec. 3.2 for the heat process),
+    `chains` runs the reverse chain from given states with given noise keys, and `draw` does both
+    for many samples in chunks. δ is an argument of the compiled chain, so a sweep over δ
+    compiles once.
     """
 
     def __init__(self, config, mesh):
         self.config = config
         self.schedule = schedule_lib.from_config(config)
+        self.process = process = processes.from_config(config)
         f = residual(state_lib.model_graphdef(config))
-        K = self.schedule.K
+        self.K = K = process.chain_levels
 
         def run(levels, replicated, batched):
             params, delta = replicated
             u_K, raw_keys = batched
             noise = sampling.example_noise(jax.random.wrap_key_data(raw_keys), u_K.shape[1:])
-            out = sampling.sample_with_noise(functools.partial(f, params), u_K, K, delta, noise,
-                                             levels)
+            out = process.chain(functools.partial(f, params), u_K, delta, noise, levels)
             return (out[0], jnp.swapaxes(out[1], 0, 1)) if levels else out
 
+        @jax.jit
+        def prior(x, raw_keys, delta):
+            def one(x_b, key_b):  # each example with its own key
+                return process.prior(key_b, x_b[None], delta)[0]
+            return jax.vmap(one)(x, jax.random.wrap_key_data(raw_keys))
+
+        self._prior = prior
         self._programs = {levels: on_mesh(mesh, functools.partial(run, levels))
                           for levels in ((), trajectory_levels(K))}
 
     def prior_states(self, source, draw: int, n: int, key, delta=None) -> np.ndarray:
-        """n draws u_K = F(t_K) x + δ ε of the KDE prior: the training images x of
-        rng.prior_picks(seed, draw), ε of example b from fold_in(key, b). float32 numpy."""
+        """n prior draws u_K, example b from fold_in(key, b): for the heat process
+        F(t_K) x + δ ε of the KDE prior with the training images x of rng.prior_picks(seed,
+        draw); for a diffusion process N(0, V diag(c²) Vᵀ). float32 numpy."""
         delta = self.schedule.delta if delta is None else delta
         picks = rng.prior_picks(self.config.seed, draw, n, len(source))
         x = source.load(picks).astype(np.float32) / 255.0
-        return np.asarray(_prior(x, rng.example_keys(key, n), self.schedule.t_K,
-                                 jnp.float32(delta)))
+        return np.asarray(self._prior(x, rng.example_keys(key, n), jnp.float32(delta)))
 
     def chains(self, params, u_K, raw_keys, delta=None, trajectory=False):
         """u_0 of the chains from states u_K (B, H, W, C), chain b with the noise of raw_keys[b]
         (example_noise). With trajectory, also the states at trajectory_levels(K), (B, levels,
         H, W, C)."""
         delta = jnp.float32(self.schedule.delta if delta is None else delta)
-        program = self._programs[trajectory_levels(self.schedule.K) if trajectory else ()]
+        program = self._programs[trajectory_levels(self.K) if trajectory else ()]
         return program((params, delta), u_K, raw_keys)
 
     def draw(self, params, source, num_samples: int, key, delta=None, trajectory=False,

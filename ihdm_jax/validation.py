@@ -9,6 +9,7 @@ import difflib
 
 from ihdm_jax import defaults
 from ihdm_jax import errors
+from ihdm_jax import processes
 
 
 def flatten(tree, prefix=''):
@@ -72,6 +73,14 @@ def check_values(config):
     require(d.num_channels in (1, 3),
              f'config.data.num_channels={d.num_channels} must be 1 (grayscale) or 3 (RGB).')
     require(d.cache_mb >= 0, f'config.data.cache_mb={d.cache_mb} is negative; expected MiB ≥ 0.')
+    require(m.process in processes.NAMES, f'config.model.process={m.process!r}; expected one '
+             f'of {", ".join(repr(n) for n in processes.NAMES)}.')
+    require(0 < m.beta_min < m.beta_max < 1, f'config.model.beta_min={m.beta_min} and '
+             f'config.model.beta_max={m.beta_max} must satisfy 0 < beta_min < beta_max < 1.')
+    require(0 < m.blur_d_min <= 1,
+             f'config.model.blur_d_min={m.blur_d_min} must be in (0, 1].')
+    require(m.noise_gamma >= 0 and m.noise_c0 > 0, f'config.model.noise_gamma={m.noise_gamma} '
+             f'must be ≥ 0 and config.model.noise_c0={m.noise_c0} > 0.')
     require(m.K >= 1, f'config.model.K={m.K} must be at least 1 (the number of blur levels).')
     require(m.sigma >= 0, f'config.model.sigma={m.sigma} is negative; expected σ ≥ 0.')
     require(s.delta >= 0, f'config.sampling.delta={s.delta} is negative; expected δ ≥ 0.')
@@ -120,3 +129,4 @@ def check_config(config):
     """All checks of the config alone."""
     check_keys(config)
     check_values(config)
+    processes.check(config)

@@ -188,13 +188,14 @@ class FidEvaluator:
 
 def _describe(config, step):
     return {'step': step, 'dataset': config.data.dataset, 'image_size': config.data.image_size,
-            'K': config.model.K, 'sigma': config.model.sigma,
+            'process': config.model.process, 'K': config.model.K,
+            'sampling_steps': config.sampling.steps, 'sigma': config.model.sigma,
             'evaluation': config.evaluation.to_dict()}
 
 
 def _negative_elbo(config, mesh):
-    return elbo.NegativeElbo(config, mesh, data.make_source(config, 'test'),
-                             data.make_source(config))
+    return elbo.negative_elbo(config, mesh, data.make_source(config, 'test'),
+                              data.make_source(config))
 
 
 def likelihood(config, workdir: str):
@@ -207,7 +208,7 @@ def likelihood(config, workdir: str):
     data.report_skipped(negative_elbo.test, negative_elbo.train)
     setting = (f'checkpoint {step}, {config.data.dataset} test split ({result["num_examples"]} '
                f'images, {config.evaluation.num_passes} passes, δ = {config.sampling.delta})')
-    terms = (f'{result["bits_per_dim"]:.4f} bits/dim = 8 + L_K {result["L_K"]:.4f} '
+    terms = (f'{result["bits_per_dim"]:.4f} bits/dim = {result.get("offset", 8):g} + L_K {result["L_K"]:.4f} '
              f'+ Σ L_k {result["sum_L_k"]:.4f} + L_0 {result["L_0"]:.4f}')
     logging.info('Negative ELBO, %s: %s', setting, terms)
     if not parallel.is_main_process():

@@ -9,11 +9,13 @@ import numpy as np
 from absl import logging
 
 from ihdm_jax import data
+from ihdm_jax import diffusion
 from ihdm_jax import elbo
 from ihdm_jax import heat
 from ihdm_jax import outputs
 from ihdm_jax import parallel
 from ihdm_jax import plots
+from ihdm_jax import processes
 from ihdm_jax import rng
 from ihdm_jax import schedule as schedule_lib
 from ihdm_jax import validation
@@ -55,6 +57,8 @@ def psd(config, workdir):
     a frequency is lost in q(u_k | u0). Writes psd.png, energy_vs_blur.png and psd.json (the
     spectra, the matched ᾱ and the fitted power-law exponent α of the data, psd ∝ 1/f^α).
     """
+    if config.model.process != 'heat':
+        return _diffusion_psd(config, workdir)
     levels = schedule_lib.analysis_levels(config)
     source = data.make_source(config)
     x = source.load(rng.subset(config.seed, config.analysis.num_images, len(source)))
@@ -91,6 +95,43 @@ def psd(config, workdir):
                          blur_sigmas, energy, sigma, n)
     logging.info('psd: power-law exponent of the data PSD (psd ∝ 1/f^α, f ≤ 0.25 cycles/px) '
                  'α = %.3f; psd.png, energy_vs_blur.png and psd.json written to %s.', alpha, out)
+
+
+def _diffusion_psd(config, workdir):
+    """--mode=psd for a process of diffusion.py (Fig. 4 for DDPM and its kin): the radial PSD
+    of u_k/(2α_k) = (a_k/α_k) ⊙ x + (s_k/(2α_k)) ⊙ ε, a draw of q(u_k | 2x − 1) at the data's
+    scale (x in [0, 1]; the DC term, the only one the shift by −1 touches, is left out), at the
+    levels of config.analysis.level_fractions. Writes psd.png and psd.json.
+    """
+    levels = schedule_lib.analysis_levels(config)
+    source = data.make_source(config)
+    x = source.load(rng.subset(config.seed, config.analysis.num_images, len(source)))
+    x = x.astype(np.float32) / 255.0
+    process = processes.diffusion_process(config)
+    frequencies, data_psd = spectra.radial_psd(x)
+    eps = jax.random.normal(rng.analysis_key(config.seed, rng.ANALYSIS_NOISE), x.shape)
+    curves = []
+    for k in levels:
+        t = np.full((len(x),), k / process.num_levels, np.float32)
+        alpha, _ = process.alpha_sigma(t)
+        u_k = diffusion.q_sample(process, 2.0 * x - 1.0, t, eps)
+        psd_k = spectra.radial_psd(np.asarray(u_k) / (2.0 * np.asarray(alpha)[:, None, None,
+                                                                                   None]))[1]
+        curves.append({'k': k, 't': k / process.num_levels, 'alpha': float(alpha[0]),
+                       'psd': psd_k})
+    data.report_skipped(source)
+    if not parallel.is_main_process():
+        return
+    out = outputs.folder(workdir, 'analysis', 'psd')
+    listed = lambda a: [float(v) for v in a]  # noqa: E731
+    outputs.write_json(os.path.join(out, 'psd.json'), {
+        'process': config.model.process, 'num_images': len(x),
+        'frequencies': listed(frequencies), 'data_psd': listed(data_psd),
+        'levels': [{key: listed(v) if isinstance(v, np.ndarray) else v for key, v in c.items()}
+                   for c in curves]})
+    plots.process_psd(os.path.join(out, 'psd.png'), frequencies, data_psd, curves,
+                      config.model.process, len(x))
+    logging.info('psd: the spectra of the %s process written to %s.', config.model.process, out)
 
 
 def frequency_partition(config, workdir):

@@ -13,11 +13,11 @@ from absl import logging
 
 from ihdm_jax import checkpoint
 from ihdm_jax import data
-from ihdm_jax import heat
 from ihdm_jax import images
 from ihdm_jax import outputs
 from ihdm_jax import parallel
 from ihdm_jax import plots
+from ihdm_jax import processes
 from ihdm_jax import programs
 from ihdm_jax import rng
 from ihdm_jax import sampling
@@ -57,7 +57,8 @@ def check_nearest_neighbours(config):
 
 
 def input_gradients(config, workdir):
-    """∂μ(u_k, k)[pixel]/∂u_k at u_k = F(t_k) x for a training image x (Sec. 4, Fig. 8).
+    """∂μ(u_k, k)[pixel]/∂u_k at u_k = F(t_k) x for a training image x (Sec. 4, Fig. 8); for
+    a diffusion process at a draw of q(u_k | x) and its step mean (processes.py).
 
     For the output pixels of config.analysis.gradient_pixels (channel 0) and the levels of
     config.analysis.level_fractions: how the predicted mean at that pixel depends on every input
@@ -72,9 +73,11 @@ def input_gradients(config, workdir):
     params, step = checkpoint.restore_ema_params(config, workdir, mesh)
     source = data.make_source(config)
     x = source.load(rng.prior_picks(config.seed, rng.ANALYSIS_DRAW, 1, len(source)))
-    t = np.asarray(schedule_lib.from_config(config).t)
+    process = processes.from_config(config)
     gradient = _gradient_program(config)
-    inputs = np.stack([np.asarray(heat.heat_forward(x.astype(np.float32) / 255.0, t[k]))[0]
+    noise_key = rng.analysis_key(config.seed, rng.ANALYSIS_NOISE)
+    inputs = np.stack([np.asarray(process.level_state(x.astype(np.float32) / 255.0, k,
+                                                      jax.random.fold_in(noise_key, k)))[0]
                        for k in levels])
     grads = np.stack([[np.asarray(gradient(params, u[None], k, i, j))
                        for k, u in zip(levels, inputs)] for i, j in tqdm.tqdm(
@@ -84,8 +87,10 @@ def input_gradients(config, workdir):
     out = outputs.folder(workdir, 'analysis', 'input_gradients')
     storage.save_npz(os.path.join(out, 'input_gradients.npz'), gradients=grads, inputs=inputs,
                      levels=np.array(levels), pixels=np.array(pixels))
-    plots.input_gradients(os.path.join(out, 'input_gradients.png'), grads[..., 0], inputs, levels,
-                          pixels, t, config.analysis.gradient_linthresh, step)
+    plots.input_gradients(os.path.join(out, 'input_gradients.png'), grads[..., 0],
+                          np.asarray(process.to_image(inputs)), levels, pixels,
+                          [process.level_label(k) for k in levels],
+                          config.analysis.gradient_linthresh, step, config.model.process)
     logging.info('input_gradients: %d pixels x %d levels written to %s.', len(pixels),
                  len(levels), out)
 
@@ -93,10 +98,11 @@ def input_gradients(config, workdir):
 def _gradient_program(config):
     """(params, u (1, H, W, C), k, i, j) -> ∂μ(u, k)[0, i, j, 0]/∂u, (H, W, C); k, i, j traced."""
     f = programs.residual(state_lib.model_graphdef(config))
+    process = processes.from_config(config)
 
     @jax.jit
     def gradient(params, u, k, i, j):
-        mu = lambda v: v + f(params, v, jnp.full((1,), k, jnp.int32))  # noqa: E731
+        mu = lambda v: process.mean(functools.partial(f, params), v, k)  # noqa: E731
         return probes.input_gradient(mu, u, (i, j, 0))
     return gradient
 

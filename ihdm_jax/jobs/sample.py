@@ -1,5 +1,5 @@
 """--mode=sample: EMA samples of the newest checkpoint as samples.npz, samples.png and a GIF of
-the reverse heat process."""
+the reverse process (heat, or the diffusion process of config.model.process)."""
 
 import os
 
@@ -26,7 +26,8 @@ def sample(config, workdir: str):
     mesh = parallel.make_mesh()
     params, step = checkpoint.restore_ema_params(config, workdir, mesh)
     source = data.make_source(config)
-    samples, trajectory = programs.Sampler(config, mesh).draw(
+    sampler = programs.Sampler(config, mesh)
+    samples, trajectory = sampler.draw(
         params, source, config.sampling.num_samples, rng.sample_key(config.seed),
         trajectory=True, progress='samples')
     data.report_skipped(source)
@@ -40,4 +41,4 @@ def sample(config, workdir: str):
     images.save_gif(os.path.join(out_dir, 'trajectory.gif'),
                     [images.grid(shown[:, i]) for i in range(shown.shape[1])])
     logging.info('%d samples of checkpoint %d written to %s (samples.npz, samples.png, '
-                 'trajectory.gif: levels %d..0).', len(samples), step, out_dir, config.model.K)
+                 'trajectory.gif: levels %d..0).', len(samples), step, out_dir, sampler.K)

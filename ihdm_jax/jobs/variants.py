@@ -128,9 +128,9 @@ def share_noise(config, workdir):
         return
     out = outputs.folder(workdir, 'analysis', 'share_noise')
     samples = programs.to_uint8(u0)
-    np.savez(os.path.join(out, 'share_noise.npz'),
-             images=samples.reshape((rows, columns) + samples.shape[1:]), u_K=u_K,
-             noise_keys=noise_keys)
+    storage.save_npz(os.path.join(out, 'share_noise.npz'),
+                     images=samples.reshape((rows, columns) + samples.shape[1:]), u_K=u_K,
+                     noise_keys=noise_keys)
     tile = samples.shape[1] * plots.tile_scale(samples.shape[1])
     yticks = list(zip(plots.tile_centres(rows + 1, tile),
                       ['u_K'] + [f'noise {r}' for r in range(rows)]))
@@ -143,14 +143,15 @@ def share_noise(config, workdir):
 
 
 def interpolate(config, workdir):
-    """Samples between pairs of endpoints (App. D.2, Fig. 7b): u_K linearly, noise spherically.
+    """Samples between pairs of endpoints (App. D.2, Fig. 7b): u_K linearly, noise spherically
+    (for a diffusion process u_K spherically as well; processes.py).
 
     Writes interpolate.png (one row per pair, num_points frames from endpoint a to b),
     interpolate.gif (all pairs, sweeping a -> b) and interpolate.npz: images (pairs, points, H,
     W, C) uint8, u_K_a, u_K_b, noise_keys_a, noise_keys_b.
     """
     pairs, points = config.analysis.num_rows, config.analysis.num_points
-    K, delta = config.model.K, config.sampling.delta
+    delta = config.sampling.delta
     mesh, sampler, params, step, source, prior_key, noise_key = _setup(config, workdir)
     u_K_a = sampler.prior_states(source, rng.ANALYSIS_DRAW, pairs,
                                  jax.random.fold_in(prior_key, 0))
@@ -162,7 +163,7 @@ def interpolate(config, workdir):
 
     def run(params, batched):
         u_a, u_b, raw_a, raw_b = batched
-        one = functools.partial(sampling.interpolate, functools.partial(f, params), K=K,
+        one = functools.partial(sampler.process.interpolate, functools.partial(f, params),
                                 delta=delta, num_points=points)
         return jax.vmap(one)(u_a, u_b, jax.random.wrap_key_data(raw_a),
                              jax.random.wrap_key_data(raw_b))
@@ -178,7 +179,8 @@ def interpolate(config, workdir):
     xticks = list(zip(plots.tile_centres(points, tile), [f'{w:.2f}' for w in weights]))
     plots.save_canvas(os.path.join(out, 'interpolate.png'),
                       images.grid(frames.reshape((-1,) + frames.shape[2:]), points),
-                      f'Interpolation a -> b, weight of b (checkpoint {step})', xticks)
+                      f'{config.model.process}: interpolation a -> b, weight of b '
+                      f'(checkpoint {step})', xticks)
     columns = int(np.ceil(np.sqrt(pairs)))
     images.save_gif(os.path.join(out, 'interpolate.gif'),
                     [images.grid(frames[:, i], columns) for i in range(points)], frame_ms=300)
