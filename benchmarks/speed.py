@@ -53,7 +53,8 @@ def cifar10_config():
     return config
 
 
-def _train_program(config, mesh):
+def train_program(config, mesh):
+    """(the compiled training step, a fresh state, a fixed random batch, the training key)."""
     import jax
     import numpy as np
     from ihdm_jax import programs, rng
@@ -73,7 +74,7 @@ def time_training(config, mesh, repeats, steps=5):
     steps; and the number of parameters."""
     import jax
     from benchmarks import measure
-    compiled, state, batch, key = _train_program(config, mesh)
+    compiled, state, batch, key = train_program(config, mesh)
     count = sum(x.size for x in jax.tree.leaves(state.params))
 
     def window(n):
@@ -131,7 +132,7 @@ def profiles(mesh):
     from ihdm_jax import programs, sampling
     from ihdm_jax import state as state_lib
     config = small_config()
-    compiled, state, batch, key = _train_program(config, mesh)
+    compiled, state, batch, key = train_program(config, mesh)
     def step():
         nonlocal state
         state = jax.block_until_ready(compiled(state, batch, key)[0])

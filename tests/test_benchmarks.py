@@ -58,7 +58,7 @@ def test_tiny_benchmark_runs_the_real_step_and_sampler():
 def test_profile_assigns_the_step_time_to_the_parts_of_the_model():
     config = tiny.get_config()  # dropout 0.1
     mesh = parallel.make_mesh(jax.devices()[:1])
-    compiled, state, batch, key = speed._train_program(config, mesh)
+    compiled, state, batch, key = speed.train_program(config, mesh)
 
     def step():
         nonlocal state
