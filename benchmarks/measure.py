@@ -9,6 +9,8 @@ import time
 import jax
 import numpy as np
 
+from ihdm_jax import parallel
+
 # Dense peak TFLOP/s per device by compute dtype, from the vendors' spec sheets, matched in order
 # against jax's device_kind. 'float32' is the rate of f32 convolutions and matmuls at JAX's default
 # precision: TF32 tensor cores on NVIDIA GPUs, one bf16 pass on the TPU MXU.
@@ -86,8 +88,7 @@ def device_info() -> dict:
                 devices=jax.device_count(), processes=jax.process_count(), jax=jax.__version__)
     if info['platform'] == 'cpu':
         info['cpu'] = _cpu_name()
-        info['cpu_cores'] = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-                             else os.cpu_count())
+        info['cpu_cores'] = parallel.host_cpus()
         if hasattr(os, 'getloadavg'):  # other work on the machine slows CPU figures down
             # (taken before the benchmark starts working, so that it is not counted)
             info['load_average_1min'] = os.getloadavg()[0]

@@ -70,21 +70,11 @@ def train_program(config, mesh):
 
 
 def time_training(config, mesh, repeats, steps=5):
-    """Median ms per training step over `repeats` windows of `steps` steps, after 2 warm-up
-    steps; and the number of parameters."""
+    """Median ms per training step (benchmarks.model's measurement) and the parameter count."""
     import jax
-    from benchmarks import measure
-    compiled, state, batch, key = train_program(config, mesh)
-    count = sum(x.size for x in jax.tree.leaves(state.params))
-
-    def window(n):
-        nonlocal state
-        for _ in range(n):
-            state, _ = compiled(state, batch, key)
-        return state
-
-    measure.median_seconds(lambda: window(2), 1)
-    return measure.median_seconds(lambda: window(steps), repeats) / steps * 1e3, count
+    from benchmarks import model
+    figures, state = model.benchmark_training(config, mesh, steps=steps, repeats=repeats)
+    return figures['step_ms'], sum(x.size for x in jax.tree.leaves(state.params))
 
 
 def _chain_inputs(config):
