@@ -37,9 +37,14 @@ def check(config):
 
 class _OrbaxInfoFilter(std_logging.Filter):
     """Drops orbax's INFO records (a few dozen per checkpoint); its warnings and errors pass,
-    without their tracebacks (a failed save ends the job with one line that names it)."""
+    without their tracebacks (a failed save ends the job with one line that names it). Also
+    drops asyncio's "Task exception was never retrieved" for orbax's tasks: after a failed
+    restore, orbax leaves tasks holding the error it raised, and asyncio logs each with a
+    traceback whenever they are garbage-collected, long after the failure was reported."""
 
     def filter(self, record):
+        if record.name == 'asyncio' and f'{os.sep}orbax{os.sep}' in record.getMessage():
+            return False
         orbax = f'{os.sep}orbax{os.sep}' in record.pathname
         if orbax:
             record.exc_info = record.exc_text = None
@@ -89,12 +94,11 @@ class _Logger:
         self.n_iters, self.phases = n_iters, phases
         self.writer = self.bar = None
         if self.main:
-            from tensorboardX import SummaryWriter
             storage.makedirs(self.sample_dir)
             # TensorBoard hides the events at steps > start_step that a previous launch logged
             # after its last checkpoint: this run logs those steps again.
-            self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard'),
-                                        purge_step=start_step + 1)
+            self.writer = storage.summary_writer(os.path.join(workdir, 'tensorboard'),
+                                                 purge_step=start_step + 1)
         self.start_step = start_step
         self.started = time.perf_counter()
         self.mark(start_step)
