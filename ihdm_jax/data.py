@@ -198,12 +198,7 @@ class FolderSource:
 
     def _read(self, index) -> np.ndarray:
         image = self.cache.get(index)
-        if image is None:
-            image = self._read_file(index)
-            with self._lock:
-                if image.nbytes <= self._cache_left:
-                    self.cache[index], self._cache_left = image, self._cache_left - image.nbytes
-        return image
+        return self._read_file(index) if image is None else image
 
     def _read_file(self, index) -> np.ndarray:
         for offset in range(len(self.paths)):
@@ -221,7 +216,11 @@ class FolderSource:
                                f'{self.paths[0].parent} can be read as an image.')
 
     def load(self, indices: np.ndarray) -> np.ndarray:
-        return np.stack(list(self.pool.map(self._read, indices)))
+        images = list(self.pool.map(self._read, indices))
+        for index, image in zip(indices, images):  # in request order, whatever the threads did
+            if index not in self.cache and image.nbytes <= self._cache_left:
+                self.cache[index], self._cache_left = image, self._cache_left - image.nbytes
+        return np.stack(images)
 
 
 def make_source(config, split: str = 'train'):
