@@ -120,10 +120,8 @@ def coefficients(process: Process, t, shape):
     """(a_t(λ), s_t(λ)) for images of `shape` (B, H, W, C) at times t (B,): (B, H, W, 1) each."""
     lam = heat.laplacian_eigenvalues(shape[1], shape[2])
     alpha, sigma = process.alpha_sigma(jnp.asarray(t, jnp.float32))
-    a = alpha.reshape(-1, 1, 1, 1) * jnp.ones_like(lam)
+    a = alpha.reshape(-1, 1, 1, 1) * blur_at(process, t, shape)
     s = sigma.reshape(-1, 1, 1, 1) * jnp.ones_like(lam)
-    if process.blur is not None:
-        a = a * process.blur(t, lam)
     if process.spectrum is not None:
         s = s * process.spectrum(lam)
     return a, s
@@ -166,13 +164,31 @@ def predict_u0(process: Process, eps_fn, u_t, t):
     return u_t_dct, (u_t_dct - s * eps_hat) / a
 
 
+def blur_at(process: Process, t, shape):
+    """d_t(λ) for images of `shape` (…, H, W, C) at times t (B,): (B, H, W, 1); ones without
+    blurring."""
+    t = jnp.asarray(t, jnp.float32).reshape(-1)
+    lam = heat.laplacian_eigenvalues(shape[1], shape[2])
+    if process.blur is None:
+        return jnp.ones(t.shape + lam.shape, jnp.float32)
+    return process.blur(t, lam)
+
+
 def model_mean(process: Process, eps_fn, u_t, t, s, clip=False):
     """μ_θ(u_t): the mean of p(u_s | u_t) = q(u_s | u_t, u_0 = the model's u_0), in pixels;
-    at s = 0 the model's u_0 itself. clip: the model's u_0 clipped to the data range [−1, 1]
-    in pixels first, as Ho et al.'s sampler does (clip_denoised in their code)."""
+    at s = 0 the model's u_0 itself.
+
+    clip: the model's u_0 enters the posterior mean only through the blurred image
+    D_s u_0 = V(d_s ⊙ ũ_0) (coef_0 = α_s d_s σ²_{t|s}/s_t²), which is clipped to the data range
+    [−1, 1] in pixels first. Without blurring (d ≡ 1) this is Ho et al.'s clip of the model's
+    u_0 (clip_denoised in their code). With blurring, the model's ũ_0 = (ũ_t − s_t ε̂)/a_t
+    divides the network's error by a_t ≈ α_t d_min at the frequencies already dissipated, so
+    u_0 itself has pixels of order 10³: clipping it would change every frequency, the low ones
+    included, while D_s u_0 is what the step uses, a blurred image in the data range."""
     u_t_dct, u0_dct = predict_u0(process, eps_fn, u_t, t)
     if clip:
-        u0_dct = heat.dct_2d(jnp.clip(heat.idct_2d(u0_dct), -1.0, 1.0))
+        d_s = blur_at(process, s, u_t.shape)
+        u0_dct = heat.dct_2d(jnp.clip(heat.idct_2d(d_s * u0_dct), -1.0, 1.0)) / d_s
     a_s, s_s = coefficients(process, s, u_t.shape)
     a_t, s_t = coefficients(process, t, u_t.shape)
     coef_t, coef_0, _ = posterior(a_s, s_s, a_t, s_t)

@@ -165,6 +165,33 @@ def _eps_net(seed=3):
     return jax_fn, np_fn
 
 
+@pytest.mark.parametrize('kind', sorted(PROCESSES))
+def test_clip_acts_on_the_blurred_prediction_of_the_data(kind):
+    """model_mean(clip=True) against numpy with dense V: the model's ũ_0 enters as
+    coef_0/d_s ⊙ Vᵀ clip(V(d_s ⊙ ũ_0)), d_s = a_s/α_s (1 without blurring: Ho et al.'s clip)."""
+    V = dct_basis(H, W)
+    jax_net, np_net = _eps_net()
+    s, t = 0.5, 0.75
+    u_t = 3.0 * np.random.default_rng(1).normal(size=D)
+    a_s, s_s = np_coefficients(kind, s)
+    a_t, s_t = np_coefficients(kind, t)
+    d_s = a_s / cosine_np(s)[0] if kind == 'blurring' else np.ones(D)
+    u0 = (V.T @ u_t - s_t * (V.T @ np_net(u_t, t))) / a_t
+    alpha_ts = a_t / a_s
+    sigma2_ts = s_t**2 - alpha_ts**2 * s_s**2
+
+    def mean_ref(u0_used):
+        return V @ (alpha_ts * s_s**2 / s_t**2 * (V.T @ u_t) + a_s * sigma2_ts / s_t**2 * u0_used)
+    clipped = mean_ref(V.T @ np.clip(V @ (d_s * u0), -1, 1) / d_s)
+    ones = jnp.ones((1,))
+    mean = diffusion.model_mean(PROCESSES[kind], jax_net, pixel_image(u_t), t * ones, s * ones,
+                                clip=True)
+    np.testing.assert_allclose(np.asarray(mean).reshape(-1), clipped, rtol=1e-4, atol=1e-4)
+    assert np.abs(clipped - mean_ref(u0)).max() > 0.1  # the clip is active
+    if kind == 'blurring':  # and differs from clipping ũ_0 itself
+        assert np.abs(clipped - mean_ref(V.T @ np.clip(V @ u0, -1, 1))).max() > 0.1
+
+
 def test_blurring_with_d_one_is_ddpm():
     """d_t ≡ 1 (d_min = 1) turns blurring into plain diffusion: every output equals DDPM's."""
     ddpm = diffusion.ddpm(T_SMALL, *BETAS)
@@ -460,3 +487,20 @@ def test_workdirs_from_before_the_process_keys_still_match(config, tmp_path):
     ddpm.model.process = 'ddpm'
     assert checkpoint.config_differences(ddpm, str(tmp_path), training=True) == [
         ('model.process', 'heat', 'ddpm')]
+
+
+def test_eps_error_benchmark_reference_columns(ddpm_config, ddpm_workdir):
+    """benchmarks/eps_error.py: one row per time; its best linear DC score a²v/(a²v + s²) and
+    a_t against Ho et al.'s ᾱ table and scipy's DCT of the test digits."""
+    from benchmarks import eps_error
+    from ihdm_jax import data
+    step, rows = eps_error.errors_by_time(ddpm_config, ddpm_workdir, [0.5, 1.0], 8)
+    assert step == 3 and [row[0] for row in rows] == [0.5, 1.0]
+    x = 2.0 * data.make_source(ddpm_config, 'test').load(np.arange(8)) / 255.0 - 1.0
+    v = np.var(scipy.fft.dctn(x, axes=(1, 2), norm='ortho')[:, 0, 0, :])
+    alpha_bar = linear_np(10, 1e-4, 0.2)
+    for t, dc, linear, first, rings, a_low, a_high in rows:
+        ab = alpha_bar[int(round(t * 10))]
+        np.testing.assert_allclose(linear, ab * v / (ab * v + 1 - ab), rtol=1e-4)
+        np.testing.assert_allclose([a_low, a_high], np.sqrt(ab), rtol=1e-6)
+        assert all(np.isfinite([dc, first, *rings[:3]])) and np.isnan(rings[3])  # 8x8: r < 10
