@@ -134,12 +134,14 @@ class _RecordFiles:
         makedirs(location)
 
 
-def _route_tensorboard():
-    """tensorboardX writes event files under a remote logdir through epath (its own gs:// writer
-    needs google-cloud-storage; this registry is tensorboardX's extension point for schemes)."""
+def summary_writer(logdir: str, purge_step=None):
+    """A tensorboardX SummaryWriter of `logdir`, local or remote: event files under a remote
+    logdir are written through epath (tensorboardX's own gs:// writer needs
+    google-cloud-storage; its writer-factory registry is the extension point for schemes)."""
+    # Imported here, not with this module: tensorboardX imports torch when it is installed
+    # (2 s), which only the training job's writer should pay.
+    from tensorboardX import SummaryWriter
     from tensorboardX import record_writer
     for prefix in REMOTE_PREFIXES:
         record_writer.register_writer_factory(prefix.split(':')[0], _RecordFiles())
-
-
-_route_tensorboard()
+    return SummaryWriter(logdir, purge_step=purge_step)

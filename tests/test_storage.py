@@ -10,7 +10,6 @@ import struct
 import numpy as np
 import pytest
 from PIL import Image
-from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2
 
 from conftest import ROOT
@@ -97,7 +96,7 @@ def test_samples_tensorboard_and_fid_statistics_on_gs(fake_gcs):
         np.asarray(Image.open(io.BytesIO(storage.read_bytes(f'{RUN}/samples/step_00000010.png')))),
         images.grid(pictures))
 
-    writer = SummaryWriter(f'{RUN}/tensorboard')
+    writer = storage.summary_writer(f'{RUN}/tensorboard', purge_step=None)
     writer.add_scalar('train/loss', 0.25, 10)
     writer.add_image('samples', images.grid(pictures), 10, dataformats='HWC')
     writer.close()
