@@ -233,7 +233,7 @@ def sample_with_noise(process: Process, eps_fn, u_N, noise, trajectory_steps: Se
                       num_steps: int = 0):
     """Ancestral sampling on the levels t_i = i/N, i = N..1, from u_N: u_{i−1} ~
     p(u_{t_{i−1}} | u_{t_i}), the last step returning the model's u_0 (Ho et al., Alg. 2), with
-    the model's u_0 clipped to [−1, 1] at every step as in their code.
+    model_mean's clip at every step (Ho et al.'s clip of u_0 without blurring).
     noise(i) gives the unit noise of level i (sampling.example_noise). N = num_steps, or the
     process's num_levels when 0; the posterior holds between any s < t, so fewer steps skip
     levels (a discrete process needs N to divide its num_levels). With trajectory_steps (levels
