@@ -19,7 +19,6 @@ import concurrent.futures
 import functools
 import importlib.util
 import io
-import os
 import threading
 
 import jax

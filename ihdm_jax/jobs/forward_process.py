@@ -18,8 +18,8 @@ from ihdm_jax import plots
 from ihdm_jax import processes
 from ihdm_jax import rng
 from ihdm_jax import schedule as schedule_lib
-from ihdm_jax import validation
 from ihdm_jax import storage
+from ihdm_jax import validation
 from ihdm_jax.analysis import spectra
 
 

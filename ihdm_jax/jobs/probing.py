@@ -23,8 +23,8 @@ from ihdm_jax import rng
 from ihdm_jax import sampling
 from ihdm_jax import schedule as schedule_lib
 from ihdm_jax import state as state_lib
-from ihdm_jax import validation
 from ihdm_jax import storage
+from ihdm_jax import validation
 from ihdm_jax.analysis import probes
 
 

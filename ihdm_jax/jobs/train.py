@@ -172,7 +172,7 @@ class _Logger:
                      'sampling %.1f s, checkpoints %.1f s.', self.start_step, step,
                      _duration(total), training, rate, seconds['compilation'],
                      seconds['sampling'], seconds['checkpoint'])
-        workdir = self.workdir if '://' in self.workdir else os.path.abspath(self.workdir)
+        workdir = self.workdir if storage.is_remote(self.workdir) else os.path.abspath(self.workdir)
         logging.info('Outputs in %s: checkpoints/ (steps %s), samples/ (sample grids), '
                      'tensorboard/ (tensorboard --logdir %s).', workdir, checkpoints,
                      os.path.join(workdir, 'tensorboard'))
