@@ -68,7 +68,22 @@ def make_manager(workdir: str, max_to_keep: int = MAX_TO_KEEP, keep_period: int 
     options = ocp.CheckpointManagerOptions(preservation_policy=policies.AnyPreservationPolicy(kept),
                                            enable_async_checkpointing=True,
                                            cleanup_tmp_directories=remove_unfinished)
-    return ocp.CheckpointManager(directory, options=options)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_state_handler())
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """orbax's pytree handler, except that each replicated array is written whole by one replica.
+
+    By default (on CPU and TPU) orbax slices every replicated array over its replicas and each
+    replica writes a slice. For a state of hundreds of small arrays the slicing costs far more
+    than it saves: the first save of configs/tiny.py's state on 8 devices took 12.4 s (200 slice
+    programs compiled), each later one 1.0 s; written by one replica, 0.26 s and 0.12 s.
+    """
+    registry = ocp.type_handlers.create_type_handler_registry(
+        *[(ty, ocp.type_handlers.get_type_handler(ty))
+          for ty in ocp.type_handlers.supported_types()],
+        (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 class Saver:
@@ -84,7 +99,7 @@ class Saver:
         self.check(wait=True)
         self.pending = step
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            self.manager.save(step, args=ocp.args.PyTreeSave(state), force=True)
         except Exception as error:  # e.g. the step's folder cannot be created
             raise self._failed(error) from None
 
@@ -172,10 +187,16 @@ def _restore_newest(manager: ocp.CheckpointManager, restore):
     return None, None
 
 
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
+    """Checkpoint `step`, placed on abstract_state's shardings."""
+    return manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=abstract_state,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):
     """The newest checkpoint that restores, placed on abstract_state's shardings; None if none."""
-    state, _ = _restore_newest(
-        manager, lambda step: manager.restore(step, args=ocp.args.StandardRestore(abstract_state)))
+    state, _ = _restore_newest(manager, lambda step: restore(manager, step, abstract_state))
     return state
 
 

@@ -12,7 +12,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
@@ -112,7 +111,7 @@ def _state_at(workdir, step):
     manager = checkpoint.make_manager(str(workdir))
     try:
         abstract = state_lib.abstract_state(tiny.get_config(), parallel.make_mesh())
-        return jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(abstract)))
+        return jax.device_get(checkpoint.restore(manager, step, abstract))
     finally:
         manager.close()
 

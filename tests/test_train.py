@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
@@ -321,6 +322,27 @@ def test_checkpoint_manager_keeps_the_newest_and_every_mth_step(tmp_path):
     saver.check(wait=True)
     manager.close()
     assert checkpoint.steps_on_disk(str(tmp_path)) == [9, 10, 11]
+
+
+def test_checkpoints_of_orbax_standard_handler_still_restore(config, trained_state, meshes,
+                                                            tmp_path):
+    """Runs saved before each replicated array was written by one replica (orbax's
+    StandardSave) resume and sample as before."""
+    mesh = meshes[8]
+    state = jax.device_put(trained_state, parallel.replicated(mesh))
+    directory = tmp_path / 'checkpoints'
+    with ocp.CheckpointManager(directory) as manager:
+        manager.save(TRAINED_STEP, args=ocp.args.StandardSave(state))
+    manager = checkpoint.make_manager(str(tmp_path))
+    restored = checkpoint.restore_latest(manager, state_lib.abstract_state(config, mesh))
+    manager.close()
+    for x, y in zip(jax.tree.leaves(trained_state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(x, y)
+    ema_params, step = checkpoint.restore_ema_params(config, str(tmp_path), mesh)
+    assert step == TRAINED_STEP
+    for x, y in zip(jax.tree.leaves(trained_state.ema_params), jax.tree.leaves(ema_params),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 # The sample job and EMA-only restores, from conftest's `trained` checkpoint.
