@@ -326,8 +326,8 @@ def test_checkpoint_manager_keeps_the_newest_and_every_mth_step(tmp_path):
 
 def test_checkpoints_of_orbax_standard_handler_still_restore(config, trained_state, meshes,
                                                             tmp_path):
-    """Runs saved before each replicated array was written by one replica (orbax's
-    StandardSave) resume and sample as before."""
+    """Checkpoints written before each replicated array was written by one replica (with
+    orbax's StandardSave) restore: the full state to resume, and the EMA parameters alone."""
     mesh = meshes[8]
     state = jax.device_put(trained_state, parallel.replicated(mesh))
     directory = tmp_path / 'checkpoints'
