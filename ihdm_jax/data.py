@@ -216,9 +216,10 @@ class FolderSource:
 
     def load(self, indices: np.ndarray) -> np.ndarray:
         images = list(self.pool.map(self._read, indices))
-        for index, image in zip(indices, images):  # in request order, whatever the threads did
-            if index not in self.cache and image.nbytes <= self._cache_left:
-                self.cache[index], self._cache_left = image, self._cache_left - image.nbytes
+        with self._lock:  # the loader's reader thread and the sampler may load at once
+            for index, image in zip(indices, images):  # in request order, whatever the pool did
+                if index not in self.cache and image.nbytes <= self._cache_left:
+                    self.cache[index], self._cache_left = image, self._cache_left - image.nbytes
         return np.stack(images)
 
 

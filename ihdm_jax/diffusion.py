@@ -118,13 +118,9 @@ def non_isotropic(T: int, gamma: float, c0: float, beta_1: float = 1e-4,
 
 def coefficients(process: Process, t, shape):
     """(a_t(λ), s_t(λ)) for images of `shape` (B, H, W, C) at times t (B,): (B, H, W, 1) each."""
-    lam = heat.laplacian_eigenvalues(shape[1], shape[2])
     alpha, sigma = process.alpha_sigma(jnp.asarray(t, jnp.float32))
-    a = alpha.reshape(-1, 1, 1, 1) * blur_at(process, t, shape)
-    s = sigma.reshape(-1, 1, 1, 1) * jnp.ones_like(lam)
-    if process.spectrum is not None:
-        s = s * process.spectrum(lam)
-    return a, s
+    return (alpha.reshape(-1, 1, 1, 1) * blur_at(process, t, shape),
+            sigma.reshape(-1, 1, 1, 1) * noise_spectrum(process, shape))
 
 
 def noise_spectrum(process: Process, shape):
@@ -165,7 +161,7 @@ def predict_u0(process: Process, eps_fn, u_t, t):
 
 
 def blur_at(process: Process, t, shape):
-    """d_t(λ) for images of `shape` (…, H, W, C) at times t (B,): (B, H, W, 1); ones without
+    """d_t(λ) for images of `shape` (B, H, W, C) at times t (B,): (B, H, W, 1); ones without
     blurring."""
     t = jnp.asarray(t, jnp.float32).reshape(-1)
     lam = heat.laplacian_eigenvalues(shape[1], shape[2])

@@ -252,8 +252,8 @@ def test_failed_save_stops_at_once_and_keeps_the_previous_checkpoint(full_disk, 
     # stderr as on the command line: absl's handler, which train() quiets (orbax's errors
     # without tracebacks), in place of the plain handler absl adds when used before app.run.
     root, absl_handler = logging.getLogger(), absl_logging.get_absl_handler()
-    for plain in [h for h in root.handlers if type(h) is logging.StreamHandler]:
-        monkeypatch.setattr(root, 'handlers', [h for h in root.handlers if h is not plain])
+    monkeypatch.setattr(root, 'handlers',
+                        [h for h in root.handlers if type(h) is not logging.StreamHandler])
     root.addHandler(absl_handler)
     # How many steps run while orbax's threads write depends on the machine's load. Each check
     # between steps first waits until the pending save is over, so that "at once" is exact:

@@ -96,7 +96,7 @@ def test_samples_tensorboard_and_fid_statistics_on_gs(fake_gcs):
         np.asarray(Image.open(io.BytesIO(storage.read_bytes(f'{RUN}/samples/step_00000010.png')))),
         images.grid(pictures))
 
-    writer = storage.summary_writer(f'{RUN}/tensorboard', purge_step=None)
+    writer = storage.summary_writer(f'{RUN}/tensorboard')
     writer.add_scalar('train/loss', 0.25, 10)
     writer.add_image('samples', images.grid(pictures), 10, dataformats='HWC')
     writer.close()
