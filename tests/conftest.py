@@ -1,10 +1,12 @@
 """Test set-up shared by every test module; runs before jax is imported.
 
 Session fixtures shared by the modules: the tiny config, a checkpoint with non-trivial
-parameters written without training, and the Inception weights converted once.
+parameters written without training, and the Inception weights converted once. The command-line
+runs of test_cli.py go on in the background from the start of the session.
 """
 
 import atexit
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -23,6 +25,10 @@ atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE_DIR)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# XLA's backend optimisation level 0, without LLVM's expensive passes: the tests' programs are
+# small, and compiling them, not running them, is most of the suite's time (a quarter less with
+# this, measured). Results differ from those of optimised programs only in float32 rounding.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
 
 import jax  # noqa: E402  (after the environment above)
 import numpy as np  # noqa: E402
@@ -111,12 +117,47 @@ def fid_wheel() -> str:
     return wheel
 
 
-@pytest.fixture(scope='session')
-def inception_weights(tmp_path_factory):
-    """The reference FID network converted once, by the documented command."""
-    path = tmp_path_factory.mktemp('inception') / 'inception.npz'
+def _convert_inception(path):
     result = subprocess.run([sys.executable, '-m', 'ihdm_jax.evaluation.inception', 'convert',
                              f'--torchscript={fid_wheel()}', f'--out={path}'], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     return str(path)
+
+
+@pytest.fixture(scope='session')
+def background():
+    """A pool of two threads for subprocess runs that go on while the in-process tests run
+    (those keep about one of two cores busy: compiling a program is mostly single-threaded)."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        yield pool
+
+
+@pytest.fixture(scope='session')
+def inception_conversion(background, tmp_path_factory):
+    """A future of the reference FID network converted once, by the documented command."""
+    path = tmp_path_factory.mktemp('inception') / 'inception.npz'
+    return background.submit(_convert_inception, path)
+
+
+@pytest.fixture(scope='session')
+def inception_weights(inception_conversion):
+    return inception_conversion.result()
+
+
+def pytest_collection_modifyitems(items):
+    """test_cli.py's tests go last: they check runs that start with the session and go on in
+    the background (command_line_runs)."""
+    items.sort(key=lambda item: item.path.name == 'test_cli.py')
+
+
+@pytest.fixture(scope='session', autouse=True)
+def command_line_runs(request, background, tmp_path_factory):
+    """When test_cli.py is selected, its runs of every --mode start with the session in
+    `background`; a function that waits for them (cli_runs.start)."""
+    if not any(item.path.name == 'test_cli.py' for item in request.session.items):
+        return None
+    import cli_runs  # here: it imports conftest
+    return cli_runs.start(background, tmp_path_factory.mktemp('modes'),
+                          request.getfixturevalue('trained'),
+                          request.getfixturevalue('inception_conversion'))

@@ -235,9 +235,10 @@ def test_hierarchical_branches_are_chains_that_share_their_start(analysis_config
     states = _chain(mu, np.repeat(saved['u_K'], 4, axis=0), config.model.K,
                     config.sampling.delta,
                     lambda k: _noise([root] * 4 if k > 5 else branches, k, (8, 8, 1)))
-    # Measured 1.2e-5 and 1.1e-4, 7.8e-5 relative, on values up to 3.4 (float32 chains in
-    # programs of other batch shapes).
-    np.testing.assert_allclose(states[5], np.repeat(tree[5], 4, axis=0), atol=5e-5)
+    # Float32 chains in programs of other batch shapes; measured at levels 5 and 0, on values
+    # up to 3.8 and 8.8: 3.1e-5 and 1.1e-4 compiled as users run them, 5.7e-5 and 1.6e-4 with
+    # the test session's unoptimised compilation (conftest).
+    np.testing.assert_allclose(states[5], np.repeat(tree[5], 4, axis=0), atol=1e-4)
     np.testing.assert_allclose(states[0], tree[0], rtol=1e-4, atol=1e-4)
     assert not np.allclose(tree[0][0], tree[0][1], atol=1e-3)
     assert (out / 'hierarchical.png').exists()

@@ -24,12 +24,13 @@ SETTINGS = ['--config.training.snapshot_freq=2', '--config.training.log_freq=2']
 
 
 def _launch(workdir, n_iters, *flags):
-    """The two-process job to n_iters, started; its output goes to WORKDIR/logs/process_i.log."""
-    # Without the session's compilation cache: only process 0 writes it, so on a relaunch
-    # process 0 would load the step while process 1 compiles it, and gloo's 30 s rendezvous
-    # of the first collective would time out on a slow machine.
+    """The two-process job to n_iters, started; its output goes to WORKDIR/logs/process_i.log.
+
+    Its compilation cache is WORKDIR/compilation_cache, as on GPU and TPU: process 0 writes the
+    programs of the first launch, and both processes load them on the relaunch."""
     env = dict(os.environ, PYTHON=sys.executable, CONFIG='configs/tiny.py', NUM_PROCESSES='2',
-               DEVICES_PER_PROCESS='2', JAX_ENABLE_COMPILATION_CACHE='false')
+               DEVICES_PER_PROCESS='2',
+               JAX_COMPILATION_CACHE_DIR=str(workdir / 'compilation_cache'))
     return subprocess.Popen(
         ['bash', 'launch/local_multiprocess.sh', str(workdir),
          f'--config.training.n_iters={n_iters}', *SETTINGS, *flags],
@@ -83,12 +84,15 @@ def _resume_and_sigterm_after_step(workdir, step):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, command_line_runs):
     """One process with four devices trains 6 steps while two processes train 4; the
     two-process run is then resumed and stopped by SIGTERM after step 7.
 
-    The two-process jobs run one at a time: under load, a process that reaches the first
-    collective over 30 s after its partner fails (gloo's connection timeout)."""
+    The two-process jobs run one at a time, and after the command-line runs in the background:
+    under load, a process that reaches the first collective over 30 s after its partner fails
+    (gloo's connection timeout)."""
+    if command_line_runs:
+        command_line_runs()
     base = tmp_path_factory.mktemp('multiprocess')
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         one = pool.submit(_one_process, base / 'one', 6)
