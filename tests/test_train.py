@@ -333,9 +333,8 @@ def test_checkpoints_of_orbax_standard_handler_still_restore(config, trained_sta
     directory = tmp_path / 'checkpoints'
     with ocp.CheckpointManager(directory) as manager:
         manager.save(TRAINED_STEP, args=ocp.args.StandardSave(state))
-    manager = checkpoint.make_manager(str(tmp_path))
-    restored = checkpoint.restore_latest(manager, state_lib.abstract_state(config, mesh))
-    manager.close()
+    with checkpoint.make_manager(str(tmp_path)) as manager:
+        restored = checkpoint.restore_latest(manager, state_lib.abstract_state(config, mesh))
     for x, y in zip(jax.tree.leaves(trained_state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(x, y)
     ema_params, step = checkpoint.restore_ema_params(config, str(tmp_path), mesh)
