@@ -22,6 +22,7 @@ setuptools.setup(
     # 'original': ihdm_jax.convert_original reads checkpoints of the original PyTorch code.
     # 'prepare': tfds's MNIST and CIFAR-10 builders need TensorFlow to prepare their data once
     # (reading it does not).
-    extras_require={'test': ['pytest>=8', 'scikit-image>=0.22', 'fsspec'], 'original': ['torch'],
-                    'prepare': ['tensorflow>=2.16']},
+    # 'test': pytest-xdist runs the suite in two processes, one per core of a small CI machine.
+    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6', 'scikit-image>=0.22', 'fsspec'],
+                    'original': ['torch'], 'prepare': ['tensorflow>=2.16']},
 )

@@ -1,12 +1,13 @@
 """Test set-up shared by every test module; runs before jax is imported.
 
 Session fixtures shared by the modules: the tiny config, a checkpoint with non-trivial
-parameters written without training, and the Inception weights converted once. The command-line
-runs of test_cli.py go on in the background from the start of the session.
+parameters written without training, and the Inception weights converted once per test run.
+The README's test command runs the modules in two pytest-xdist workers, slowest first
+(pytest_collection_modifyitems).
 """
 
 import atexit
-import concurrent.futures
+import fcntl
 import os
 import shutil
 import subprocess
@@ -18,11 +19,12 @@ os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8']).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-# A persistent compilation cache for this session: programs compiled again (by a new jit object,
-# another job function, or a subprocess) load instead of recompiling.
-_CACHE_DIR = tempfile.mkdtemp(prefix='ihdm-jax-cache-')
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE_DIR)
+# A persistent compilation cache for this test run, which the xdist workers and subprocesses
+# inherit: programs compiled again (by a new jit object, another job function, another worker
+# or a subprocess) load instead of recompiling.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='ihdm-jax-cache-')
+    atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # XLA's backend optimisation level 0, without LLVM's expensive passes: the tests' programs are
@@ -122,42 +124,31 @@ def _convert_inception(path):
                              f'--torchscript={fid_wheel()}', f'--out={path}'], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope='session')
+def inception_weights(tmp_path_factory):
+    """The reference FID network converted by the documented command, once per test run: the
+    first xdist worker that asks converts it, under a lock in the run's shared temporary
+    folder, and the other reads the file."""
+    shared = tmp_path_factory.getbasetemp()
+    if 'PYTEST_XDIST_WORKER' in os.environ:
+        shared = shared.parent  # the workers' folders lie in one folder of this run
+    path = shared / 'inception.npz'
+    with open(shared / 'inception.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            _convert_inception(path)
     return str(path)
 
 
-@pytest.fixture(scope='session')
-def background():
-    """A pool of two threads for subprocess runs that go on while the in-process tests run
-    (those keep about one of two cores busy: compiling a program is mostly single-threaded)."""
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        yield pool
-
-
-@pytest.fixture(scope='session')
-def inception_conversion(background, tmp_path_factory):
-    """A future of the reference FID network converted once, by the documented command."""
-    path = tmp_path_factory.mktemp('inception') / 'inception.npz'
-    return background.submit(_convert_inception, path)
-
-
-@pytest.fixture(scope='session')
-def inception_weights(inception_conversion):
-    return inception_conversion.result()
+# The slowest modules (measured), which go first so that no long one is left for the end of the
+# run while the other worker idles; `--dist loadfile --no-loadscope-reorder` keeps this order.
+SLOW_FIRST = ('test_multiprocess.py', 'test_train.py', 'test_cli.py', 'test_reliability.py',
+              'test_evaluate.py', 'test_analysis_jobs.py', 'test_fid.py', 'test_benchmarks.py',
+              'test_processes.py', 'test_heat.py', 'test_unet.py', 'test_lock.py')
 
 
 def pytest_collection_modifyitems(items):
-    """test_cli.py's tests go last: they check runs that start with the session and go on in
-    the background (command_line_runs)."""
-    items.sort(key=lambda item: item.path.name == 'test_cli.py')
-
-
-@pytest.fixture(scope='session', autouse=True)
-def command_line_runs(request, background, tmp_path_factory):
-    """When test_cli.py is selected, its runs of every --mode start with the session in
-    `background`; a function that waits for them (cli_runs.start)."""
-    if not any(item.path.name == 'test_cli.py' for item in request.session.items):
-        return None
-    import cli_runs  # here: it imports conftest
-    return cli_runs.start(background, tmp_path_factory.mktemp('modes'),
-                          request.getfixturevalue('trained'),
-                          request.getfixturevalue('inception_conversion'))
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

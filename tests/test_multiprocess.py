@@ -84,15 +84,13 @@ def _resume_and_sigterm_after_step(workdir, step):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory, command_line_runs):
+def runs(tmp_path_factory):
     """One process with four devices trains 6 steps while two processes train 4; the
     two-process run is then resumed and stopped by SIGTERM after step 7.
 
-    The two-process jobs run one at a time, and after the command-line runs in the background:
-    under load, a process that reaches the first collective over 30 s after its partner fails
+    The two-process jobs run one at a time, first in their worker (conftest.SLOW_FIRST): under
+    load, a process that reaches the first collective over 30 s after its partner fails
     (gloo's connection timeout)."""
-    if command_line_runs:
-        command_line_runs()
     base = tmp_path_factory.mktemp('multiprocess')
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         one = pool.submit(_one_process, base / 'one', 6)

@@ -335,10 +335,12 @@ def parse(monkeypatch):
     """command_line.parse_flags on a command line: (config, mode, workdir), or the exit message.
 
     ml_collections reads the --config.KEY overrides from sys.argv and defines a flag for each,
-    so sys.argv is set and those flags are removed afterwards (absl's FLAGS are global)."""
+    so sys.argv is set and those flags are removed afterwards (absl's FLAGS are global). Parsing
+    also sets the level of absl's logger (to warnings, outside app.run), which is put back."""
     def parse_flags(*args):
         argv = ['ihdm_jax.main', *map(str, args)]
         monkeypatch.setattr(sys, 'argv', argv)
+        level = absl_logging.get_absl_logger().level
         try:
             command_line.parse_flags(argv)
             return main._CONFIG.value, main._MODE.value, main._WORKDIR.value
@@ -348,6 +350,7 @@ def parse(monkeypatch):
             for name in [name for name in flags.FLAGS if name.startswith('config.')]:
                 delattr(flags.FLAGS, name)
             flags.FLAGS.unparse_flags()
+            absl_logging.get_absl_logger().setLevel(level)
     return parse_flags
 
 
