@@ -92,7 +92,6 @@ def _run_mode(base, trained, mode, settings):
     return result, workdir, before
 
 
-
 @pytest.fixture(scope='module')
 def mode_runs(trained, inception_weights, tmp_path_factory):
     """mode -> (result, workdir, files before) of every mode in MODES, two at a time.
