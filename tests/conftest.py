@@ -119,13 +119,6 @@ def fid_wheel() -> str:
     return wheel
 
 
-def _convert_inception(path):
-    result = subprocess.run([sys.executable, '-m', 'ihdm_jax.evaluation.inception', 'convert',
-                             f'--torchscript={fid_wheel()}', f'--out={path}'], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-
-
 @pytest.fixture(scope='session')
 def inception_weights(tmp_path_factory):
     """The reference FID network converted by the documented command, once per test run: the
@@ -138,7 +131,11 @@ def inception_weights(tmp_path_factory):
     with open(shared / 'inception.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            _convert_inception(path)
+            result = subprocess.run(
+                [sys.executable, '-m', 'ihdm_jax.evaluation.inception', 'convert',
+                 f'--torchscript={fid_wheel()}', f'--out={path}'], cwd=ROOT,
+                capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, result.stderr
     return str(path)
 
 

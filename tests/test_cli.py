@@ -73,7 +73,7 @@ TINY = {
 ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
 
 
-def files(folder):
+def _files(folder):
     """{relative path: sha256} of every file under `folder`."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in pathlib.Path(folder).rglob('*') if p.is_file()}
@@ -83,7 +83,7 @@ def _run_mode(base, trained, mode, settings):
     """Runs `mode` on a copy of the trained workdir: (result, workdir, its files before)."""
     workdir = base / mode
     shutil.copytree(trained, workdir)
-    before = files(workdir)
+    before = _files(workdir)
     command = [sys.executable, '-m', 'ihdm_jax.main', '--config=configs/tiny.py',
                f'--workdir={workdir}', f'--mode={mode}']
     command += [f'--config.{key}={value}' for key, value in {**TINY, **settings}.items()]
@@ -126,7 +126,7 @@ def test_mode_runs_from_the_command_line_and_writes_only_its_results(mode_runs, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr and 'Error' not in result.stderr, \
         result.stderr[-3000:]
-    after = files(workdir)
+    after = _files(workdir)
     written = {path for path in after if before.get(path) != after[path]}
     assert set(MODES[mode]) <= written, sorted(written)
     # Every output lies in the mode's own folder; the checkpoint and config.json are untouched.
