@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from configs import tiny
 from ihdm_jax import data
@@ -38,6 +39,8 @@ def test_digits_images():
     assert images.shape == (1797, 16, 16, 1) and images.dtype == np.uint8
     assert images.min() == 0 and images.max() >= 250
     assert data.digits_images(8).max() == 255  # 16 levels map to 255 when not resized
+    np.testing.assert_array_equal(data.digits_images(8)[..., 0],
+                                  np.round(load_digits().images * (255 / 16)))
 
 
 def test_batches_are_a_function_of_seed_and_step(digits, sharding):
