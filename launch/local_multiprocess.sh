@@ -8,6 +8,7 @@
 #   DEVICES_PER_PROCESS  simulated CPU devices in each process (default 2)
 #   CONFIG               config file (default configs/digits.py)
 #   PYTHON               interpreter (default python3)
+#   XLA_FLAGS            kept, with each process's device count added
 # Process i writes its output to WORKDIR/logs/process_i.log; process 0 also to the terminal.
 set -euo pipefail
 
@@ -36,7 +37,7 @@ trap cleanup EXIT
 
 for ((i = 0; i < num_processes; i++)); do
     log="$workdir/logs/process_$i.log"
-    cmd=(env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices"
+    cmd=(env JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
          "$python" -m ihdm_jax.main --config="$config" --workdir="$workdir"
          --coordinator_address="localhost:$port" --num_processes="$num_processes"
          --process_id="$i" "$@")

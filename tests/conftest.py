@@ -14,9 +14,13 @@ import subprocess
 import sys
 import tempfile
 
-# 8 simulated CPU devices, so that sharded code runs on a laptop as on an 8-device host.
+# XLA's CPU code generator without its fusion emitters, which compiles the tests' programs
+# faster (the tiny train step's compilation about 15% less CPU time, measured) and runs them a
+# little slower; and 8 simulated CPU devices, so that sharded code runs on a laptop as on an
+# 8-device host. Subprocesses inherit both; a later device count in XLA_FLAGS overrides this one.
 os.environ['XLA_FLAGS'] = ' '.join(
-    [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8']).strip()
+    [os.environ.get('XLA_FLAGS', ''), '--xla_cpu_use_fusion_emitters=false',
+     '--xla_force_host_platform_device_count=8']).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # A persistent compilation cache for this test run, which the xdist workers and subprocesses

@@ -70,7 +70,8 @@ TINY = {
     'analysis.num_neighbours': 2, 'analysis.deltas': (0.0, 0.0125),
 }
 # One device: these runs test the command line, not sharding.
-ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+ENV = {**os.environ,
+       'XLA_FLAGS': os.environ['XLA_FLAGS'] + ' --xla_force_host_platform_device_count=1'}
 
 
 def _files(folder):
