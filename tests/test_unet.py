@@ -44,7 +44,10 @@ def perturb(params, seed, scale=0.05):
 
 @pytest.fixture(scope='module')
 def tiny():
+    """configs/tiny.py with a second level, attended: down- and upsampling and attention inside
+    residual blocks are in the model."""
     config = get_config('tiny')
+    config.model.channel_mult, config.model.attention_levels = (1, 2), (1,)
     graphdef, params = unet.init(config, jax.random.key(0))
     rng = np.random.default_rng(1)
     size, channels = config.data.image_size, config.data.num_channels
@@ -165,8 +168,8 @@ def test_group_norm_matches_numpy():
 
 
 def test_bfloat16_matches_float32(tiny, tiny_perturbed, tiny_apply):
-    _, _, _, x, k = tiny
-    config = get_config('tiny')
+    config, _, _, x, k = tiny
+    config = config.copy_and_resolve_references()
     config.model.dtype = 'bfloat16'
     graphdef_bf16, params_bf16 = unet.init(config, jax.random.key(0))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params_bf16))
