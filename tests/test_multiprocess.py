@@ -128,14 +128,13 @@ def _max_difference(a, b):
 
 def test_two_processes_train_like_one_process_with_the_same_devices(runs):
     base = runs[0]
-    # The gradients are summed across devices in another order across processes (2 of 258
-    # optimizer-state leaves differ after step 1, by 1.9e-9). After step 2, the first with a
-    # learning rate > 0, every leaf agrees to 3.7e-9 (measured).
+    # The gradients are summed across devices in another order across processes. After step 2,
+    # the first with a learning rate > 0, every leaf agrees to 3.7e-9 (measured).
     two, one = _state_at(base / 'two', 2), _state_at(base / 'one', 2)
     assert _max_difference(two, one) < 1e-6
-    # By step 6 (the two-process run resumed at 4) Adam's moments agree to 1.4e-7, while its
+    # By step 6 (the two-process run resumed at 4) Adam's moments agree to 7.4e-8, while its
     # normalised step g/√v turns the rounding of gradients near 0 into parameter differences
-    # of up to 4.9e-5 in 125 of the 701,345 parameters (measured); a wrong batch, key or sum
+    # of up to 4.5e-5 in 89 of the 162,177 parameters (measured); a wrong batch, key or sum
     # changes them by the order of the learning rate, 1e-3.
     two, one = _state_at(base / 'two', 6), _state_at(base / 'one', 6)
     assert int(two.step) == int(one.step) == 6
