@@ -37,7 +37,8 @@ trap cleanup EXIT
 
 for ((i = 0; i < num_processes; i++)); do
     log="$workdir/logs/process_$i.log"
-    cmd=(env JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
+    cmd=(env JAX_PLATFORMS=cpu
+         XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
          "$python" -m ihdm_jax.main --config="$config" --workdir="$workdir"
          --coordinator_address="localhost:$port" --num_processes="$num_processes"
          --process_id="$i" "$@")

@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 # XLA's CPU code generator without its fusion emitters, which compiles the tests' programs
-# faster (the tiny train step's compilation about 15% less CPU time, measured) and runs them a
+# faster (a train step's compilation about 15% less CPU time, measured) and runs them a
 # little slower; and 8 simulated CPU devices, so that sharded code runs on a laptop as on an
 # 8-device host. Subprocesses inherit both; a later device count in XLA_FLAGS overrides this one.
 os.environ['XLA_FLAGS'] = ' '.join(

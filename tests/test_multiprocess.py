@@ -134,8 +134,8 @@ def test_two_processes_train_like_one_process_with_the_same_devices(runs):
     assert _max_difference(two, one) < 1e-6
     # By step 6 (the two-process run resumed at 4) Adam's moments agree to 7.4e-8, while its
     # normalised step g/√v turns the rounding of gradients near 0 into parameter differences
-    # of up to 4.5e-5 in 89 of the 162,177 parameters (measured); a wrong batch, key or sum
-    # changes them by the order of the learning rate, 1e-3.
+    # of up to 4.5e-5 (over 1e-6 in 89 of the 162,177 parameters, measured); a wrong batch, key
+    # or sum changes them by the order of the learning rate, 1e-3.
     two, one = _state_at(base / 'two', 6), _state_at(base / 'one', 6)
     assert int(two.step) == int(one.step) == 6
     assert _max_difference(two.opt_state, one.opt_state) < 1e-6
