@@ -239,18 +239,6 @@ def fid_json(fid_config, workdir):
     return _read(workdir, 'fid.json')
 
 
-def _low_rank_fid(features1, features2) -> float:
-    """FID in float64 without a matrix square root, for fewer samples than dimensions: the
-    non-zero eigenvalues of sigma1 sigma2 are the squared singular values of A1 A2^T / sqrt(c)
-    for the centred features A_i and c = (n1 - 1)(n2 - 1)."""
-    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
-    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
-    c1, c2 = len(f1) - 1, len(f2) - 1
-    diff = f1.mean(0) - f2.mean(0)
-    trace_sqrt = np.linalg.svd(a1 @ a2.T / np.sqrt(c1 * c2), compute_uv=False).sum()
-    return float(diff @ diff + (a1 * a1).sum() / c1 + (a2 * a2).sum() / c2 - 2 * trace_sqrt)
-
-
 def test_fid_job_measures_the_ema_samples_against_the_training_set(fid_config, workdir, fid_json,
                                                                     ema_params):
     config, saved = fid_config, fid_json
@@ -265,7 +253,7 @@ def test_fid_job_measures_the_ema_samples_against_the_training_set(fid_config, w
     expected_mu, expected_sigma = frechet.statistics(train_features)
     np.testing.assert_array_equal(mu, expected_mu)  # the same features: identical
     np.testing.assert_array_equal(sigma, expected_sigma)
-    expected = _low_rank_fid(sample_features, train_features)
+    expected = numpy_reference.low_rank_fid(sample_features, train_features)
     assert saved['fid'] == pytest.approx(expected, rel=2e-7)  # measured 4.8e-8
 
     assert saved['num_samples'] == 8 and saved['step'] == TRAINED_STEP

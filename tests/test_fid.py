@@ -18,6 +18,7 @@ from PIL import ImageDraw
 from scipy import linalg
 from sklearn.datasets import load_digits
 
+import numpy_reference
 from conftest import ROOT
 from conftest import fid_wheel
 from ihdm_jax.evaluation import frechet
@@ -111,21 +112,6 @@ def cli_run(inception_weights, image_sets, tmp_path_factory):
     return result.stdout, str(stats)
 
 
-def _low_rank_fid(features1, features2) -> float:
-    """FID in float64 without a matrix square root, for fewer samples than dimensions.
-
-    With centred samples A_i (n_i x d) and sigma_i = A_i^T A_i / (n_i - 1), the non-zero
-    eigenvalues of sigma1 sigma2 are the squared singular values of M = A1 A2^T / sqrt(c),
-    c = (n1 - 1)(n2 - 1), so tr (sigma1 sigma2)^(1/2) is the nuclear norm of M.
-    """
-    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
-    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
-    c1, c2 = len(f1) - 1, len(f2) - 1
-    diff = f1.mean(0) - f2.mean(0)
-    trace_sqrt = np.linalg.svd(a1 @ a2.T / np.sqrt(c1 * c2), compute_uv=False).sum()
-    return float(diff @ diff + (a1 * a1).sum() / c1 + (a2 * a2).sum() / c2 - 2 * trace_sqrt)
-
-
 def test_features_match_torchscript(flax_features, reference_features):
     for name in ('a', 'b'):
         assert flax_features[name].shape == (SET_SIZE, inception.FEATURES)
@@ -136,7 +122,7 @@ def test_features_match_torchscript(flax_features, reference_features):
 
 def test_fid_matches_reference_network(cli_run, reference_features):
     value = _printed_fid(cli_run[0])
-    reference = _low_rank_fid(reference_features['a'], reference_features['b'])
+    reference = numpy_reference.low_rank_fid(reference_features['a'], reference_features['b'])
     print(f'FID {value:.6f}, reference {reference:.6f}, relative difference '
           f'{abs(value - reference) / reference:.3g}')
     assert value > 1.0
@@ -174,7 +160,7 @@ def test_frechet_distance_of_sample_statistics():
     rng = np.random.default_rng(1)
     features1, features2 = rng.normal(size=(12, 64)), rng.normal(0.3, 1.5, size=(10, 64))
     value = frechet.frechet_distance(*frechet.statistics(features1), *frechet.statistics(features2))
-    assert value == pytest.approx(_low_rank_fid(features1, features2), rel=1e-7)  # measured 1.6e-8
+    assert value == pytest.approx(numpy_reference.low_rank_fid(features1, features2), rel=1e-7)  # measured 1.6e-8
     mu, sigma = frechet.statistics(features1)
     assert abs(frechet.frechet_distance(mu, sigma, mu, sigma)) < 2e-7 * np.trace(sigma)  # 6.7e-8
 
