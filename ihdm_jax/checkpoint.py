@@ -10,6 +10,7 @@ a different device count. Jobs that only read a run restore the EMA parameters a
 
 import datetime
 import json
+import logging as std_logging
 import os
 import pathlib
 
@@ -35,6 +36,29 @@ RUN_KEYS = ('seed', 'data', 'model', 'optim', 'training.batch_size')
 # Settings a checkpoint's parameters depend on, checked by the jobs that only read the run.
 MODEL_KEYS = ('data', 'model')
 _FREE_KEYS = ('data.data_dir', 'data.test_dir', 'data.cache_mb')
+
+
+class _OrbaxInfoFilter(std_logging.Filter):
+    """Drops orbax's INFO records (a few dozen per checkpoint); its warnings and errors pass,
+    without their tracebacks (a failed save ends the job with one line that names it). Also
+    drops asyncio's "Task exception was never retrieved" for orbax's tasks: after a failed
+    restore, orbax leaves tasks holding the error it raised, and asyncio logs each with a
+    traceback whenever they are garbage-collected, long after the failure was reported."""
+
+    def filter(self, record):
+        if record.name == 'asyncio' and f'{os.sep}orbax{os.sep}' in record.getMessage():
+            return False
+        orbax = f'{os.sep}orbax{os.sep}' in record.pathname
+        if orbax:
+            record.exc_info = record.exc_text = None
+        return record.levelno >= std_logging.WARNING or not orbax
+
+
+def quiet_orbax():
+    """Installs _OrbaxInfoFilter on absl's handler (once), for the rest of the process."""
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _OrbaxInfoFilter) for f in handler.filters):
+        handler.addFilter(_OrbaxInfoFilter())
 
 
 def _directory(workdir: str) -> str:

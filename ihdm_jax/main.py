@@ -106,6 +106,7 @@ def run(config, mode, workdir, **options):
     job.check(config)
     checkpoint.check_workdir(config, workdir, job.workdir,
                              allow_config_change=options.get('allow_config_change', False))
+    checkpoint.quiet_orbax()
     # Training holds the workdir's lock; the other jobs only read checkpoints and may run beside it.
     with lock.WorkdirLock(workdir) if job.workdir == 'train' else contextlib.nullcontext():
         data.prepare(config)

@@ -127,6 +127,9 @@ def test_mode_runs_from_the_command_line_and_writes_only_its_results(mode_runs, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr and 'Error' not in result.stderr, \
         result.stderr[-3000:]
+    # orbax's INFO records (a few dozen per restore) are filtered out.
+    assert not re.search(r'^I\d{4} .* checkpoint_manager\.py:\d+\]', result.stderr,
+                         re.MULTILINE), result.stderr[-3000:]
     after = _files(workdir)
     written = {path for path in after if before.get(path) != after[path]}
     assert set(MODES[mode]) <= written, sorted(written)

@@ -249,8 +249,9 @@ def test_failed_save_stops_at_once_and_keeps_the_previous_checkpoint(full_disk, 
                                                                       caplog, capfd,
                                                                       monkeypatch):
     caplog.set_level(logging.INFO, logger='absl')
-    # stderr as on the command line: absl's handler, which train() quiets (orbax's errors
-    # without tracebacks), in place of the plain handler absl adds when used before app.run.
+    # stderr as on the command line: absl's handler, quieted as main.run quiets it (orbax's
+    # errors without tracebacks), in place of the plain handler absl adds before app.run.
+    checkpoint.quiet_orbax()
     root, absl_handler = logging.getLogger(), absl_logging.get_absl_handler()
     monkeypatch.setattr(root, 'handlers',
                         [h for h in root.handlers if type(h) is not logging.StreamHandler])
@@ -300,7 +301,7 @@ def test_asyncio_reports_of_orbax_tasks_are_dropped():
                                  message, None, None)
     task = ("Task exception was never retrieved\nfuture: <Task finished coro=<async_deserialize()"
             f" done, defined at {os.sep}site-packages{os.sep}orbax{os.sep}serialization.py:394>>")
-    quiet = train_job._OrbaxInfoFilter()
+    quiet = checkpoint._OrbaxInfoFilter()
     assert not quiet.filter(record(task))
     assert quiet.filter(record('Task exception was never retrieved\nfuture: <Task mine>'))
 

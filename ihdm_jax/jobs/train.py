@@ -7,7 +7,6 @@ run it continues. SIGTERM and SIGINT (Ctrl-C) finish the current step, save and 
 import collections
 import contextlib
 import itertools
-import logging as std_logging
 import os
 import signal
 import sys
@@ -33,28 +32,6 @@ from ihdm_jax import storage
 def check(config):
     parallel.check_divisible(config.training.batch_size, 'config.training.batch_size')
     parallel.check_divisible(config.sampling.batch_size, 'config.sampling.batch_size')
-
-
-class _OrbaxInfoFilter(std_logging.Filter):
-    """Drops orbax's INFO records (a few dozen per checkpoint); its warnings and errors pass,
-    without their tracebacks (a failed save ends the job with one line that names it). Also
-    drops asyncio's "Task exception was never retrieved" for orbax's tasks: after a failed
-    restore, orbax leaves tasks holding the error it raised, and asyncio logs each with a
-    traceback whenever they are garbage-collected, long after the failure was reported."""
-
-    def filter(self, record):
-        if record.name == 'asyncio' and f'{os.sep}orbax{os.sep}' in record.getMessage():
-            return False
-        orbax = f'{os.sep}orbax{os.sep}' in record.pathname
-        if orbax:
-            record.exc_info = record.exc_text = None
-        return record.levelno >= std_logging.WARNING or not orbax
-
-
-def quiet_orbax():
-    handler = logging.get_absl_handler()
-    if not any(isinstance(f, _OrbaxInfoFilter) for f in handler.filters):
-        handler.addFilter(_OrbaxInfoFilter())
 
 
 class _Phases:
@@ -235,7 +212,6 @@ def train(config, workdir: str):
     anything is logged or saved, so a diverged state is never written. The caller holds the
     workdir's lock (ihdm_jax.lock; main.run takes it).
     """
-    quiet_orbax()
     mesh = parallel.make_mesh()
     source = data.make_source(config)
     loader = data.make_loader(config, source, parallel.batch_sharding(mesh))
