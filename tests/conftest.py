@@ -17,7 +17,7 @@ import tempfile
 # XLA's CPU code generator without its fusion emitters, which compiles the tests' programs
 # faster (a train step's compilation about 15% less CPU time, measured) and runs them a
 # little slower; and 8 simulated CPU devices, so that sharded code runs on a laptop as on an
-# 8-device host. Subprocesses inherit both; a later device count in XLA_FLAGS overrides this one.
+# 8-device host. Subprocesses inherit both; with_devices changes the count for one.
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_cpu_use_fusion_emitters=false',
      '--xla_force_host_platform_device_count=8']).strip()
@@ -49,6 +49,13 @@ from ihdm_jax import state as state_lib  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEEL_ENV = 'IHDM_FID_WHEEL'
 TRAINED_STEP = 7
+
+
+def with_devices(count: int) -> dict:
+    """The environment for a subprocess with `count` simulated CPU devices: this one's XLA_FLAGS
+    with another device count after the first (the last one counts)."""
+    return {**os.environ, 'XLA_FLAGS': f"{os.environ['XLA_FLAGS']} "
+                                       f'--xla_force_host_platform_device_count={count}'}
 
 
 def perturbed(tree, seed, scale):

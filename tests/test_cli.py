@@ -24,6 +24,7 @@ import pytest
 
 from conftest import ROOT
 from conftest import TRAINED_STEP
+from conftest import with_devices
 from configs import tiny
 from ihdm_jax import main
 from ihdm_jax import parallel
@@ -70,8 +71,7 @@ TINY = {
     'analysis.num_neighbours': 2, 'analysis.deltas': (0.0, 0.0125),
 }
 # One device: these runs test the command line, not sharding.
-ENV = {**os.environ,
-       'XLA_FLAGS': os.environ['XLA_FLAGS'] + ' --xla_force_host_platform_device_count=1'}
+ENV = with_devices(1)
 
 
 def _files(folder):

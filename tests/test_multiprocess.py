@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from conftest import with_devices
 from configs import tiny
 from ihdm_jax import checkpoint
 from ihdm_jax import parallel
@@ -49,8 +50,7 @@ def _two_processes(workdir, n_iters):
 
 def _one_process(workdir, n_iters):
     """One process with four devices: the same mesh, batches and shardings in one process."""
-    env = dict(os.environ,
-               XLA_FLAGS=os.environ['XLA_FLAGS'] + ' --xla_force_host_platform_device_count=4')
+    env = with_devices(4)
     result = subprocess.run(
         [sys.executable, '-m', 'ihdm_jax.main', '--config=configs/tiny.py',
          f'--workdir={workdir}', f'--config.training.n_iters={n_iters}', *SETTINGS],
