@@ -39,7 +39,7 @@ def errors_by_time(config, workdir: str, times, num_images: int):
     """(step, [(t, DC error, DC lin, (0, 1) error, ring errors, a_t lowest, a_t highest)])."""
     mesh = parallel.make_mesh()
     params, step = checkpoint.restore_ema_params(config, workdir, mesh)
-    process = processes.diffusion_process(config)
+    process = processes.from_config(config).process  # the diffusion.Process
     f = programs.residual(state_lib.model_graphdef(config))
     source = data.make_source(config, 'test')
     x = 2.0 * source.load(np.arange(num_images)).astype(np.float32) / 255.0 - 1.0
@@ -87,8 +87,9 @@ def main(argv, f):
     if f.json.value:
         measure.check_new_file(f.json.value)
     config = f.config.value
-    if config.model.process == 'heat':
-        raise app.UsageError('The heat process predicts no noise; pass a diffusion config.')
+    if not isinstance(processes.from_config(config), processes.Diffusion):
+        raise app.UsageError(f'config.model.process={config.model.process!r} predicts no noise; '
+                             'pass a diffusion config.')
     step, rows = errors_by_time(config, f.workdir.value, [float(t) for t in f.times.value],
                                 f.num_images.value)
     print(f'Checkpoint {step} of {f.workdir.value}, {f.num_images.value} test images: mean '

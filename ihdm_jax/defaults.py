@@ -27,7 +27,7 @@ def get_default_config():
     # diagonal in the DCT basis with ε-prediction (ihdm_jax/diffusion.py): 'ddpm' (Ho et al.
     # 2020), 'blurring' (Hoogeboom & Salimans 2022), 'non_isotropic' (Voleti et al.).
     model.process = 'heat'
-    model.K = 200  # levels: the heat levels, or T (ddpm, non_isotropic) / sampling steps (blurring)
+    model.K = 200  # levels of the process: the heat levels; T (ddpm, non_isotropic); blurring's grid
     model.sigma = 0.01  # training noise σ (Eq. 4)
     model.blur_sigma_min = 0.5
     model.blur_sigma_max = 24.0  # heat: σ_B,K; blurring: σ_B,max of Hoogeboom & Salimans
@@ -64,8 +64,11 @@ def get_default_config():
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.delta = 0.0125  # sampling noise δ (Eq. 8)
-    # Diffusion processes: ancestral steps of the sampler; 0 = all K levels (the heat process
-    # always runs all). Fewer steps skip levels; ddpm and non_isotropic need a divisor of K.
+    # The sampler (ihdm_jax/samplers.py): 'ancestral', Alg. 2 for the heat process and Ho et
+    # al.'s ancestral sampler for the diffusion processes.
+    sampling.sampler = 'ancestral'
+    # Steps of the sampler; 0 = all K levels (the heat process always runs all). Fewer steps
+    # skip levels of the diffusion processes; ddpm and non_isotropic need a divisor of K.
     sampling.steps = 0
     sampling.num_samples = 64
     sampling.batch_size = 64

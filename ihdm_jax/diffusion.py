@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ihdm_jax import heat
+from ihdm_jax import sampling
 
 TIME_SCALE = 1000.0  # the network sees 1000·t: Ho et al.'s integer step i when N = 1000
 
@@ -174,13 +175,9 @@ def model_mean(process: Process, eps_fn, u_t, t, s, clip=False):
     """μ_θ(u_t): the mean of p(u_s | u_t) = q(u_s | u_t, u_0 = the model's u_0), in pixels;
     at s = 0 the model's u_0 itself.
 
-    clip: the model's u_0 enters the posterior mean only through the blurred image
-    D_s u_0 = V(d_s ⊙ ũ_0) (coef_0 = α_s d_s σ²_{t|s}/s_t²), which is clipped to the data range
-    [−1, 1] in pixels first. Without blurring (d ≡ 1) this is Ho et al.'s clip of the model's
-    u_0 (clip_denoised in their code). With blurring, the model's ũ_0 = (ũ_t − s_t ε̂)/a_t
-    divides the network's error by a_t ≈ α_t d_min at the frequencies already dissipated, so
-    u_0 itself has pixels of order 10³: clipping it would change every frequency, the low ones
-    included, while D_s u_0 is what the step uses, a blurred image in the data range."""
+    clip: the blurred model image D_s u_0 = V(d_s ⊙ ũ_0), the only way u_0 enters the posterior
+    mean, is clipped to [−1, 1] in pixels first: Ho et al.'s clip of u_0 without blurring, and
+    the one clip that keeps blurring diffusion's samples (docs/processes.md says why)."""
     u_t_dct, u0_dct = predict_u0(process, eps_fn, u_t, t)
     if clip:
         d_s = blur_at(process, s, u_t.shape)
@@ -225,41 +222,31 @@ def _step_var(process, t, s, shape):
     return coef_0, jnp.where(s > 0, var, 0.0)
 
 
-def sample_with_noise(process: Process, eps_fn, u_N, noise, trajectory_steps: Sequence[int] = (),
-                      num_steps: int = 0):
-    """Ancestral sampling on the levels t_i = i/N, i = N..1, from u_N: u_{i−1} ~
-    p(u_{t_{i−1}} | u_{t_i}), the last step returning the model's u_0 (Ho et al., Alg. 2), with
-    model_mean's clip at every step (Ho et al.'s clip of u_0 without blurring).
-    noise(i) gives the unit noise of level i (sampling.example_noise). N = num_steps, or the
-    process's num_levels when 0; the posterior holds between any s < t, so fewer steps skip
-    levels (a discrete process needs N to divide its num_levels). With trajectory_steps (levels
-    in 0..N), also the states there, (len, B, H, W, C)."""
-    N = num_steps or process.num_levels
+def time_grid(process: Process, steps: int = 0) -> np.ndarray:
+    """The sampler's times t_i = i/N, i = 0..N, float32, for N = steps (0: the process's
+    num_levels). The posterior holds between any s < t, so fewer steps skip levels; a discrete
+    process needs N to divide its num_levels."""
+    N = steps or process.num_levels
     if not process.continuous and process.num_levels % N:
         raise ValueError(f'{N} steps do not divide the {process.num_levels} levels.')
-    steps = tuple(int(i) for i in trajectory_steps)
-    if any(not 0 <= i <= N for i in steps):
-        raise ValueError(f'trajectory_steps must lie in 0..{N}, got {steps}.')
-    slot = np.full(N + 1, len(steps), np.int32)
-    slot[list(steps)] = np.arange(len(steps))
-    slot = jnp.asarray(slot)
-    u_N = jnp.asarray(u_N, jnp.float32)
+    return np.arange(N + 1, dtype=np.float32) / np.float32(N)
+
+
+def sample_with_noise(process: Process, eps_fn, u_N, noise, trajectory_steps: Sequence[int] = (),
+                      num_steps: int = 0):
+    """Ancestral sampling on the grid t_i = i/N (time_grid), i = N..1, from u_N: u_{i−1} ~
+    p(u_{t_{i−1}} | u_{t_i}), the last step returning the model's u_0 (Ho et al., Alg. 2), with
+    model_mean's clip at every step (Ho et al.'s clip of u_0 without blurring).
+    noise(i) gives the unit noise of grid point i (sampling.example_noise). Returns (u_0,
+    trajectory): the states at trajectory_steps (grid points in 0..N), (len, B, H, W, C)."""
+    times = jnp.asarray(time_grid(process, num_steps))
     batch = u_N.shape[0]
 
-    def step(j, carry):
-        u, traj = carry
-        i = N - j
-        if steps:
-            traj = traj.at[slot[i]].set(u)
-        t = jnp.full((batch,), i / N, jnp.float32)
-        s = jnp.full((batch,), (i - 1) / N, jnp.float32)
-        return ancestral_step(process, eps_fn, u, t, s, noise(i), clip=True), traj
-
-    traj = jnp.zeros((len(steps) + 1,) + u_N.shape, jnp.float32) if steps else ()
-    u, traj = jax.lax.fori_loop(0, N, step, (u_N, traj))
-    if not steps:
-        return u
-    return u, traj.at[slot[0]].set(u)[:-1]
+    def step(u, i, eps):
+        t = jnp.full((batch,), times[i], jnp.float32)
+        s = jnp.full((batch,), times[i - 1], jnp.float32)
+        return ancestral_step(process, eps_fn, u, t, s, eps, clip=True)
+    return sampling.chain(step, u_N, len(times) - 1, noise, trajectory_steps)
 
 
 # ---- the negative ELBO (Ho et al., Eq. 5) ---------------------------------------------------

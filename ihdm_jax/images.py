@@ -8,15 +8,33 @@ from PIL import Image
 from ihdm_jax import storage
 
 MIN_TILE = 64  # smaller images are enlarged (nearest neighbour) to at least this many pixels
+PAD = 2  # white pixels between the tiles of a grid
 
 
-def grid(images: np.ndarray, columns: int = 0, pad: int = 2) -> np.ndarray:
+def tile_scale(size: int) -> int:
+    """The enlargement of images of `size` pixels in a grid (to at least MIN_TILE)."""
+    return max(1, -(-MIN_TILE // size))
+
+
+def tile_centres(count: int, size: int) -> list:
+    """The pixel positions of the centres of `count` tiles of images of `size` pixels along a
+    grid's row or column."""
+    tile = size * tile_scale(size)
+    return [PAD + i * (tile + PAD) + tile / 2 for i in range(count)]
+
+
+def to_uint8(images) -> np.ndarray:
+    """Float images in [0, 1] (values outside are clipped) as uint8."""
+    return np.round(np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def grid(images: np.ndarray, columns: int = 0, pad: int = PAD) -> np.ndarray:
     """uint8 NHWC images tiled row by row into one HWC image with `pad` white pixels between.
 
     columns = 0 picks a near-square grid. Images smaller than MIN_TILE are enlarged.
     """
     n, height, width, channels = images.shape
-    scale = max(1, -(-MIN_TILE // max(height, width)))
+    scale = tile_scale(max(height, width))
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     height, width = height * scale, width * scale
     columns = columns or math.ceil(math.sqrt(n))

@@ -100,12 +100,18 @@ class Model:
             data.check(self.config)
             self._source = data.make_source(self.config)
             self._sampler = programs.Sampler(self.config, self.mesh)
-        return self._sampler.draw(self.params, self._source, num, key, delta=delta, uint8=False)
+        return self._sampler.draw(self.params, self._source, num, key, delta=delta,
+                                  uint8=False).images
+
+
+def restore(config, workdir: str) -> Model:
+    """The EMA parameters of the newest checkpoint in `workdir` for `config`, on a mesh of all
+    devices (what every job that reads a trained model starts from)."""
+    mesh = parallel.make_mesh()
+    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
+    return Model(config, params, int(step), mesh)
 
 
 def load(workdir: str) -> Model:
     """The run in `workdir`: its config.json and the EMA parameters of its newest checkpoint."""
-    config = read_config(workdir)
-    mesh = parallel.make_mesh()
-    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
-    return Model(config, params, int(step), mesh)
+    return restore(read_config(workdir), workdir)

@@ -9,18 +9,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from ihdm_jax import images
-from ihdm_jax import programs
 from ihdm_jax import storage
-
-PAD = 2  # white pixels between tiles, as in images.grid
-
-
-def tile_scale(image_size):
-    return max(1, -(-images.MIN_TILE // image_size))
-
-
-def tile_centres(count, tile):
-    return [PAD + i * (tile + PAD) + tile / 2 for i in range(count)]
 
 
 def _save(fig, path, **kwargs):
@@ -44,9 +33,18 @@ def save_canvas(path, canvas, title, xticks=(), yticks=()):
     _save(fig, path, bbox_inches='tight', pad_inches=0.1)
 
 
+def save_table(path, table, title, column_labels=(), row_labels=()):
+    """uint8 images (rows, columns, H, W, C) as a titled grid, labelled under the first row's
+    images and beside the first column's."""
+    rows, columns, size = table.shape[:3]
+    save_canvas(path, images.grid(table.reshape((-1,) + table.shape[2:]), columns), title,
+                list(zip(images.tile_centres(columns, size), column_labels)),
+                list(zip(images.tile_centres(rows, size), row_labels)))
+
+
 def save_trajectory_gif(path, trajectory, columns):
     """trajectory (B, levels, H, W, C) in [0, 1] as a GIF of grids, level K first."""
-    frames = programs.to_uint8(trajectory)
+    frames = images.to_uint8(trajectory)
     images.save_gif(path, [images.grid(frames[:, i], columns) for i in range(frames.shape[1])])
 
 
@@ -62,61 +60,52 @@ def tree_canvas(rows, leaves, scale):
     of tiles per level, each tile centred over its descendants in the last row."""
     _, height, width, channels = rows[0].shape
     height, width = height * scale, width * scale
-    canvas = np.full((len(rows) * (height + PAD) + PAD, leaves * (width + PAD) + PAD,
-                      channels), 255, np.uint8)
+    pad = images.PAD
+    canvas = np.full((len(rows) * (height + pad) + pad, leaves * (width + pad) + pad, channels),
+                     255, np.uint8)
     for r, row in enumerate(rows):
-        span = leaves * (width + PAD) / len(row)
-        top = PAD + r * (height + PAD)
+        span = leaves * (width + pad) / len(row)
+        top = pad + r * (height + pad)
         for i, image in enumerate(row):
-            left = int(round(PAD / 2 + (i + 0.5) * span - width / 2))
+            left = int(round(pad / 2 + (i + 0.5) * span - width / 2))
             canvas[top:top + height, left:left + width] = image.repeat(scale, 0).repeat(scale, 1)
     return canvas
 
 
-def psd(path, frequencies, data_psd, curves, sigma, n):
-    fig = Figure(figsize=(11, 4.5), dpi=100)
-    heat_ax, diffusion_ax = fig.subplots(1, 2, sharey=True)
+def psd(path, frequencies, data_psd, curves, process, sigma, n):
+    """The radial PSD of the states of processes.Process.psd_curves, one curve per level: for
+    the heat process (curves with 'heat_psd') beside the diffusion at matched steps, for a
+    diffusion process (curves with 'psd') alone."""
+    heat = 'heat_psd' in curves[0]
+    fig = Figure(figsize=(11, 4.5) if heat else (5.8, 4.5), dpi=100)
+    axes = fig.subplots(1, 2, sharey=True) if heat else [fig.subplots()]
     shades = np.linspace(0.35, 1.0, len(curves))
     blues = [(0.1, 0.3 * s, s) for s in shades]
     reds = [(s, 0.25 * s, 0.1) for s in shades]
-    for ax, name, colours in ((heat_ax, 'heat_psd', blues), (diffusion_ax, 'diffusion_psd', reds)):
+    if heat:
+        panels = [('heat_psd', blues, lambda c: f'k={c["k"]}, σ_B={c["blur_sigma"]:.2f}'),
+                  ('diffusion_psd', reds, lambda c: f'k={c["k"]}, ᾱ={c["alpha_bar"]:.4f}')]
+    else:
+        panels = [('psd', reds, lambda c: f'k={c["k"]}, t={c["t"]:.3g}, α={c["alpha"]:.3f}')]
+    for ax, (name, colours, label) in zip(axes, panels):
         ax.loglog(frequencies, data_psd, 'k-', lw=2, label='data')
         for c, colour in zip(curves, colours):
-            label = (f'k={c["k"]}, σ_B={c["blur_sigma"]:.2f}' if name == 'heat_psd' else
-                     f'k={c["k"]}, ᾱ={c["alpha_bar"]:.4f}')
-            ax.loglog(frequencies, c[name], color=colour, label=label)
+            ax.loglog(frequencies, c[name], color=colour, label=label(c))
         ax.set_xlabel('frequency (cycles per pixel)')
         _plain_log_ticks(ax.xaxis, frequencies[0], frequencies[-1])
         ax.grid(True, alpha=0.3)
-    heat_ax.axhline(sigma**2, color='gray', ls='--', label=f'σ² = {sigma**2:g}')
-    heat_ax.set_ylim(bottom=sigma**2 * 1e-3)  # far below σ² a frequency is lost anyway
-    heat_ax.set_ylabel('power (mean squared DCT coefficient)')
-    heat_ax.set_title('Heat: F(t_k) u0, approaches the data from below', fontsize=10)
-    diffusion_ax.set_title('Diffusion at matched steps: x/√ᾱ + √((1−ᾱ)/ᾱ) ε, from above',
-                           fontsize=10)
-    heat_ax.legend(fontsize=7)
-    diffusion_ax.legend(fontsize=7)
-    fig.suptitle(f'Radial power spectral density of {n} training images (Fig. 4)')
-    _save(fig, path, bbox_inches='tight')
-
-
-def process_psd(path, frequencies, data_psd, curves, process, n):
-    """The radial PSD of a diffusion process's states at the data's scale, one curve per level
-    (Fig. 4 for DDPM and its kin)."""
-    fig = Figure(figsize=(5.8, 4.5), dpi=100)
-    ax = fig.subplots()
-    ax.loglog(frequencies, data_psd, 'k-', lw=2, label='data')
-    shades = np.linspace(0.35, 1.0, len(curves))
-    for c, s in zip(curves, shades):
-        ax.loglog(frequencies, c['psd'], color=(s, 0.25 * s, 0.1),
-                  label=f'k={c["k"]}, t={c["t"]:.3g}, α={c["alpha"]:.3f}')
-    ax.set_xlabel('frequency (cycles per pixel)')
-    ax.set_ylabel('power (mean squared DCT coefficient)')
-    _plain_log_ticks(ax.xaxis, frequencies[0], frequencies[-1])
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(f'{process}: u_k/(2α_k), a draw of q(u_k | 2x − 1) at the data scale',
-                 fontsize=10)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel('power (mean squared DCT coefficient)')
+    if heat:
+        axes[0].axhline(sigma**2, color='gray', ls='--', label=f'σ² = {sigma**2:g}')
+        axes[0].set_ylim(bottom=sigma**2 * 1e-3)  # far below σ² a frequency is lost anyway
+        axes[0].set_title('Heat: F(t_k) u0, approaches the data from below', fontsize=10)
+        axes[1].set_title('Diffusion at matched steps: x/√ᾱ + √((1−ᾱ)/ᾱ) ε, from above',
+                          fontsize=10)
+        axes[0].legend(fontsize=7)
+    else:
+        axes[0].set_title(f'{process}: u_k/(2α_k), a draw of q(u_k | 2x − 1) at the data scale',
+                          fontsize=10)
     fig.suptitle(f'Radial power spectral density of {n} training images (Fig. 4)')
     _save(fig, path, bbox_inches='tight')
 
@@ -276,7 +265,7 @@ def likelihood_levels(path, result, title):
     """Left, the terms L_1..L_{K−1} of Eq. (7) in nats per image; right, L_K (its App. A.3 bound),
     Σ L_k and L_0 in bits/dim."""
     # Level k holds L_{k−1}; a level that no Monte-Carlo draw reached is None (a gap).
-    levels = np.asarray([np.nan if v is None else v for v in result['level_nats']], float)
+    levels = np.asarray([np.nan if v is None else v for v in result.level_nats], float)
     fig = Figure(figsize=(9, 4))
     left, right = fig.subplots(1, 2, width_ratios=(3, 1))
     left.plot(np.arange(1, len(levels)), levels[1:], '.-')
@@ -284,11 +273,11 @@ def likelihood_levels(path, result, title):
     left.set_ylabel('$L_j$ (Eq. 10), nats per image')
     left.grid(alpha=0.3)
     names = ('L_K', 'sum_L_k', 'L_0')
-    values = [result[name] for name in names]
+    values = [getattr(result, name) for name in names]
     bars = right.bar(['$L_K$', '$\\Sigma L_k$', '$L_0$'], values, color=['C2', 'C0', 'C1'])
     right.bar_label(bars, fmt='%.3f', fontsize=8)
     right.axhline(0.0, color='black', linewidth=0.8)
-    right.set_ylabel(f'bits/dim (total = {result.get("offset", 8):g} + sum)')
+    right.set_ylabel(f'bits/dim (total = {result.offset:g} + sum)')
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path, dpi=120)

@@ -6,8 +6,10 @@ random number of a sample comes from its own key, so samples do not depend on th
 the padding or the number of devices.
 """
 
+import dataclasses
 import functools
 import math
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,15 +17,17 @@ import numpy as np
 import optax
 import tqdm
 
-from ihdm_jax import processes
+from ihdm_jax import images
 from ihdm_jax import parallel
+from ihdm_jax import processes
 from ihdm_jax import rng
+from ihdm_jax import samplers
 from ihdm_jax import sampling
 from ihdm_jax import schedule as schedule_lib
 from ihdm_jax import state as state_lib
 from ihdm_jax.models import unet
 
-GIF_FRAMES = 41  # levels recorded for a trajectory GIF, evenly spaced from K to 0
+GIF_FRAMES = 41  # grid points recorded for a trajectory GIF, evenly spaced from the prior to 0
 
 
 def residual(graphdef):
@@ -34,7 +38,8 @@ def residual(graphdef):
 
 
 def trajectory_levels(K: int) -> tuple:
-    """The levels a trajectory GIF shows: GIF_FRAMES levels from K down to 0 (all if fewer)."""
+    """The grid points a trajectory GIF shows: GIF_FRAMES points from K down to 0 (all if
+    fewer)."""
     return tuple(int(k) for k in
                  np.unique(np.linspace(0, K, min(K + 1, GIF_FRAMES)).round().astype(int))[::-1])
 
@@ -106,34 +111,55 @@ def on_mesh(mesh, fn):
     return call
 
 
-def to_uint8(images) -> np.ndarray:
-    """Float images in [0, 1] (values outside are clipped) as uint8."""
-    return np.round(np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+class Chains(NamedTuple):
+    """Sampler.chains: u_0 of each chain (B, H, W, C), and the states at the recorded grid
+    points (B, points, H, W, C), None where none were asked for."""
+    final: np.ndarray
+    trajectory: Optional[np.ndarray]
+
+
+class Samples(NamedTuple):
+    """Sampler.draw: the samples, and the first chunk's trajectory (B, points, H, W, C) where
+    asked for (else None)."""
+    images: np.ndarray
+    trajectory: Optional[np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """The sampler of a config with the network's parameters and δ bound, as a function inside
+    a compiled program (Sampler.run): chain(u, noise, record=(), start=None, stop=0) runs
+    samplers.Sampler.__call__; f is the network at the parameters."""
+    method: samplers.Sampler
+    f: Callable
+    delta: jax.Array
+
+    @property
+    def process(self):
+        return self.method.process
+
+    def __call__(self, u, noise, record=(), start=None, stop=0):
+        return self.method(self.f, u, self.delta, noise, record, start, stop)
 
 
 class Sampler:
-    """Alg. 2 (or the ancestral sampler of a diffusion process, processes.py) with the network
-    at given parameters, over the mesh; the sampling of every job.
+    """The sampler of config.sampling.sampler for the process of config.model.process, with
+    the network at given parameters, over the mesh: the sampling of every job.
 
-    `prior_states` draws u_K from the prior (the KDE prior of Sec. 3.2 for the heat process),
-    `chains` runs the reverse chain from given states with given noise keys, and `draw` does both
-    for many samples in chunks. δ is an argument of the compiled chain, so a sweep over δ
-    compiles once.
+    `prior_states` draws u_K from the process's prior (the KDE prior of Sec. 3.2 for the heat
+    process), `chains` runs the reverse chain from given states with given noise keys, `draw`
+    does both for many samples in chunks, and `run` maps any function of the bound chain over
+    the mesh. δ is an argument of the compiled programs, so a sweep over δ compiles once.
     """
 
     def __init__(self, config, mesh):
-        self.config = config
+        self.config, self.mesh = config, mesh
         self.schedule = schedule_lib.from_config(config)
         self.process = process = processes.from_config(config)
-        f = residual(state_lib.model_graphdef(config))
-        self.K = K = process.chain_levels
-
-        def run(levels, replicated, batched):
-            params, delta = replicated
-            u_K, raw_keys = batched
-            noise = sampling.example_noise(jax.random.wrap_key_data(raw_keys), u_K.shape[1:])
-            out = process.chain(functools.partial(f, params), u_K, delta, noise, levels)
-            return (out[0], jnp.swapaxes(out[1], 0, 1)) if levels else out
+        self.method = samplers.from_config(process, config)
+        self.steps = self.method.steps
+        self._f = residual(state_lib.model_graphdef(config))
+        self._programs, self._chain_fns = {}, {}
 
         @jax.jit
         def prior(x, raw_keys, delta):
@@ -142,8 +168,21 @@ class Sampler:
             return jax.vmap(one)(x, jax.random.wrap_key_data(raw_keys))
 
         self._prior = prior
-        self._programs = {levels: on_mesh(mesh, functools.partial(run, levels))
-                          for levels in ((), trajectory_levels(K))}
+        # The grid points a trajectory GIF shows (trajectory_levels of the sampler's steps).
+        self.gif_points = trajectory_levels(self.steps)
+
+    def run(self, fn, params, *batched, delta=None):
+        """fn(chain, *batched) compiled on the mesh (on_mesh) for the bound Chain at `params`
+        and δ (config.sampling.delta unless given), once per function object `fn`. Key data
+        (rng.example_keys) pass as uint32 arrays: jax.random.wrap_key_data makes keys of them."""
+        if fn not in self._programs:
+            def program(replicated, batched):
+                params, delta = replicated
+                chain = Chain(self.method, functools.partial(self._f, params), delta)
+                return fn(chain, *batched)
+            self._programs[fn] = on_mesh(self.mesh, program)
+        delta = jnp.float32(self.schedule.delta if delta is None else delta)
+        return self._programs[fn]((params, delta), *batched)
 
     def prior_states(self, source, draw: int, n: int, key, delta=None) -> np.ndarray:
         """n prior draws u_K, example b from fold_in(key, b): for the heat process
@@ -154,35 +193,47 @@ class Sampler:
         x = source.load(picks).astype(np.float32) / 255.0
         return np.asarray(self._prior(x, rng.example_keys(key, n), jnp.float32(delta)))
 
-    def chains(self, params, u_K, raw_keys, delta=None, trajectory=False):
-        """u_0 of the chains from states u_K (B, H, W, C), chain b with the noise of raw_keys[b]
-        (example_noise). With trajectory, also the states at trajectory_levels(K), (B, levels,
-        H, W, C)."""
-        delta = jnp.float32(self.schedule.delta if delta is None else delta)
-        program = self._programs[trajectory_levels(self.K) if trajectory else ()]
-        return program((params, delta), u_K, raw_keys)
+    def chains(self, params, u_K, raw_keys, delta=None, record=()) -> Chains:
+        """The chains from states u_K (B, H, W, C), chain b with the noise of raw_keys[b]
+        (sampling.example_noise), as images in [0, 1] (not clipped), and the states at the grid
+        points `record`."""
+        record = tuple(int(i) for i in record)
+        # One function object per record, so that run compiles each once.
+        fn = self._chain_fns.setdefault(record, functools.partial(_chains, record))
+        out = self.run(fn, params, u_K, raw_keys, delta=delta)
+        return Chains(*out) if record else Chains(out, None)
 
     def draw(self, params, source, num_samples: int, key, delta=None, trajectory=False,
-             progress='', uint8=True):
+             progress='', uint8=True) -> Samples:
         """num_samples samples as uint8 NHWC (with uint8=False: float32 u_0 as the chain ends,
         not clipped), in chunks of config.sampling.batch_size.
 
         Every chunk is a whole batch (one compiled shape); the last is cut. Chunk c uses
         fold_in(key, c), split into the prior's key and the chains' key, and the training images
         of prior draw c. Every process returns all samples. With trajectory, also the first
-        chunk's trajectory (B, levels, H, W, C). A `progress` text shows a progress bar.
+        chunk's trajectory. A `progress` text shows a progress bar.
         """
         batch_size = self.config.sampling.batch_size
         chunks, first_trajectory = [], None
-        convert = to_uint8 if uint8 else np.asarray
+        convert = images.to_uint8 if uint8 else np.asarray
         for c in tqdm.trange(math.ceil(num_samples / batch_size), desc=progress, unit='batch',
                              disable=not progress or not parallel.is_main_process()):
             prior_key, chain_key = jax.random.split(jax.random.fold_in(key, c))
             u_K = self.prior_states(source, c, batch_size, prior_key, delta)
             out = self.chains(params, u_K, rng.example_keys(chain_key, batch_size), delta,
-                              trajectory and c == 0)
-            if trajectory and c == 0:
-                out, first_trajectory = out[0], convert(out[1])
-            chunks.append(convert(out))
-        samples = np.concatenate(chunks)[:num_samples]
-        return (samples, first_trajectory) if trajectory else samples
+                              self.gif_points if trajectory and c == 0 else ())
+            if out.trajectory is not None:
+                first_trajectory = convert(out.trajectory)
+            chunks.append(convert(out.final))
+        return Samples(np.concatenate(chunks)[:num_samples], first_trajectory)
+
+
+def _chains(record, chain, u_K, raw_keys):
+    """Sampler.chains' program: the final images and, where `record` names grid points, the
+    images there, example-major."""
+    noise = sampling.example_noise(jax.random.wrap_key_data(raw_keys), u_K.shape[1:])
+    final, states = chain(u_K, noise, record)
+    to_image = chain.process.to_image
+    if not record:
+        return to_image(final)
+    return to_image(final), to_image(jnp.swapaxes(states, 0, 1))

@@ -1,4 +1,5 @@
-"""Sampling: the KDE prior of Sec. 3.2 and the reverse chain of Alg. 2.
+"""Sampling: the KDE prior of Sec. 3.2, the reverse chain of Alg. 2, and the chain loop that every
+sampler runs.
 
 `f` is the network residual f(u, k) with k an int32 array of shape (B,); μ(u, k) = u + f(u, k).
 The functions are pure and trace under jax.jit; wrap them with the model's parameters closed over.
@@ -40,11 +41,53 @@ def example_noise(keys, example_shape) -> NoiseFn:
     return noise
 
 
+def chain(step, u_start, start: int, noise: NoiseFn, record: Sequence[int] = (), stop: int = 0):
+    """A reverse chain on a grid of points 0..start: u_{i−1} = step(u_i, i, ε_i) for
+    i = start..stop+1, with ε_i = noise(i).
+
+    Args:
+      step: (u, i, eps) -> the state at grid point i − 1, for a traced int32 i.
+      u_start: the state at grid point `start`.
+      record: grid points in stop..start whose states to keep.
+      stop: the grid point at which to end (0: the full chain).
+    Returns:
+      (u_stop, trajectory), trajectory of shape (len(record),) + u_start.shape.
+    """
+    u_start = jnp.asarray(u_start, jnp.float32)
+    points = tuple(int(i) for i in record)
+    if not 0 <= stop <= start:
+        raise ValueError(f'stop must lie in 0..{start}, got {stop}.')
+    if any(not stop <= i <= start for i in points):
+        raise ValueError(f'The recorded points must lie in {stop}..{start}, got {points}.')
+    # Each grid point's slot in the trajectory; the extra last slot takes the points not recorded.
+    slot = np.full(start + 1, len(points), np.int32)
+    slot[list(points)] = np.arange(len(points))
+    slot = jnp.asarray(slot)
+
+    def body(j, carry):
+        u, traj = carry
+        i = start - j
+        if points:
+            traj = traj.at[slot[i]].set(u)
+        return step(u, i, noise(i)), traj
+
+    traj = jnp.zeros((len(points) + 1,) + u_start.shape, jnp.float32) if points else None
+    u, traj = jax.lax.fori_loop(0, start - stop, body, (u_start, traj))
+    if not points:
+        return u, jnp.zeros((0,) + u_start.shape, jnp.float32)
+    return u, traj.at[slot[stop]].set(u)[:-1]
+
+
+def alg2_step(f, u, k, delta, eps):
+    """One step of Alg. 2 from level k: μ(u_k, k) + δ ε, without noise at k = 1 (the result is
+    then the mean μ(u_1, 1), App. B.1)."""
+    mean = u + f(u, jnp.full((u.shape[0],), k, jnp.int32))
+    return mean + jnp.where(k > 1, delta, 0.0) * eps
+
+
 def sample_with_noise(f, u_K, K: int, delta, noise: NoiseFn, trajectory_steps: Sequence[int] = (),
                       stop: int = 0):
-    """Alg. 2 with the noise sequence given: for k = K..1, u ← μ(u, k) + δ ε_k.
-
-    No noise is added at the last step (k = 1), so the result is the mean μ(u_1, 1) (App. B.1).
+    """Alg. 2 with the noise sequence given: for k = K..1, u ← μ(u, k) + δ ε_k (alg2_step).
 
     Args:
       f: the network residual f(u, k).
@@ -52,43 +95,18 @@ def sample_with_noise(f, u_K, K: int, delta, noise: NoiseFn, trajectory_steps: S
       K: the level of u_K (the number of levels for a full chain).
       delta: the sampling noise δ.
       noise: ε_k = noise(k), unit Gaussian noise of u_K's shape, for a traced int32 k.
-      trajectory_steps: levels k in stop..K at which to record the state u_k (K is the input,
-        stop the output).
+      trajectory_steps: levels k in stop..K at which to record the state u_k.
       stop: run the levels K..stop+1 only and return u_stop (0: the full chain).
     Returns:
-      u_stop, or (u_stop, trajectory) with trajectory of shape (len(trajectory_steps),) + u_K.shape.
+      (u_stop, trajectory), trajectory of shape (len(trajectory_steps),) + u_K.shape.
     """
-    u_K = jnp.asarray(u_K, jnp.float32)
-    steps = tuple(int(s) for s in trajectory_steps)
-    if not 0 <= stop <= K:
-        raise ValueError(f'stop must lie in 0..{K}, got {stop}.')
-    if any(not stop <= s <= K for s in steps):
-        raise ValueError(f'trajectory_steps must lie in {stop}..{K}, got {steps}.')
-    slot_of_level = np.full(K + 1, len(steps), np.int32)  # len(steps) = not recorded
-    slot_of_level[list(steps)] = np.arange(len(steps))
-    slot_of_level = jnp.asarray(slot_of_level)
-
-    def record(traj, u, k):
-        # The extra last slot is a scratch slot for levels that are not recorded.
-        return traj.at[slot_of_level[k]].set(u)
-
-    def step(i, carry):
-        u, traj = carry
-        k = K - i
-        if steps:
-            traj = record(traj, u, k)
-        mean = u + f(u, jnp.full((u.shape[0],), k, jnp.int32))
-        return mean + jnp.where(k > 1, delta, 0.0) * noise(k), traj
-
-    traj = jnp.zeros((len(steps) + 1,) + u_K.shape, jnp.float32) if steps else ()
-    u, traj = jax.lax.fori_loop(0, K - stop, step, (u_K, traj))
-    if not steps:
-        return u
-    return u, record(traj, u, stop)[:-1]
+    return chain(lambda u, k, eps: alg2_step(f, u, k, delta, eps), u_K, K, noise,
+                 trajectory_steps, stop)
 
 
 def sample(f, u_K, K: int, delta, key, trajectory_steps: Sequence[int] = ()):
-    """Alg. 2 from the prior draw u_K, with each example's noise from its own key split off `key`."""
+    """Alg. 2 from the prior draw u_K, with each example's noise from its own key split off `key`;
+    (u_0, trajectory) as sample_with_noise."""
     keys = jax.random.split(key, u_K.shape[0])
     return sample_with_noise(f, u_K, K, delta, example_noise(keys, u_K.shape[1:]),
                              trajectory_steps)
@@ -115,37 +133,46 @@ def slerp(a, b, weight):
     return direction * ((1.0 - weight) * norm_a + weight * norm_b)
 
 
-def interpolate(f, u_K_a, u_K_b, key_a, key_b, K: int, delta, num_points: int):
+def lerp(a, b, weight):
+    """(1 − weight) a + weight b: the interpolation of the heat process's prior states."""
+    return (1.0 - weight) * a + weight * b
+
+
+def interpolate(run_chain, u_a, u_b, key_a, key_b, num_points: int, mix=lerp):
     """Samples between two endpoints (App. D.2, Fig. 7b).
 
-    The prior states are interpolated linearly and each step's noise spherically between the
-    noise sequences of key_a and key_b.
+    The start states are interpolated by `mix` (linearly for the heat process) and each step's
+    noise spherically between the noise sequences of key_a and key_b.
 
     Args:
-      u_K_a, u_K_b: the two prior states, shape (H, W, C).
+      run_chain: (u_start (B, H, W, C), noise) -> (u_0, trajectory), a sampler's chain.
+      u_a, u_b: the two start states, shape (H, W, C).
       key_a, key_b: the keys of the two noise sequences.
       num_points: frames, endpoints included.
+      mix: (a, b, weight) -> the states between a and b.
     Returns:
-      (num_points, H, W, C): frame 0 is the sample from (u_K_a, key_a), the last from (u_K_b, key_b).
+      (num_points, H, W, C): frame 0 is the sample from (u_a, key_a), the last from (u_b, key_b).
     """
     weight = jnp.linspace(0.0, 1.0, num_points).reshape(-1, 1, 1, 1)
-    u_K = (1.0 - weight) * u_K_a[None] + weight * u_K_b[None]
-    noise_a = example_noise(jnp.stack([key_a] * num_points), u_K_a.shape)
-    noise_b = example_noise(jnp.stack([key_b] * num_points), u_K_a.shape)
-    return sample_with_noise(f, u_K, K, delta, lambda k: slerp(noise_a(k), noise_b(k), weight))
+    noise_a = example_noise(jnp.stack([key_a] * num_points), u_a.shape)
+    noise_b = example_noise(jnp.stack([key_b] * num_points), u_a.shape)
+    return run_chain(mix(u_a[None], u_b[None], weight),
+                     lambda k: slerp(noise_a(k), noise_b(k), weight))[0]
 
 
-def hierarchical(f, u_K, K: int, delta, key, splits: Sequence[int], branches: int):
-    """A tree of samples from one prior state (Fig. 5b): every chain splits at the given levels.
+def hierarchical(segment, u_K, K: int, key, splits: Sequence[int], branches: int):
+    """A tree of samples from one start state (Fig. 5b): every chain splits at the given points.
 
-    Chains run from level K; at each level in `splits` (descending) every chain is copied
+    Chains run from grid point K; at each point in `splits` (descending) every chain is copied
     `branches` times and each copy continues with noise from its own key, fold_in(parent, i).
 
     Args:
-      u_K: one prior state, shape (H, W, C).
-      splits: levels in 1..K−1 at which the chains branch.
+      segment: (u, noise, start, stop) -> the state at grid point stop of the chain from u at
+        grid point start, a sampler's chain (for Alg. 2: sample_with_noise with stop).
+      u_K: one start state, shape (H, W, C).
+      splits: grid points in 1..K−1 at which the chains branch.
     Returns:
-      A list: entry j holds all chains at level splits[j], before they split (shape
+      A list: entry j holds all chains at splits[j], before they split (shape
       (branches**j, H, W, C)); the last entry holds the final samples (branches**len(splits)).
     """
     splits = tuple(int(s) for s in splits)
@@ -153,7 +180,7 @@ def hierarchical(f, u_K, K: int, delta, key, splits: Sequence[int], branches: in
         raise ValueError(f'splits must be distinct levels in 1..{K - 1}, descending; got {splits}.')
     u, keys, level, states = u_K[None], key[None], K, []
     for stop in splits + (0,):
-        u = sample_with_noise(f, u, level, delta, example_noise(keys, u_K.shape), stop=stop)
+        u = segment(u, example_noise(keys, u_K.shape), level, stop)
         states.append(u)
         if stop:
             u = jnp.repeat(u, branches, axis=0)

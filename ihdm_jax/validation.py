@@ -10,6 +10,7 @@ import difflib
 from ihdm_jax import defaults
 from ihdm_jax import errors
 from ihdm_jax import processes
+from ihdm_jax import samplers
 
 
 def flatten(tree, prefix=''):
@@ -73,8 +74,6 @@ def check_values(config):
     require(d.num_channels in (1, 3),
              f'config.data.num_channels={d.num_channels} must be 1 (grayscale) or 3 (RGB).')
     require(d.cache_mb >= 0, f'config.data.cache_mb={d.cache_mb} is negative; expected MiB ≥ 0.')
-    require(m.process in processes.NAMES, f'config.model.process={m.process!r}; expected one '
-             f'of {", ".join(repr(n) for n in processes.NAMES)}.')
     require(0 < m.beta_min < m.beta_max < 1, f'config.model.beta_min={m.beta_min} and '
              f'config.model.beta_max={m.beta_max} must satisfy 0 < beta_min < beta_max < 1.')
     require(0 < m.blur_d_min <= 1,
@@ -130,3 +129,4 @@ def check_config(config):
     check_keys(config)
     check_values(config)
     processes.check(config)
+    samplers.check(config)

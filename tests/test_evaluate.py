@@ -1,6 +1,7 @@
 """The negative ELBO against a float64 brute-force computation and its invariance to the batch size
 and the device count; --mode=eval, fid and sweep_delta end to end on conftest's checkpoint."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -66,7 +67,7 @@ def _negative_elbo(config, digits_split, params, devices=None, batch_size=8):
     config = config.copy_and_resolve_references()
     config.evaluation.batch_size = batch_size
     mesh = parallel.make_mesh(devices)
-    return elbo.NegativeElbo(config, mesh, *digits_split)(params, DELTA)
+    return dataclasses.asdict(elbo.NegativeElbo(config, mesh, *digits_split)(params, DELTA))
 
 
 @pytest.fixture(scope='module')
@@ -206,7 +207,7 @@ def test_eval_job_writes_the_elbo_of_the_ema_parameters(eval_config, workdir, tr
     test_source, train_source = data.make_source(config, 'test'), data.make_source(config)
     assert len(train_source) == TRAIN_IMAGES
     negative_elbo = elbo.NegativeElbo(config, mesh, test_source, train_source)
-    expected = negative_elbo(ema_params, config.sampling.delta)
+    expected = dataclasses.asdict(negative_elbo(ema_params, config.sampling.delta))
     for name in ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0', 'nats_per_image', 'level_nats',
                  'num_examples', 'num_train'):
         assert saved[name] == expected[name], name
@@ -214,8 +215,8 @@ def test_eval_job_writes_the_elbo_of_the_ema_parameters(eval_config, workdir, tr
     raw = checkpoint.restore_latest(manager, state_lib.abstract_state(config, mesh)).params
     manager.close()
     from_raw = negative_elbo(raw, config.sampling.delta)
-    assert from_raw['L_K'] == expected['L_K']  # the prior term has no parameters
-    assert abs(from_raw['sum_L_k'] - expected['sum_L_k']) > 1e-3 * abs(expected['sum_L_k'])
+    assert from_raw.L_K == expected['L_K']  # the prior term has no parameters
+    assert abs(from_raw.sum_L_k - expected['sum_L_k']) > 1e-3 * abs(expected['sum_L_k'])
 
     assert saved['step'] == TRAINED_STEP and saved['split'] == 'test' and saved['delta'] == DELTA
     assert saved['num_examples'] == 12 and saved['num_train'] == TRAIN_IMAGES
@@ -244,7 +245,7 @@ def test_fid_job_measures_the_ema_samples_against_the_training_set(fid_config, w
     config, saved = fid_config, fid_json
     source = data.make_source(config)
     samples = programs.Sampler(config, parallel.make_mesh()).draw(
-        ema_params, source, config.evaluation.fid_num_samples, rng.sample_key(config.seed))
+        ema_params, source, config.evaluation.fid_num_samples, rng.sample_key(config.seed)).images
     features = frechet.InceptionFeatures(config.evaluation.inception_weights,
                                          config.evaluation.batch_size)
     sample_features = features(samples)

@@ -80,7 +80,7 @@ def test_sample_is_alg2_with_the_ema_parameters(model, config, ema_params):
     noise = sampling.example_noise(jax.random.wrap_key_data(rng.example_keys(chain_key, batch)),
                                    u_K.shape[1:])
     graphdef = state_lib.model_graphdef(config)
-    u_0 = jax.jit(lambda u: sampling.sample_with_noise(
+    u_0, _ = jax.jit(lambda u: sampling.sample_with_noise(
         lambda x, k: unet.apply(graphdef, ema_params, x, k, train=False), u, config.model.K,
         config.sampling.delta, noise))(u_K)
     # Not bit-identical: the sampler runs the chains split over the 8 devices, which orders

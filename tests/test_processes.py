@@ -221,7 +221,7 @@ def test_fewer_sampling_steps_skip_levels():
     u = jax.random.normal(jax.random.key(0), (2, H, W, 1))
     noise = lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(1), i), u.shape)  # noqa: E731,E501
     for process in PROCESSES.values():
-        out = diffusion.sample_with_noise(process, net, u, noise, num_steps=2)
+        out, _ = diffusion.sample_with_noise(process, net, u, noise, num_steps=2)
         ones = jnp.ones((2,))
         half = diffusion.ancestral_step(process, net, u, ones, 0.5 * ones, noise(2), clip=True)
         manual = diffusion.ancestral_step(process, net, half, 0.5 * ones, 0 * ones, noise(1),
@@ -230,7 +230,7 @@ def test_fewer_sampling_steps_skip_levels():
         assert np.abs(np.asarray(out)).max() <= 1.0 + 1e-6  # the clipped model u_0
         unclipped = diffusion.ancestral_step(process, net, half, 0.5 * ones, 0 * ones, noise(1))
         assert np.abs(np.asarray(unclipped)).max() > 1.5
-        full = diffusion.sample_with_noise(process, net, u, noise)
+        full, _ = diffusion.sample_with_noise(process, net, u, noise)
         assert np.abs(np.asarray(full) - np.asarray(out)).max() > 1e-2
     with pytest.raises(ValueError, match='3 steps do not divide the 4 levels'):
         diffusion.sample_with_noise(PROCESSES['ddpm'], net, u, noise, num_steps=3)
@@ -332,7 +332,7 @@ def test_bad_process_and_heat_only_modes_are_refused(config):
         main.run(bad, 'train', '/nonexistent')
     steps = config.copy_and_resolve_references()
     steps.sampling.steps = 5
-    with pytest.raises(errors.UserError, match='config.sampling.steps=5 applies to the diffusion'):
+    with pytest.raises(errors.UserError, match='config.sampling.steps=5: the heat process samples'):
         main.run(steps, 'sample', '/nonexistent')
     ddpm = config.copy_and_resolve_references()
     ddpm.model.process = 'ddpm'
@@ -340,9 +340,16 @@ def test_bad_process_and_heat_only_modes_are_refused(config):
     with pytest.raises(errors.UserError, match='a divisor of K = 10'):
         main.run(ddpm, 'sample', '/nonexistent')
     ddpm.sampling.steps = 0
-    for mode in processes.HEAT_ONLY_MODES:
-        with pytest.raises(errors.UserError, match=f'--mode={mode} is defined for the heat'):
+    for mode in ('sweep_delta', 'delta_grid', 'prior_overlap', 'hierarchical',
+                 'trajectory_gradients'):
+        with pytest.raises(errors.UserError, match=f"--mode={mode} is not defined for "
+                                                   "config.model.process='ddpm'"):
             main.run(ddpm, mode, '/nonexistent')
+    sampler = config.copy_and_resolve_references()
+    sampler.sampling.sampler = 'ddim'
+    with pytest.raises(errors.UserError, match="config.sampling.sampler='ddim'; expected one of "
+                                               "'ancestral'"):
+        main.run(sampler, 'sample', '/nonexistent')
 
 
 
@@ -441,15 +448,15 @@ def test_ddpm_eval_prior_term_is_the_closed_form_kl(ddpm_config, ddpm_workdir):
 def test_ddpm_interpolation_ends_are_its_own_chains(ddpm_config, ddpm_workdir):
     """The end frames of --mode=interpolate are the sampler's chains from the end points."""
     import os
-    from ihdm_jax import checkpoint, parallel, programs
+    from ihdm_jax import checkpoint, images, parallel, programs
     main.run(ddpm_config, 'interpolate', ddpm_workdir)
     out = np.load(os.path.join(ddpm_workdir, 'analysis', 'interpolate', 'interpolate.npz'))
     mesh = parallel.make_mesh()
     params, _ = checkpoint.restore_ema_params(ddpm_config, ddpm_workdir, mesh)
     sampler = programs.Sampler(ddpm_config, mesh)
     for end, name in ((0, 'a'), (-1, 'b')):
-        chains = programs.to_uint8(sampler.chains(params, out[f'u_K_{name}'],
-                                                  out[f'noise_keys_{name}']))
+        chains = images.to_uint8(sampler.chains(params, out[f'u_K_{name}'],
+                                                out[f'noise_keys_{name}']).final)
         assert np.abs(chains.astype(int) - out['images'][:, end]).max() <= 1
     assert not np.array_equal(out['images'][:, 0], out['images'][:, 1])
 

@@ -17,9 +17,10 @@ def _images(shape, seed=0):
 
 def test_zero_residual_and_zero_noise_return_the_input():
     u = _images((3, 8, 8, 2))
-    out = jax.jit(lambda u, key: sampling.sample(lambda x, k: jnp.zeros_like(x), u, K, 0.0, key))(
-        u, jax.random.key(0))
+    out, trajectory = jax.jit(lambda u, key: sampling.sample(lambda x, k: jnp.zeros_like(x), u, K,
+                                                             0.0, key))(u, jax.random.key(0))
     np.testing.assert_array_equal(out, u)
+    assert trajectory.shape == (0,) + u.shape
 
 
 def test_linear_residual_matches_numpy_chain_with_recorded_trajectory():
@@ -61,9 +62,9 @@ def test_noise_is_per_example_and_shared_by_equal_keys():
 def test_sample_is_reproducible_and_keyed():
     u_K = _images((2, 4, 4, 1), seed=3)
     f = lambda u, k: -0.1 * u
-    a = sampling.sample(f, u_K, K, 0.1, jax.random.key(4))
-    b = sampling.sample(f, u_K, K, 0.1, jax.random.key(4))
-    c = sampling.sample(f, u_K, K, 0.1, jax.random.key(5))
+    a, _ = sampling.sample(f, u_K, K, 0.1, jax.random.key(4))
+    b, _ = sampling.sample(f, u_K, K, 0.1, jax.random.key(4))
+    c, _ = sampling.sample(f, u_K, K, 0.1, jax.random.key(5))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
 
@@ -90,19 +91,20 @@ def _linear_f(u, k):
 def test_stop_runs_part_of_the_chain_and_composes():
     u_K = _images((2, 4, 4, 1), seed=7)
     noise = sampling.example_noise(jax.random.split(jax.random.key(7), 2), (4, 4, 1))
-    full = sampling.sample_with_noise(_linear_f, u_K, K, 0.1, noise)
-    half = sampling.sample_with_noise(_linear_f, u_K, K, 0.1, noise, stop=3)
-    rest = sampling.sample_with_noise(_linear_f, half, 3, 0.1, noise)
+    full, _ = sampling.sample_with_noise(_linear_f, u_K, K, 0.1, noise)
+    half, _ = sampling.sample_with_noise(_linear_f, u_K, K, 0.1, noise, stop=3)
+    rest, _ = sampling.sample_with_noise(_linear_f, half, 3, 0.1, noise)
     np.testing.assert_allclose(rest, full, atol=1e-6)
 
 
 def test_same_init_and_share_noise():
     u_K = _images((1, 4, 4, 1), seed=8)
-    same_init = sampling.sample(_linear_f, np.repeat(u_K, 3, axis=0), K, 0.1, jax.random.key(8))
+    same_init, _ = sampling.sample(_linear_f, np.repeat(u_K, 3, axis=0), K, 0.1,
+                                   jax.random.key(8))
     assert not np.allclose(same_init[0], same_init[1])  # one u_K, different noise sequences
     u_Ks = np.concatenate([u_K, u_K, _images((1, 4, 4, 1), seed=9)])
     shared = sampling.example_noise(jnp.stack([jax.random.key(9)] * 3), (4, 4, 1))
-    out = sampling.sample_with_noise(_linear_f, u_Ks, K, 0.1, shared)
+    out, _ = sampling.sample_with_noise(_linear_f, u_Ks, K, 0.1, shared)
     np.testing.assert_array_equal(out[0], out[1])  # same u_K and same noise: identical
     assert not np.allclose(out[0], out[2])
 
@@ -126,28 +128,44 @@ def test_slerp_keeps_norm_and_hits_endpoints():
 def test_interpolation_endpoints_are_the_two_samples():
     u_a, u_b = _images((4, 4, 1), seed=11), _images((4, 4, 1), seed=12)
     ka, kb = jax.random.key(11), jax.random.key(12)
-    frames = sampling.interpolate(_linear_f, jnp.asarray(u_a), jnp.asarray(u_b), ka, kb, K, 0.1, 5)
+    frames = sampling.interpolate(_alg2(K), jnp.asarray(u_a), jnp.asarray(u_b), ka, kb, 5)
     assert frames.shape == (5, 4, 4, 1)
     for frame, u, key in ((frames[0], u_a, ka), (frames[-1], u_b, kb)):
-        alone = sampling.sample_with_noise(_linear_f, u[None], K, 0.1,
-                                           sampling.example_noise(key[None], u.shape))
+        alone, _ = sampling.sample_with_noise(_linear_f, u[None], K, 0.1,
+                                              sampling.example_noise(key[None], u.shape))
         np.testing.assert_allclose(frame, alone[0], atol=1e-5)
+    # The start states linearly: the middle frame starts halfway between them.
+    middle, _ = sampling.sample_with_noise(
+        _linear_f, (u_a[None] + u_b[None]) / 2, K, 0.1,
+        lambda k: sampling.slerp(sampling.example_noise(ka[None], u_a.shape)(k),
+                                 sampling.example_noise(kb[None], u_a.shape)(k), 0.5))
+    np.testing.assert_allclose(frames[2], middle[0], atol=1e-5)
+
+
+def _alg2(start):
+    """Alg. 2 of _linear_f at δ = 0.1 as a sampler's chain, (u, noise) -> (u_0, trajectory)."""
+    return lambda u, noise: sampling.sample_with_noise(_linear_f, u, start, 0.1, noise)
+
+
+def _segment(u, noise, start, stop):
+    return sampling.sample_with_noise(_linear_f, u, start, 0.1, noise, stop=stop)[0]
 
 
 def test_hierarchical_branches_continue_from_their_parent():
     u_K = jnp.asarray(_images((4, 4, 1), seed=13))
     key = jax.random.key(13)
-    states = sampling.hierarchical(_linear_f, u_K, K, 0.1, key, splits=(4, 2), branches=2)
+    states = sampling.hierarchical(_segment, u_K, K, key, splits=(4, 2), branches=2)
     assert [s.shape[0] for s in states] == [1, 2, 4]
     # The parent's state at the first split is the unbranched chain stopped there.
-    parent = sampling.sample_with_noise(_linear_f, u_K[None], K, 0.1,
-                                        sampling.example_noise(key[None], (4, 4, 1)), stop=4)
+    parent, _ = sampling.sample_with_noise(_linear_f, u_K[None], K, 0.1,
+                                           sampling.example_noise(key[None], (4, 4, 1)), stop=4)
     np.testing.assert_allclose(states[0], parent, atol=1e-6)
     # Every branch starts from its parent's state: children of one parent differ only after it.
     child_keys = jnp.stack([jax.random.fold_in(key, i) for i in range(2)])
-    children = sampling.sample_with_noise(_linear_f, jnp.repeat(parent, 2, axis=0), 4, 0.1,
-                                          sampling.example_noise(child_keys, (4, 4, 1)), stop=2)
+    children, _ = sampling.sample_with_noise(_linear_f, jnp.repeat(parent, 2, axis=0), 4, 0.1,
+                                             sampling.example_noise(child_keys, (4, 4, 1)),
+                                             stop=2)
     np.testing.assert_allclose(states[1], children, atol=1e-6)
     assert not np.allclose(states[2][0], states[2][1])
     with pytest.raises(ValueError, match='descending'):
-        sampling.hierarchical(_linear_f, u_K, K, 0.1, key, splits=(2, 4), branches=2)
+        sampling.hierarchical(_segment, u_K, K, key, splits=(2, 4), branches=2)

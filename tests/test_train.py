@@ -243,7 +243,7 @@ def test_training_writes_grids_of_ema_samples(config, runs, meshes, samplers, so
     assert sorted(os.listdir(resumed / 'samples')) == ['step_00000002.png', 'step_00000004.png']
     _, state = _restore(config, straight, meshes[8])
     expected = samplers[8].draw(state.ema_params, source, config.sampling.num_samples,
-                                rng.sample_key(config.seed))
+                                rng.sample_key(config.seed)).images
     for workdir in runs:
         grid = np.asarray(Image.open(workdir / 'samples' / 'step_00000004.png'))
         np.testing.assert_array_equal(grid, images.grid(expected)[..., 0])
@@ -398,10 +398,10 @@ def test_sample_job_draws_alg2_with_the_ema_parameters(config, trained, trained_
     assert samples.shape == (config.sampling.num_samples, 8, 8, 1) and samples.dtype == np.uint8
 
     reference = _alg2_reference(config, trained_state.ema_params, config.sampling.batch_size)
-    assert _within_one_grey_level(samples, programs.to_uint8(reference[-1]))
+    assert _within_one_grey_level(samples, images.to_uint8(reference[-1]))
     # Samples of the raw parameters are far from these: the job must sample from the EMA.
     raw = _alg2_reference(config, trained_state.params, config.sampling.batch_size)
-    assert not _within_one_grey_level(samples, programs.to_uint8(raw[-1]))
+    assert not _within_one_grey_level(samples, images.to_uint8(raw[-1]))
     # ...and the test is not decided by pixels clipped to 0 or 255 alone.
     assert np.mean((samples > 0) & (samples < 255)) > 0.05
 
@@ -410,7 +410,7 @@ def test_sample_job_draws_alg2_with_the_ema_parameters(config, trained, trained_
     assert len(frames) == len(levels)
     shown = reference[config.model.K - np.array(levels), :sample_job.GIF_EXAMPLES]
     for frame, states in zip(frames, shown):
-        assert _within_one_grey_level(frame, images.grid(programs.to_uint8(states))[..., 0])
+        assert _within_one_grey_level(frame, images.grid(images.to_uint8(states))[..., 0])
     png = np.asarray(Image.open(out / 'samples.png'))
     np.testing.assert_array_equal(png, images.grid(samples)[..., 0])
 
@@ -446,7 +446,7 @@ def test_sharded_sampling_matches_single_device(config, trained, meshes, sampler
     prior_key, chain_key = jax.random.split(rng.sample_key(config.seed))
     u_K = samplers[8].prior_states(source, 0, config.sampling.batch_size, prior_key)
     keys = rng.example_keys(chain_key, config.sampling.batch_size)
-    out = {n: samplers[n].chains(params, u_K, keys) for n in (1, 8)}
+    out = {n: samplers[n].chains(params, u_K, keys).final for n in (1, 8)}
     assert out[8].shape == (8, 8, 8, 1) and np.std(out[8]) > 0.1
     # Not bit-identical: XLA picks other convolution and reduction strategies for a per-device
     # batch of 8 than of 1, so float sums are ordered differently. Over 20 key and image draws
@@ -454,4 +454,5 @@ def test_sharded_sampling_matches_single_device(config, trained, meshes, sampler
     # 5.8e-5 (|a - b| up to 7.4e-5); the tolerance leaves a margin of about 4x.
     np.testing.assert_allclose(out[1], out[8], rtol=2.5e-4, atol=2.5e-4)
     # Padding does not change a chain: 5 chains (padded to 8 on the mesh) are the first 5.
-    np.testing.assert_array_equal(samplers[8].chains(params, u_K[:5], keys[:5]), out[8][:5])
+    np.testing.assert_array_equal(samplers[8].chains(params, u_K[:5], keys[:5]).final,
+                                  out[8][:5])

@@ -5,6 +5,8 @@ gives L_0 (Eq. 11). Each pass draws one level per example; the sum over levels i
 the sum of the per-level means (every level must have been drawn at least once).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,38 +63,33 @@ def merge_prior_bounds(bounds, sizes):
     return np.log(np.sum(sizes)) - scipy.special.logsumexp(log_sizes - bounds, axis=0)
 
 
-def nats_to_bits_per_dim(nats, num_dims):
-    """bits/dim of the discrete data from nats of the dequantised density: nats/(D ln 2) + 8."""
-    return nats / (num_dims * np.log(2.0)) + 8.0
+@dataclasses.dataclass(frozen=True)
+class ElboTerms:
+    """The mean negative ELBO of a test set in nats per image: L_K (the prior term), Σ L_k (the
+    levels above 1), L_0 (the decoder), their total, and the mean term of each level k = 1..K
+    (None where no draw fell on it)."""
+    L_K: float
+    sum_L_k: float
+    L_0: float
+    nats: float
+    level_nats: list
 
 
-def assemble(prior_bound, level_sums, level_counts, num_dims):
-    """Mean negative ELBO over a data set and its breakdown, in nats per image and bits/dim.
+def assemble(prior_bound, level_sums, level_counts) -> ElboTerms:
+    """The mean negative ELBO of Eq. 7 over a data set from its per-level sums.
 
     Args:
       prior_bound: the App. A.3 upper bounds on L_K, one per evaluated example.
-      level_sums, level_counts: the accumulated outputs of `level_pass`, shape (K + 1,).
-      num_dims: D = H·W·C.
-    Returns:
-      A dict of floats: 'bits_per_dim', the terms 'L_K', 'sum_L_k' (L_1..L_{K−1}) and 'L_0'
-      in bits/dim (each term's share, without the +8 offset), 'nats_per_image', and
-      'level_nats' (the mean term of each level k = 1..K, in nats).
+      level_sums, level_counts: the accumulated outputs of `level_pass`, shape (K + 1,); every
+        level k = 1..K must have been drawn.
     """
     level_sums = np.asarray(level_sums, np.float64)[1:]
     level_counts = np.asarray(level_counts, np.float64)[1:]
     missing = np.flatnonzero(level_counts == 0) + 1
     if missing.size:
-        raise errors.UserError(f'Levels {missing.tolist()} were never drawn: evaluate more examples '
-                         'or more passes so that every level k = 1..K is sampled.')
+        raise errors.UserError(f'Levels {missing.tolist()} were never drawn: evaluate more '
+                               'examples or more passes so that every level k = 1..K is sampled.')
     level_means = level_sums / level_counts
     l_K = float(np.mean(np.asarray(prior_bound, np.float64)))
-    nats = l_K + float(np.sum(level_means))
-    per_dim = 1.0 / (num_dims * np.log(2.0))
-    return {
-        'bits_per_dim': float(nats_to_bits_per_dim(nats, num_dims)),
-        'L_K': l_K * per_dim,
-        'sum_L_k': float(np.sum(level_means[1:])) * per_dim,
-        'L_0': float(level_means[0]) * per_dim,
-        'nats_per_image': nats,
-        'level_nats': level_means.tolist(),
-    }
+    return ElboTerms(L_K=l_K, sum_L_k=float(np.sum(level_means[1:])), L_0=float(level_means[0]),
+                     nats=l_K + float(np.sum(level_means)), level_nats=level_means.tolist())

@@ -6,16 +6,17 @@ config.evaluation.fid_reference (the training set by default). --mode=sweep_delt
 δ of config.evaluation.deltas, as in the paper's Fig. 11.
 """
 
+import dataclasses
 import hashlib
 import os
 
 import numpy as np
 from absl import logging
 
-from ihdm_jax import checkpoint
 from ihdm_jax import data
 from ihdm_jax import elbo
 from ihdm_jax import images
+from ihdm_jax import loading
 from ihdm_jax import outputs
 from ihdm_jax import parallel
 from ihdm_jax import plots
@@ -176,7 +177,7 @@ class FidEvaluator:
         --mode=sample's samples (the same keys)."""
         return self.sampler.draw(params, self.source, self.config.evaluation.fid_num_samples,
                                  rng.sample_key(self.config.seed), delta,
-                                 progress=f'FID samples (δ = {delta})')
+                                 progress=f'FID samples (δ = {delta})').images
 
     def __call__(self, samples: np.ndarray):
         """FID of uint8 samples against the reference; None on processes other than 0."""
@@ -189,34 +190,35 @@ class FidEvaluator:
 def _describe(config, step):
     return {'step': step, 'dataset': config.data.dataset, 'image_size': config.data.image_size,
             'process': config.model.process, 'K': config.model.K,
-            'sampling_steps': config.sampling.steps, 'sigma': config.model.sigma,
+            'sampler': config.sampling.sampler, 'sampling_steps': config.sampling.steps,
+            'sigma': config.model.sigma,
             'evaluation': config.evaluation.to_dict()}
 
 
 def _negative_elbo(config, mesh):
-    return elbo.negative_elbo(config, mesh, data.make_source(config, 'test'),
-                              data.make_source(config))
+    return elbo.NegativeElbo(config, mesh, data.make_source(config, 'test'),
+                             data.make_source(config))
 
 
 def likelihood(config, workdir: str):
     """--mode=eval: eval/likelihood.json (terms in bits/dim, level_nats, settings) and
     eval/likelihood_levels.png."""
-    mesh = parallel.make_mesh()
-    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
-    negative_elbo = _negative_elbo(config, mesh)
-    result = negative_elbo(params, config.sampling.delta)
+    model = loading.restore(config, workdir)
+    negative_elbo = _negative_elbo(config, model.mesh)
+    result = negative_elbo(model.params, config.sampling.delta)
     data.report_skipped(negative_elbo.test, negative_elbo.train)
-    setting = (f'checkpoint {step}, {config.data.dataset} test split ({result["num_examples"]} '
-               f'images, {config.evaluation.num_passes} passes, δ = {config.sampling.delta})')
-    terms = (f'{result["bits_per_dim"]:.4f} bits/dim = {result.get("offset", 8):g} + L_K {result["L_K"]:.4f} '
-             f'+ Σ L_k {result["sum_L_k"]:.4f} + L_0 {result["L_0"]:.4f}')
+    setting = (f'checkpoint {model.step}, {config.data.dataset} test split '
+               f'({result.num_examples} images, {config.evaluation.num_passes} passes, '
+               f'δ = {config.sampling.delta})')
+    terms = (f'{result.bits_per_dim:.4f} bits/dim = {result.offset:g} + L_K {result.L_K:.4f} '
+             f'+ Σ L_k {result.sum_L_k:.4f} + L_0 {result.L_0:.4f}')
     logging.info('Negative ELBO, %s: %s', setting, terms)
     if not parallel.is_main_process():
         return result
     out = outputs.folder(workdir, 'eval')
     outputs.write_json(os.path.join(out, 'likelihood.json'),
-                {**_describe(config, step), 'split': 'test', 'delta': config.sampling.delta,
-                 **result})
+                       {**_describe(config, model.step), 'split': 'test',
+                        'delta': config.sampling.delta, **dataclasses.asdict(result)})
     plots.likelihood_levels(os.path.join(out, 'likelihood_levels.png'), result,
                             f'{setting}\n{terms}')
     logging.info('Written to %s (likelihood.json, likelihood_levels.png).', out)
@@ -226,19 +228,18 @@ def likelihood(config, workdir: str):
 def fid(config, workdir: str):
     """--mode=fid: eval/fid.json (with the reference and its statistics file) and
     eval/fid_samples.png."""
-    mesh = parallel.make_mesh()
-    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
-    evaluator = FidEvaluator(config, workdir, mesh, data.make_source(config))
-    samples = evaluator.samples(params, config.sampling.delta)
+    model = loading.restore(config, workdir)
+    evaluator = FidEvaluator(config, workdir, model.mesh, data.make_source(config))
+    samples = evaluator.samples(model.params, config.sampling.delta)
     value = evaluator(samples)
     data.report_skipped(evaluator.source, *evaluator.reference_sources)
     if not parallel.is_main_process():
         return value
     logging.info('FID of %d samples of checkpoint %d (δ = %g) against %s: %.4f',
-                 len(samples), step, config.sampling.delta, evaluator.describe(), value)
+                 len(samples), model.step, config.sampling.delta, evaluator.describe(), value)
     out = outputs.folder(workdir, 'eval')
     outputs.write_json(os.path.join(out, 'fid.json'),
-                {**_describe(config, step), 'delta': config.sampling.delta, 'fid': value,
+                {**_describe(config, model.step), 'delta': config.sampling.delta, 'fid': value,
                  'num_samples': len(samples), 'reference': evaluator.describe(),
                  'train_stats': evaluator.stats_path})
     images.save_grid(os.path.join(out, 'fid_samples.png'), samples[:GRID_SAMPLES])
@@ -249,16 +250,15 @@ def fid(config, workdir: str):
 def sweep_delta(config, workdir: str):
     """--mode=sweep_delta: the negative ELBO and FID for each δ in config.evaluation.deltas;
     eval/sweep_delta.json, eval/sweep_delta.md and eval/sweep_delta.png."""
-    mesh = parallel.make_mesh()
-    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
-    evaluator = FidEvaluator(config, workdir, mesh, data.make_source(config))
-    negative_elbo = _negative_elbo(config, mesh)
+    model = loading.restore(config, workdir)
+    evaluator = FidEvaluator(config, workdir, model.mesh, data.make_source(config))
+    negative_elbo = _negative_elbo(config, model.mesh)
     rows = []
     for delta in config.evaluation.deltas:
-        result = negative_elbo(params, delta)
-        row = {'delta': delta, **{name: result[name] for name in
+        result = negative_elbo(model.params, delta)
+        row = {'delta': delta, **{name: getattr(result, name) for name in
                                   ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0')}}
-        row['fid'] = evaluator(evaluator.samples(params, delta))
+        row['fid'] = evaluator(evaluator.samples(model.params, delta))
         rows.append(row)
         logging.info('δ = %g: %.4f bits/dim, FID %s', delta, row['bits_per_dim'], row['fid'])
     data.report_skipped(evaluator.source, *evaluator.reference_sources, negative_elbo.test,
@@ -267,13 +267,13 @@ def sweep_delta(config, workdir: str):
         return rows
     out = outputs.folder(workdir, 'eval')
     outputs.write_json(os.path.join(out, 'sweep_delta.json'),
-                {**_describe(config, step), 'split': 'test',
+                {**_describe(config, model.step), 'split': 'test',
                  'num_examples': negative_elbo.num_examples, 'results': rows})
     lines = ['| δ | bits/dim | L_K | Σ L_k | L_0 | FID |', '|---|---|---|---|---|---|']
     lines += [f'| {row["delta"]:g} | {row["bits_per_dim"]:.4f} | {row["L_K"]:.4f} | '
               f'{row["sum_L_k"]:.4f} | {row["L_0"]:.4f} | {row["fid"]:.2f} |' for row in rows]
     storage.write_text(storage.join(out, 'sweep_delta.md'), '\n'.join(lines) + '\n')
-    title = (f'{config.data.dataset}, checkpoint {step}: ELBO on {negative_elbo.num_examples} '
+    title = (f'{config.data.dataset}, checkpoint {model.step}: ELBO on {negative_elbo.num_examples} '
              f'test images, FID of {config.evaluation.fid_num_samples} samples')
     plots.sweep_delta(os.path.join(out, 'sweep_delta.png'), rows, title)
     logging.info('Sweep over δ written to %s (sweep_delta.json, .md, .png):\n%s', out,

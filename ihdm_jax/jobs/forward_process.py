@@ -9,7 +9,6 @@ import numpy as np
 from absl import logging
 
 from ihdm_jax import data
-from ihdm_jax import diffusion
 from ihdm_jax import elbo
 from ihdm_jax import heat
 from ihdm_jax import outputs
@@ -45,93 +44,54 @@ def check_prior_overlap(config):
 
 
 def psd(config, workdir):
-    """Power spectra under the heat and the diffusion forward processes (Sec. 3.3, Fig. 4) and
-    the DCT energy of each frequency against σ_B (App. B.5, Fig. 9), for training images.
+    """Power spectra of training images under the forward process (Sec. 3.3, Fig. 4), and
+    for a process that blurs by the heat equation the DCT energy of each frequency against σ_B
+    (App. B.5, Fig. 9).
 
-    Fig. 4: the radial PSD (App. B.6) of F(t_k) u0 at the levels of config.analysis.level_fractions
-    and of the variance-preserving diffusion x/√ᾱ + √((1 − ᾱ)/ᾱ) ε at matched steps: ᾱ is chosen
-    by spectra.matched_alpha_bar so that the diffusion's noise floor (1 − ᾱ)/ᾱ equals the data
-    power at the lowest frequency the heat level has pushed below σ², i.e. both processes have
-    lost the same frequencies. Fig. 9: the mean squared DCT coefficient of each frequency contour
-    of F(t) u0 against σ_B = √(2t) over the schedule σ_B,1..σ_B,K, with the σ² line below which
-    a frequency is lost in q(u_k | u0). Writes psd.png, energy_vs_blur.png and psd.json (the
-    spectra, the matched ᾱ and the fitted power-law exponent α of the data, psd ∝ 1/f^α).
+    Fig. 4: the radial PSD (App. B.6) of the process's states at the levels of
+    config.analysis.level_fractions (processes.Process.psd_curves; for the heat process
+    F(t_k) u0 beside the variance-preserving diffusion at matched steps, whose noise floor
+    equals the data power at the lowest frequency the heat level has pushed below σ²). Fig. 9:
+    the mean squared DCT coefficient of each frequency contour of F(t) u0 against σ_B = √(2t)
+    over the schedule σ_B,1..σ_B,K, with the σ² line below which a frequency is lost in
+    q(u_k | u0). Writes psd.png, psd.json (the spectra and the fitted power-law exponent α of
+    the data, psd ∝ 1/f^α) and, for Fig. 9, energy_vs_blur.png.
     """
-    if config.model.process != 'heat':
-        return _diffusion_psd(config, workdir)
     levels = schedule_lib.analysis_levels(config)
     source = data.make_source(config)
     x = source.load(rng.subset(config.seed, config.analysis.num_images, len(source)))
     x = x.astype(np.float32) / 255.0
-    n = len(x)
-    t = np.asarray(schedule_lib.from_config(config).t)
-    sigma = config.model.sigma
+    n, sigma = len(x), config.model.sigma
+    process = processes.from_config(config)
     frequencies, data_psd = spectra.radial_psd(x)
     alpha = float(spectra.power_law_exponent(frequencies, data_psd))
     eps = jax.random.normal(rng.analysis_key(config.seed, rng.ANALYSIS_NOISE), x.shape)
-    blur = jax.jit(heat.heat_forward)
-    curves = []
-    for k in levels:
-        _, heat_psd = spectra.radial_psd(blur(x, t[k]))
-        alpha_bar = spectra.matched_alpha_bar(data_psd, heat_psd, sigma)
-        noisy = spectra.diffusion_forward(x, eps, alpha_bar) / np.sqrt(alpha_bar)
-        curves.append({'k': k, 'blur_sigma': float(np.sqrt(2 * t[k])), 'heat_psd': heat_psd,
-                       'alpha_bar': alpha_bar, 'diffusion_psd': spectra.radial_psd(noisy)[1]})
-    blur_sigmas = np.sqrt(2 * t[1:])
-    _, energy = spectra.dct_energy_by_blur(x, blur_sigmas)
+    curves = process.psd_curves(x, eps, levels)
+    blur_sigmas = process.blur_sigmas()
+    if blur_sigmas is not None:
+        _, energy = spectra.dct_energy_by_blur(x, blur_sigmas)
     data.report_skipped(source)
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'psd')
     listed = lambda a: [float(v) for v in a]  # noqa: E731
     outputs.write_json(os.path.join(out, 'psd.json'), {
-        'num_images': n, 'sigma': sigma, 'power_law_exponent': alpha,
-        'frequencies': listed(frequencies), 'data_psd': listed(data_psd),
+        'process': config.model.process, 'num_images': n, 'sigma': sigma,
+        'power_law_exponent': alpha, 'frequencies': listed(frequencies),
+        'data_psd': listed(data_psd),
         'levels': [{key: listed(v) if isinstance(v, np.ndarray) else v for key, v in c.items()}
                    for c in curves],
-        'blur_sigmas': listed(blur_sigmas), 'energy_by_blur': [listed(e) for e in energy]})
-    plots.psd(os.path.join(out, 'psd.png'), frequencies, data_psd, curves, sigma, n)
-    plots.energy_vs_blur(os.path.join(out, 'energy_vs_blur.png'), frequencies, data_psd, alpha,
-                         blur_sigmas, energy, sigma, n)
+        **({} if blur_sigmas is None else {'blur_sigmas': listed(blur_sigmas),
+                                           'energy_by_blur': [listed(e) for e in energy]})})
+    plots.psd(os.path.join(out, 'psd.png'), frequencies, data_psd, curves, config.model.process,
+              sigma, n)
+    written = 'psd.png, psd.json'
+    if blur_sigmas is not None:
+        plots.energy_vs_blur(os.path.join(out, 'energy_vs_blur.png'), frequencies, data_psd,
+                             alpha, blur_sigmas, energy, sigma, n)
+        written += ', energy_vs_blur.png'
     logging.info('psd: power-law exponent of the data PSD (psd ∝ 1/f^α, f ≤ 0.25 cycles/px) '
-                 'α = %.3f; psd.png, energy_vs_blur.png and psd.json written to %s.', alpha, out)
-
-
-def _diffusion_psd(config, workdir):
-    """--mode=psd for a process of diffusion.py (Fig. 4 for DDPM and its kin): the radial PSD
-    of u_k/(2α_k) = (a_k/α_k) ⊙ x + (s_k/(2α_k)) ⊙ ε, a draw of q(u_k | 2x − 1) at the data's
-    scale (x in [0, 1]; the DC term, the only one the shift by −1 touches, is left out), at the
-    levels of config.analysis.level_fractions. Writes psd.png and psd.json.
-    """
-    levels = schedule_lib.analysis_levels(config)
-    source = data.make_source(config)
-    x = source.load(rng.subset(config.seed, config.analysis.num_images, len(source)))
-    x = x.astype(np.float32) / 255.0
-    process = processes.diffusion_process(config)
-    frequencies, data_psd = spectra.radial_psd(x)
-    eps = jax.random.normal(rng.analysis_key(config.seed, rng.ANALYSIS_NOISE), x.shape)
-    curves = []
-    for k in levels:
-        t = np.full((len(x),), k / process.num_levels, np.float32)
-        alpha, _ = process.alpha_sigma(t)
-        u_k = diffusion.q_sample(process, 2.0 * x - 1.0, t, eps)
-        psd_k = spectra.radial_psd(np.asarray(u_k) / (2.0 * np.asarray(alpha)[:, None, None,
-                                                                                   None]))[1]
-        curves.append({'k': k, 't': k / process.num_levels, 'alpha': float(alpha[0]),
-                       'psd': psd_k})
-    data.report_skipped(source)
-    if not parallel.is_main_process():
-        return
-    out = outputs.folder(workdir, 'analysis', 'psd')
-    listed = lambda a: [float(v) for v in a]  # noqa: E731
-    outputs.write_json(os.path.join(out, 'psd.json'), {
-        'process': config.model.process, 'num_images': len(x),
-        'frequencies': listed(frequencies), 'data_psd': listed(data_psd),
-        'levels': [{key: listed(v) if isinstance(v, np.ndarray) else v for key, v in c.items()}
-                   for c in curves]})
-    plots.process_psd(os.path.join(out, 'psd.png'), frequencies, data_psd, curves,
-                      config.model.process, len(x))
-    logging.info('psd: the spectra of the %s process written to %s.', config.model.process, out)
+                 'α = %.3f; %s written to %s.', alpha, written, out)
 
 
 def frequency_partition(config, workdir):

@@ -6,21 +6,18 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
 
-from ihdm_jax import checkpoint
 from ihdm_jax import data
-from ihdm_jax import images
+from ihdm_jax import loading
 from ihdm_jax import outputs
 from ihdm_jax import parallel
 from ihdm_jax import plots
 from ihdm_jax import processes
 from ihdm_jax import programs
 from ihdm_jax import rng
-from ihdm_jax import sampling
 from ihdm_jax import schedule as schedule_lib
 from ihdm_jax import state as state_lib
 from ihdm_jax import storage
@@ -69,17 +66,16 @@ def input_gradients(config, workdir):
     levels = schedule_lib.analysis_levels(config)
     size = config.data.image_size
     pixels = [(int(r * size), int(c * size)) for r, c in config.analysis.gradient_pixels]
-    mesh = parallel.make_mesh()
-    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
+    model = loading.restore(config, workdir)
     source = data.make_source(config)
     x = source.load(rng.prior_picks(config.seed, rng.ANALYSIS_DRAW, 1, len(source)))
     process = processes.from_config(config)
-    gradient = _gradient_program(config)
+    gradient = _gradient_program(config, process)
     noise_key = rng.analysis_key(config.seed, rng.ANALYSIS_NOISE)
     inputs = np.stack([np.asarray(process.level_state(x.astype(np.float32) / 255.0, k,
                                                       jax.random.fold_in(noise_key, k)))[0]
                        for k in levels])
-    grads = np.stack([[np.asarray(gradient(params, u[None], k, i, j))
+    grads = np.stack([[np.asarray(gradient(model.params, u[None], k, i, j))
                        for k, u in zip(levels, inputs)] for i, j in tqdm.tqdm(
                            pixels, desc='input gradients', disable=not parallel.is_main_process())])
     if not parallel.is_main_process():
@@ -90,15 +86,14 @@ def input_gradients(config, workdir):
     plots.input_gradients(os.path.join(out, 'input_gradients.png'), grads[..., 0],
                           np.asarray(process.to_image(inputs)), levels, pixels,
                           [process.level_label(k) for k in levels],
-                          config.analysis.gradient_linthresh, step, config.model.process)
+                          config.analysis.gradient_linthresh, model.step, config.model.process)
     logging.info('input_gradients: %d pixels x %d levels written to %s.', len(pixels),
                  len(levels), out)
 
 
-def _gradient_program(config):
+def _gradient_program(config, process):
     """(params, u (1, H, W, C), k, i, j) -> ∂μ(u, k)[0, i, j, 0]/∂u, (H, W, C); k, i, j traced."""
     f = programs.residual(state_lib.model_graphdef(config))
-    process = processes.from_config(config)
 
     @jax.jit
     def gradient(params, u, k, i, j):
@@ -121,25 +116,16 @@ def trajectory_gradients(config, workdir):
     """
     levels = sorted(set(schedule_lib.analysis_levels(config)), reverse=True)
     rows, size = config.analysis.num_rows, config.data.image_size
-    K, delta = config.model.K, config.sampling.delta
+    delta = config.sampling.delta
     pixel = (size // 2, size // 2)
-    mesh = parallel.make_mesh()
-    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
-    sampler = programs.Sampler(config, mesh)
+    model = loading.restore(config, workdir)
+    sampler = programs.Sampler(config, model.mesh)
     u_K = sampler.prior_states(data.make_source(config), rng.ANALYSIS_DRAW, rows,
                                rng.analysis_key(config.seed, rng.ANALYSIS_PRIOR))
     noise_keys = rng.example_keys(rng.analysis_key(config.seed, rng.ANALYSIS_NOISE), rows)
-    f = programs.residual(state_lib.model_graphdef(config))
-
-    def run(params, batched):
-        u, raw = batched
-        noise = sampling.example_noise(jax.random.wrap_key_data(raw), u.shape[1:])
-        _, states = sampling.sample_with_noise(functools.partial(f, params), u, K, delta, noise,
-                                               levels)
-        return jnp.swapaxes(states, 0, 1)
-    states = np.asarray(programs.on_mesh(mesh, run)(params, u_K, noise_keys))
-    gradient = _gradient_program(config)
-    grads = np.stack([[np.asarray(gradient(params, u[None], k, *pixel))
+    states = sampler.chains(model.params, u_K, noise_keys, record=tuple(levels)).trajectory
+    gradient = _gradient_program(config, sampler.process)
+    grads = np.stack([[np.asarray(gradient(model.params, u[None], k, *pixel))
                        for k, u in zip(levels, chain)] for chain in tqdm.tqdm(
                            states, desc='trajectory gradients',
                            disable=not parallel.is_main_process())])
@@ -152,7 +138,7 @@ def trajectory_gradients(config, workdir):
     t = np.asarray(schedule_lib.from_config(config).t)
     plots.trajectory_gradients(os.path.join(out, 'trajectory_gradients.png'), grads[..., 0],
                                states, levels, pixel, t, config.analysis.gradient_linthresh,
-                               step, config.model.sigma, delta)
+                               model.step, config.model.sigma, delta)
     logging.info('trajectory_gradients: %d chains x %d levels written to %s.', rows, len(levels),
                  out)
 
@@ -180,11 +166,10 @@ def nearest_neighbours(config, workdir):
     squares over pixels in [0, 1]).
     """
     rows, num = config.analysis.num_rows, config.analysis.num_neighbours
-    mesh = parallel.make_mesh()
-    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
+    model = loading.restore(config, workdir)
     source = data.make_source(config)
-    samples = programs.Sampler(config, mesh).draw(params, source, rows,
-                                                  rng.sample_key(config.seed))
+    samples = programs.Sampler(config, model.mesh).draw(model.params, source, rows,
+                                                        rng.sample_key(config.seed)).images
     if not parallel.is_main_process():
         return
     indices = probes.nearest_neighbours(samples / 255.0, _ScaledImages(source), num,
@@ -195,11 +180,8 @@ def nearest_neighbours(config, workdir):
     out = outputs.folder(workdir, 'analysis', 'nearest_neighbours')
     storage.save_npz(os.path.join(out, 'nearest_neighbours.npz'), images=samples,
                      neighbours=neighbours, indices=indices, distances=distances)
-    table = np.concatenate([samples[:, None], neighbours], axis=1)
-    tile = samples.shape[1] * plots.tile_scale(samples.shape[1])
-    xticks = list(zip(plots.tile_centres(num + 1, tile),
-                      ['sample'] + [str(i + 1) for i in range(num)]))
-    plots.save_canvas(os.path.join(out, 'nearest_neighbours.png'),
-                      images.grid(table.reshape((-1,) + table.shape[2:]), num + 1),
-                      f'Samples (checkpoint {step}) and their nearest training images', xticks)
+    plots.save_table(os.path.join(out, 'nearest_neighbours.png'),
+                     np.concatenate([samples[:, None], neighbours], axis=1),
+                     f'Samples (checkpoint {model.step}) and their nearest training images',
+                     column_labels=['sample'] + [str(i + 1) for i in range(num)])
     logging.info('nearest_neighbours: %d samples written to %s.', rows, out)

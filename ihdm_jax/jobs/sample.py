@@ -5,9 +5,9 @@ import os
 
 from absl import logging
 
-from ihdm_jax import checkpoint
 from ihdm_jax import data
 from ihdm_jax import images
+from ihdm_jax import loading
 from ihdm_jax import parallel
 from ihdm_jax import programs
 from ihdm_jax import rng
@@ -22,13 +22,12 @@ def check(config):
 
 def sample(config, workdir: str):
     """config.sampling.num_samples samples into <workdir>/samples; the trajectory of the first
-    GIF_EXAMPLES of them, levels K..0, as trajectory.gif."""
-    mesh = parallel.make_mesh()
-    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
+    GIF_EXAMPLES of them, from the prior to the data, as trajectory.gif."""
+    model = loading.restore(config, workdir)
     source = data.make_source(config)
-    sampler = programs.Sampler(config, mesh)
+    sampler = programs.Sampler(config, model.mesh)
     samples, trajectory = sampler.draw(
-        params, source, config.sampling.num_samples, rng.sample_key(config.seed),
+        model.params, source, config.sampling.num_samples, rng.sample_key(config.seed),
         trajectory=True, progress='samples')
     data.report_skipped(source)
     if not parallel.is_main_process():
@@ -41,4 +40,5 @@ def sample(config, workdir: str):
     images.save_gif(os.path.join(out_dir, 'trajectory.gif'),
                     [images.grid(shown[:, i]) for i in range(shown.shape[1])])
     logging.info('%d samples of checkpoint %d written to %s (samples.npz, samples.png, '
-                 'trajectory.gif: levels %d..0).', len(samples), step, out_dir, sampler.K)
+                 'trajectory.gif: %d steps of the %s sampler).', len(samples), model.step, out_dir,
+                 sampler.steps, config.sampling.sampler)

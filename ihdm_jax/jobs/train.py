@@ -266,7 +266,7 @@ def train(config, workdir: str):
             if samples and not stopping:
                 logger.samples(step, lambda: sampler.draw(state.ema_params, source,
                                                           config.sampling.num_samples,
-                                                          sample_key))
+                                                          sample_key).images)
             if save:
                 with phases('checkpoint'):
                     saver.save(step, state)

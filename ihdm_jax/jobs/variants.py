@@ -6,6 +6,7 @@ sequence, and its numbers (NPZ). The chains use the EMA parameters of the newest
 run over the mesh; everything random follows from config.seed (rng.py).
 """
 
+import dataclasses
 import functools
 import os
 
@@ -13,16 +14,15 @@ import jax
 import numpy as np
 from absl import logging
 
-from ihdm_jax import checkpoint
 from ihdm_jax import data
 from ihdm_jax import images
+from ihdm_jax import loading
 from ihdm_jax import outputs
 from ihdm_jax import parallel
 from ihdm_jax import plots
 from ihdm_jax import programs
 from ihdm_jax import rng
 from ihdm_jax import sampling
-from ihdm_jax import state as state_lib
 from ihdm_jax import storage
 from ihdm_jax import validation
 
@@ -68,43 +68,50 @@ def check_delta_grid(config):
                        f'config.analysis.deltas={deltas} must be values of δ ≥ 0.')
 
 
-def _setup(config, workdir):
-    """(mesh, sampler, EMA params, step, training source, prior key, noise key)."""
-    mesh = parallel.make_mesh()
-    params, step = checkpoint.restore_ema_params(config, workdir, mesh)
-    logging.info('Analysing the EMA parameters of checkpoint %d in %s.', step, workdir)
-    return (mesh, programs.Sampler(config, mesh), params, step, data.make_source(config),
-            rng.analysis_key(config.seed, rng.ANALYSIS_PRIOR),
-            rng.analysis_key(config.seed, rng.ANALYSIS_NOISE))
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What every variant starts from: the trained model, its sampler, the training images and
+    the analyses' prior and noise keys."""
+    model: loading.Model
+    sampler: programs.Sampler
+    source: object
+    prior_key: jax.Array
+    noise_key: jax.Array
+
+
+def _setup(config, workdir) -> _Setup:
+    model = loading.restore(config, workdir)
+    logging.info('Analysing the EMA parameters of checkpoint %d in %s.', model.step, workdir)
+    return _Setup(model, programs.Sampler(config, model.mesh), data.make_source(config),
+                  rng.analysis_key(config.seed, rng.ANALYSIS_PRIOR),
+                  rng.analysis_key(config.seed, rng.ANALYSIS_NOISE))
 
 
 def same_init(config, workdir):
     """One prior draw u_K per row, an independent noise sequence in every column (Fig. 5b, 15).
 
-    Writes same_init.png (each row: its u_K, then the samples), trajectory.gif (levels K..0)
-    and same_init.npz: images (rows, columns, H, W, C) uint8, u_K (the state each chain started
-    from, as its trajectory recorded it), noise_keys.
+    Writes same_init.png (each row: its u_K, then the samples), trajectory.gif (from the prior
+    to the data) and same_init.npz: images (rows, columns, H, W, C) uint8, u_K (the state each
+    chain started from, as its trajectory recorded it), noise_keys.
     """
     rows, columns = config.analysis.num_rows, config.analysis.num_columns
-    _, sampler, params, step, source, prior_key, noise_key = _setup(config, workdir)
-    u_K = np.repeat(sampler.prior_states(source, rng.ANALYSIS_DRAW, rows, prior_key), columns,
-                    axis=0)
-    noise_keys = rng.example_keys(noise_key, rows * columns)
-    u0, trajectory = sampler.chains(params, u_K, noise_keys, trajectory=True)
+    s = _setup(config, workdir)
+    u_K = np.repeat(s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW, rows, s.prior_key),
+                    columns, axis=0)
+    noise_keys = rng.example_keys(s.noise_key, rows * columns)
+    u0, trajectory = s.sampler.chains(s.model.params, u_K, noise_keys,
+                                      record=s.sampler.gif_points)
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'same_init')
-    samples = programs.to_uint8(u0)
-    shape = (rows, columns) + samples.shape[1:]
-    storage.save_npz(os.path.join(out, 'same_init.npz'), images=samples.reshape(shape),
-                     u_K=trajectory[:, 0].reshape(shape), noise_keys=noise_keys)
-    starts = programs.to_uint8(u_K[::columns])
-    table = np.concatenate([starts[:, None], samples.reshape(shape)], axis=1)
-    tile = samples.shape[1] * plots.tile_scale(samples.shape[1])
-    xticks = list(zip(plots.tile_centres(columns + 1, tile), ['u_K'] + [''] * columns))
-    plots.save_canvas(os.path.join(out, 'same_init.png'),
-                      images.grid(table.reshape((-1,) + table.shape[2:]), columns + 1),
-                      f'Same u_K per row, new noise per sample (checkpoint {step})', xticks)
+    samples = images.to_uint8(u0).reshape((rows, columns) + u0.shape[1:])
+    storage.save_npz(os.path.join(out, 'same_init.npz'), images=samples,
+                     u_K=trajectory[:, 0].reshape(samples.shape), noise_keys=noise_keys)
+    starts = images.to_uint8(s.sampler.process.to_image(u_K[::columns]))
+    plots.save_table(os.path.join(out, 'same_init.png'),
+                     np.concatenate([starts[:, None], samples], axis=1),
+                     f'Same u_K per row, new noise per sample (checkpoint {s.model.step})',
+                     column_labels=['u_K'] + [''] * columns)
     plots.save_trajectory_gif(os.path.join(out, 'trajectory.gif'), trajectory, columns)
     logging.info('same_init: %d x %d samples written to %s.', rows, columns, out)
 
@@ -119,72 +126,80 @@ def share_noise(config, workdir):
     (rows, 2).
     """
     rows, columns = config.analysis.num_rows, config.analysis.num_columns
-    _, sampler, params, step, source, prior_key, noise_key = _setup(config, workdir)
-    u_K = sampler.prior_states(source, rng.ANALYSIS_DRAW, columns, prior_key)
-    noise_keys = rng.example_keys(noise_key, rows)
-    u0, trajectory = sampler.chains(params, np.tile(u_K, (rows, 1, 1, 1)),
-                                    np.repeat(noise_keys, columns, axis=0), trajectory=True)
+    s = _setup(config, workdir)
+    u_K = s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW, columns, s.prior_key)
+    noise_keys = rng.example_keys(s.noise_key, rows)
+    u0, trajectory = s.sampler.chains(s.model.params, np.tile(u_K, (rows, 1, 1, 1)),
+                                      np.repeat(noise_keys, columns, axis=0),
+                                      record=s.sampler.gif_points)
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'share_noise')
-    samples = programs.to_uint8(u0)
-    storage.save_npz(os.path.join(out, 'share_noise.npz'),
-                     images=samples.reshape((rows, columns) + samples.shape[1:]), u_K=u_K,
+    samples = images.to_uint8(u0).reshape((rows, columns) + u0.shape[1:])
+    storage.save_npz(os.path.join(out, 'share_noise.npz'), images=samples, u_K=u_K,
                      noise_keys=noise_keys)
-    tile = samples.shape[1] * plots.tile_scale(samples.shape[1])
-    yticks = list(zip(plots.tile_centres(rows + 1, tile),
-                      ['u_K'] + [f'noise {r}' for r in range(rows)]))
-    plots.save_canvas(os.path.join(out, 'share_noise.png'),
-                      images.grid(np.concatenate([programs.to_uint8(u_K), samples]), columns),
-                      f'Same noise per row, same u_K per column (checkpoint {step})',
-                      yticks=yticks)
+    starts = images.to_uint8(s.sampler.process.to_image(u_K))
+    plots.save_table(os.path.join(out, 'share_noise.png'),
+                     np.concatenate([starts[None], samples]),
+                     f'Same noise per row, same u_K per column (checkpoint {s.model.step})',
+                     row_labels=['u_K'] + [f'noise {r}' for r in range(rows)])
     plots.save_trajectory_gif(os.path.join(out, 'trajectory.gif'), trajectory, columns)
     logging.info('share_noise: %d x %d samples written to %s.', rows, columns, out)
 
 
+def _interpolate(points, chain, u_a, u_b, raw_a, raw_b):
+    """The frames of each pair (sampling.interpolate, the start states mixed by the process)."""
+    def one(u_a, u_b, key_a, key_b):
+        return sampling.interpolate(chain, u_a, u_b, key_a, key_b, points,
+                                    chain.process.mix_states)
+    frames = jax.vmap(one)(u_a, u_b, jax.random.wrap_key_data(raw_a),
+                           jax.random.wrap_key_data(raw_b))
+    return chain.process.to_image(frames)
+
+
 def interpolate(config, workdir):
-    """Samples between pairs of endpoints (App. D.2, Fig. 7b): u_K linearly, noise spherically
-    (for a diffusion process u_K spherically as well; processes.py).
+    """Samples between pairs of endpoints (App. D.2, Fig. 7b): u_K as the process mixes its
+    start states (linearly for the heat process, spherically for a diffusion process), the
+    noise spherically.
 
     Writes interpolate.png (one row per pair, num_points frames from endpoint a to b),
     interpolate.gif (all pairs, sweeping a -> b) and interpolate.npz: images (pairs, points, H,
     W, C) uint8, u_K_a, u_K_b, noise_keys_a, noise_keys_b.
     """
     pairs, points = config.analysis.num_rows, config.analysis.num_points
-    delta = config.sampling.delta
-    mesh, sampler, params, step, source, prior_key, noise_key = _setup(config, workdir)
-    u_K_a = sampler.prior_states(source, rng.ANALYSIS_DRAW, pairs,
-                                 jax.random.fold_in(prior_key, 0))
-    u_K_b = sampler.prior_states(source, rng.ANALYSIS_DRAW + 1, pairs,
-                                 jax.random.fold_in(prior_key, 1))
-    keys_a = rng.example_keys(jax.random.fold_in(noise_key, 0), pairs)
-    keys_b = rng.example_keys(jax.random.fold_in(noise_key, 1), pairs)
-    f = programs.residual(state_lib.model_graphdef(config))
-
-    def run(params, batched):
-        u_a, u_b, raw_a, raw_b = batched
-        one = functools.partial(sampler.process.interpolate, functools.partial(f, params),
-                                delta=delta, num_points=points)
-        return jax.vmap(one)(u_a, u_b, jax.random.wrap_key_data(raw_a),
-                             jax.random.wrap_key_data(raw_b))
-    frames = programs.on_mesh(mesh, run)(params, u_K_a, u_K_b, keys_a, keys_b)
+    s = _setup(config, workdir)
+    u_K_a = s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW, pairs,
+                                   jax.random.fold_in(s.prior_key, 0))
+    u_K_b = s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW + 1, pairs,
+                                   jax.random.fold_in(s.prior_key, 1))
+    keys_a = rng.example_keys(jax.random.fold_in(s.noise_key, 0), pairs)
+    keys_b = rng.example_keys(jax.random.fold_in(s.noise_key, 1), pairs)
+    frames = s.sampler.run(functools.partial(_interpolate, points), s.model.params, u_K_a, u_K_b,
+                           keys_a, keys_b)
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'interpolate')
-    frames = programs.to_uint8(frames)
+    frames = images.to_uint8(frames)
     storage.save_npz(os.path.join(out, 'interpolate.npz'), images=frames, u_K_a=u_K_a,
                      u_K_b=u_K_b, noise_keys_a=keys_a, noise_keys_b=keys_b)
-    tile = frames.shape[2] * plots.tile_scale(frames.shape[2])
-    weights = np.linspace(0, 1, points)
-    xticks = list(zip(plots.tile_centres(points, tile), [f'{w:.2f}' for w in weights]))
-    plots.save_canvas(os.path.join(out, 'interpolate.png'),
-                      images.grid(frames.reshape((-1,) + frames.shape[2:]), points),
-                      f'{config.model.process}: interpolation a -> b, weight of b '
-                      f'(checkpoint {step})', xticks)
+    plots.save_table(os.path.join(out, 'interpolate.png'), frames,
+                     f'{config.model.process}: interpolation a -> b, weight of b '
+                     f'(checkpoint {s.model.step})',
+                     column_labels=[f'{w:.2f}' for w in np.linspace(0, 1, points)])
     columns = int(np.ceil(np.sqrt(pairs)))
     images.save_gif(os.path.join(out, 'interpolate.gif'),
                     [images.grid(frames[:, i], columns) for i in range(points)], frame_ms=300)
     logging.info('interpolate: %d pairs x %d frames written to %s.', pairs, points, out)
+
+
+def _hierarchical(splits, branches, chain, u_K, raw_keys):
+    """Each tree of sampling.hierarchical, its segments the sampler's chain."""
+    def segment(u, noise, start, stop):
+        return chain(u, noise, start=start, stop=stop)[0]
+
+    def one(u, key):
+        return sampling.hierarchical(segment, u, chain.method.steps, key, splits, branches)
+    return jax.vmap(one)(u_K, jax.random.wrap_key_data(raw_keys))
 
 
 def hierarchical(config, workdir):
@@ -198,39 +213,33 @@ def hierarchical(config, workdir):
     """
     splits = split_levels(config)
     trees, branches = config.analysis.num_trees, config.analysis.branches
-    K, delta = config.model.K, config.sampling.delta
-    mesh, sampler, params, step, source, prior_key, noise_key = _setup(config, workdir)
-    u_K = sampler.prior_states(source, rng.ANALYSIS_DRAW, trees, prior_key)
-    noise_keys = rng.example_keys(noise_key, trees)
-    f = programs.residual(state_lib.model_graphdef(config))
-
-    def run(params, batched):
-        u, raw = batched
-        one = functools.partial(sampling.hierarchical, functools.partial(f, params), K=K,
-                                delta=delta, splits=splits, branches=branches)
-        return jax.vmap(lambda u, key: one(u, key=key))(u, jax.random.wrap_key_data(raw))
-    states = programs.on_mesh(mesh, run)(params, u_K, noise_keys)
+    s = _setup(config, workdir)
+    K = s.sampler.steps
+    u_K = s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW, trees, s.prior_key)
+    noise_keys = rng.example_keys(s.noise_key, trees)
+    states = s.sampler.run(functools.partial(_hierarchical, tuple(splits), branches),
+                           s.model.params, u_K, noise_keys)
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'hierarchical')
     levels = splits + [0]
     storage.save_npz(os.path.join(out, 'hierarchical.npz'), u_K=u_K, noise_keys=noise_keys,
                      levels=np.array(levels),
-                     **{f'level_{k}': s for k, s in zip(levels, states)})
+                     **{f'level_{k}': state for k, state in zip(levels, states)})
     leaves = branches ** len(splits)
-    scale = plots.tile_scale(u_K.shape[1])
-    tile = u_K.shape[1] * scale
+    size = u_K.shape[1]
     blocks, yticks = [], []
     for tree in range(trees):
-        rows = [programs.to_uint8(u_K[tree:tree + 1])] + [programs.to_uint8(s[tree])
-                                                          for s in states]
+        rows = [images.to_uint8(u_K[tree:tree + 1])] + [images.to_uint8(state[tree])
+                                                        for state in states]
         top = sum(len(b) for b in blocks)
-        yticks += [(top + c, f'k={k}') for c, k in zip(plots.tile_centres(len(rows), tile),
+        yticks += [(top + c, f'k={k}') for c, k in zip(images.tile_centres(len(rows), size),
                                                        [K] + levels)]
-        blocks.append(plots.tree_canvas(rows, leaves, scale))
-        blocks.append(np.full((tile // 2,) + blocks[-1].shape[1:], 255, np.uint8))
+        blocks.append(plots.tree_canvas(rows, leaves, images.tile_scale(size)))
+        blocks.append(np.full((size * images.tile_scale(size) // 2,) + blocks[-1].shape[1:], 255,
+                              np.uint8))
     plots.save_canvas(os.path.join(out, 'hierarchical.png'), np.concatenate(blocks[:-1]),
-                      f'Chains split in {branches} at k = {splits} (checkpoint {step})',
+                      f'Chains split in {branches} at k = {splits} (checkpoint {s.model.step})',
                       yticks=yticks)
     logging.info('hierarchical: %d trees of %d samples written to %s.', trees, leaves, out)
 
@@ -246,22 +255,20 @@ def delta_grid(config, workdir):
     """
     rows = config.analysis.num_rows
     deltas = [float(d) for d in config.analysis.deltas]
-    _, sampler, params, step, source, prior_key, noise_key = _setup(config, workdir)
-    u_K = sampler.prior_states(source, rng.ANALYSIS_DRAW, rows, prior_key)
-    noise_keys = rng.example_keys(noise_key, rows)
-    samples = np.stack([programs.to_uint8(sampler.chains(params, u_K, noise_keys, delta))
+    s = _setup(config, workdir)
+    u_K = s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW, rows, s.prior_key)
+    noise_keys = rng.example_keys(s.noise_key, rows)
+    samples = np.stack([images.to_uint8(s.sampler.chains(s.model.params, u_K, noise_keys,
+                                                         delta).final)
                         for delta in deltas], axis=1)
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'delta_grid')
     storage.save_npz(os.path.join(out, 'delta_grid.npz'), images=samples, deltas=np.array(deltas),
                      u_K=u_K, noise_keys=noise_keys)
-    table = np.concatenate([programs.to_uint8(u_K)[:, None], samples], axis=1)
-    tile = samples.shape[2] * plots.tile_scale(samples.shape[2])
-    xticks = list(zip(plots.tile_centres(len(deltas) + 1, tile),
-                      ['u_K'] + [f'δ={d:g}' for d in deltas]))
-    plots.save_canvas(os.path.join(out, 'delta_grid.png'),
-                      images.grid(table.reshape((-1,) + table.shape[2:]), len(deltas) + 1),
-                      f'Same u_K and noise per row, δ per column (checkpoint {step}, '
-                      f'σ = {config.model.sigma:g})', xticks)
+    plots.save_table(os.path.join(out, 'delta_grid.png'),
+                     np.concatenate([images.to_uint8(u_K)[:, None], samples], axis=1),
+                     f'Same u_K and noise per row, δ per column (checkpoint {s.model.step}, '
+                     f'σ = {config.model.sigma:g})',
+                     column_labels=['u_K'] + [f'δ={d:g}' for d in deltas])
     logging.info('delta_grid: %d rows x %d values of δ written to %s.', rows, len(deltas), out)
