@@ -1,5 +1,4 @@
-"""The workdir: orbax checkpoints of the training state under <workdir>/checkpoints, and the
-run's config.json.
+"""Orbax checkpoints of the training state under <workdir>/checkpoints, and orbax's logging.
 
 Every process calls `save` and the restores; orbax coordinates the writes. Saves are
 asynchronous: `save` returns once the arrays are copied off the devices and the files are
@@ -8,34 +7,20 @@ Restoring places the arrays on the shardings of the given abstract tree, so a ru
 a different device count. Jobs that only read a run restore the EMA parameters alone.
 """
 
-import datetime
-import json
 import logging as std_logging
 import os
-import pathlib
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ihdm_jax import defaults
 from ihdm_jax import errors
-from ihdm_jax import parallel
 from ihdm_jax import state as state_lib
 from ihdm_jax import storage
-from ihdm_jax import validation
 
 MAX_TO_KEEP = 3
 UNREADABLE = 'checkpoints_unreadable'  # where checkpoints that fail to restore are moved
-CONFIG_FILE = 'config.json'
-
-# Settings that define a training run; a workdir refuses to continue a run with other values.
-# Everything else (n_iters, frequencies, data_dir, sampling, evaluation, analysis) may change.
-RUN_KEYS = ('seed', 'data', 'model', 'optim', 'training.batch_size')
-# Settings a checkpoint's parameters depend on, checked by the jobs that only read the run.
-MODEL_KEYS = ('data', 'model')
-_FREE_KEYS = ('data.data_dir', 'data.test_dir', 'data.cache_mb')
 
 
 class _OrbaxInfoFilter(std_logging.Filter):
@@ -160,21 +145,21 @@ class Saver:
 
 
 def _newest(manager):
-    steps = [s for s in manager.all_steps() if (storage.path(manager.directory) / str(s)).is_dir()]
+    steps = [s for s in manager.all_steps()
+             if storage.isdir(storage.join(manager.directory, str(s)))]
     return max(steps) if steps else 'none'
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps):
     """Moves the checkpoints `steps` to <workdir>/checkpoints_unreadable/ (process 0 moves)."""
-    directory = storage.path(manager.directory)
-    aside = directory.parent / UNREADABLE
+    aside = storage.join(storage.parent(manager.directory), UNREADABLE)
     if jax.process_index() == 0:
-        aside.mkdir(exist_ok=True)
+        storage.makedirs(aside)
         for step in steps:
-            target = aside / str(step)
-            while target.exists():
-                target = target.with_name(target.name + '_')
-            (directory / str(step)).rename(target)
+            target = storage.join(aside, str(step))
+            while storage.exists(target):
+                target += '_'
+            storage.rename(storage.join(manager.directory, str(step)), target)
     multihost_utils.sync_global_devices('ihdm_jax checkpoints set aside')
     manager.reload()
 
@@ -195,9 +180,9 @@ def _restore_newest(manager: ocp.CheckpointManager, restore):
             continue
         for bad, error in failed:
             logging.warning('Checkpoint %s cannot be read (%s: %s); skipping it and moving it '
-                            'to %s.', storage.path(manager.directory) / str(bad),
+                            'to %s.', storage.join(manager.directory, str(bad)),
                             type(error).__name__, str(error).splitlines()[0],
-                            storage.path(manager.directory).parent / UNREADABLE)
+                            storage.join(storage.parent(manager.directory), UNREADABLE))
         if failed:
             _set_aside(manager, [bad for bad, _ in failed])
         return restored, step
@@ -243,90 +228,3 @@ def restore_ema_params(config, workdir: str, mesh):
         raise errors.UserError(f'No checkpoint in {_directory(workdir)}: train first '
                                '(--mode=train).')
     return restored['ema_params'], step
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value)) if value is not None else None
-
-
-def config_differences(config, workdir: str, training: bool) -> list:
-    """(key, value in config.json, value now) for each setting that defines the run (RUN_KEYS
-    when training, MODEL_KEYS otherwise) and differs; [] without a config.json."""
-    path = storage.join(workdir, CONFIG_FILE)
-    if not storage.exists(path):
-        return []
-    try:
-        saved = json.loads(storage.read_text(path))
-    except (OSError, ValueError) as error:
-        raise errors.UserError(f'{path} cannot be read ({error}); restore it or use a new '
-                               '--workdir.') from None
-    now = validation.flatten(json.loads(config.to_json_best_effort()))
-    # A key that config.json lacks (added to ihdm_jax/defaults.py after the run) has its default.
-    before = {**validation.flatten(json.loads(defaults.get_default_config().to_json_best_effort())),
-              **validation.flatten(saved)}
-    keys = RUN_KEYS if training else MODEL_KEYS
-    in_scope = [k for k in set(now) | set(before)
-                if any(k == p or k.startswith(p + '.') for p in keys) and k not in _FREE_KEYS]
-    return [(k, before.get(k), now.get(k)) for k in sorted(in_scope)
-            if _jsonable(before.get(k)) != _jsonable(now.get(k))]
-
-
-def _nearest_existing(path: pathlib.Path) -> pathlib.Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_workdir(config, workdir: str, use: str, allow_config_change=False):
-    """The workdir suits the job, checked without writing anything.
-
-    use='train': the workdir can be created or written and holds no run of another config
-    (RUN_KEYS; allow_config_change lets training continue with new values). use='results': it
-    can be created or written. use='trained': it holds a checkpoint trained with the same
-    MODEL_KEYS settings.
-    """
-    if storage.is_remote(workdir):
-        storage.check_reachable(workdir, '--workdir')
-    elif use in ('train', 'results'):
-        existing = _nearest_existing(pathlib.Path(workdir).absolute())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            what = 'is not a directory' if not existing.is_dir() else 'cannot be written'
-            raise errors.UserError(f'--workdir={workdir} cannot be written ({existing} {what}); '
-                                   'choose a directory you can write to.')
-    if use == 'results':
-        return
-    if use == 'trained' and not steps_on_disk(workdir):
-        where = 'does not exist' if not storage.exists(workdir) else 'holds no checkpoint'
-        raise errors.UserError(f'--workdir={workdir} {where}: train first (--mode=train), or '
-                               'point --workdir at a trained run.')
-    training = use == 'train'
-    changed = config_differences(config, workdir, training)
-    if not changed or (training and allow_config_change):
-        return
-    saved_path = storage.join(workdir, CONFIG_FILE)
-    lines = '\n'.join(f'  config.{k}: {before!r} in {saved_path}, {now!r} now'
-                      for k, before, now in changed)
-    how = ('Use a new --workdir, or pass --allow_config_change to continue this run with the '
-           'new values.' if training else
-           'Pass the config that trained this run (its values are in config.json).')
-    raise errors.UserError(
-        f'--workdir={workdir} holds a run of a different config:\n{lines}\n{how}')
-
-
-def save_config(config, workdir: str):
-    """Writes the resolved config to <workdir>/config.json atomically (process 0 only).
-
-    A config.json with other run settings (a run continued with --allow_config_change) is kept
-    as config.<time>.json.
-    """
-    if not parallel.is_main_process():
-        return
-    storage.makedirs(workdir)
-    path = storage.join(workdir, CONFIG_FILE)
-    if config_differences(config, workdir, training=True):
-        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-        storage.path(path).replace(storage.join(workdir, f'config.{stamp}.json'))
-    tmp = f'{path}.tmp'
-    storage.write_text(tmp, json.dumps(json.loads(config.to_json_best_effort()), indent=2,
-                                       sort_keys=True) + '\n')
-    storage.path(tmp).replace(path)

@@ -33,6 +33,7 @@ from ihdm_jax import errors
 from ihdm_jax import parallel
 from ihdm_jax import state as state_lib
 from ihdm_jax import validation
+from ihdm_jax import workdir as workdir_lib
 
 _MAX_LISTED = 5  # mismatches named in the error
 
@@ -298,7 +299,7 @@ def _warn_if_different(config, hyper, original):
 def convert(config, checkpoint_path: str, workdir: str) -> int:
     """Checks everything, then writes <workdir>/config.json and the checkpoint; its step."""
     validation.check_config(config)
-    checkpoint.check_workdir(config, workdir, 'train')
+    workdir_lib.check(config, workdir, 'train')
     if checkpoint.steps_on_disk(workdir):
         raise errors.UserError(f'--workdir={workdir} holds checkpoints already (steps '
                                f'{checkpoint.steps_on_disk(workdir)}); convert into a new '
@@ -309,7 +310,7 @@ def convert(config, checkpoint_path: str, workdir: str) -> int:
     state = train_state(config, original, expected)
 
     mesh = parallel.make_mesh()
-    checkpoint.save_config(config, workdir)
+    workdir_lib.save_config(config, workdir)
     saver = checkpoint.Saver(checkpoint.make_manager(workdir))
     try:
         saver.save(original['step'], jax.device_put(state, parallel.replicated(mesh)))

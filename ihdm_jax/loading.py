@@ -6,55 +6,15 @@
     model.sample(jax.random.key(0), 16)  # Alg. 2: float32 samples (16, H, W, C)
 """
 
-import json
-
 import jax
-import ml_collections
 import numpy as np
 
 from ihdm_jax import checkpoint
 from ihdm_jax import data
-from ihdm_jax import defaults
-from ihdm_jax import errors
 from ihdm_jax import parallel
 from ihdm_jax import programs
 from ihdm_jax import state as state_lib
-from ihdm_jax import storage
-from ihdm_jax import validation
-
-
-def _like_default(value, default):
-    """JSON's lists back into the tuples of the defaults (nested ones included)."""
-    if isinstance(default, tuple) and isinstance(value, list):
-        inner = default[0] if default else None
-        return tuple(_like_default(v, inner) for v in value)
-    return value
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config of <workdir>/config.json on top of the defaults, checked."""
-    path = storage.join(workdir, checkpoint.CONFIG_FILE)
-    if not storage.isfile(path):
-        raise errors.UserError(f'{path} does not exist: {workdir} is not a workdir of ihdm_jax '
-                               '(train with ihdm_jax.main, or convert an original checkpoint '
-                               'with ihdm_jax.convert_original).')
-    try:
-        saved = validation.flatten(json.loads(storage.read_text(path)))
-    except (OSError, ValueError, AttributeError) as error:
-        raise errors.UserError(f'{path} cannot be read ({error}).') from None
-    config = defaults.get_default_config()
-    known = validation.flatten(config)
-    for key, value in saved.items():
-        message = validation.unknown_key(key, known)
-        if message:
-            raise errors.UserError(f'{path}: {message}')
-        *parents, leaf = key.split('.')
-        node = config
-        for name in parents:
-            node = node[name]
-        node[leaf] = _like_default(value, known[key])
-    validation.check_config(config)
-    return config
+from ihdm_jax import workdir as workdir_lib
 
 
 class Model:
@@ -114,4 +74,4 @@ def restore(config, workdir: str) -> Model:
 
 def load(workdir: str) -> Model:
     """The run in `workdir`: its config.json and the EMA parameters of its newest checkpoint."""
-    return restore(read_config(workdir), workdir)
+    return restore(workdir_lib.read_config(workdir), workdir)

@@ -143,7 +143,7 @@ class WorkdirLock:
                     return None
                 continue
             if previous is not None:
-                storage.path(self.location).unlink(missing_ok=True)
+                storage.remove(self.location)
             if self._create_local() and (previous is None or self._holds()):
                 # Two jobs that both found the stale lock may both create one; the one whose
                 # lock is there after SETTLE_S holds it.
@@ -179,4 +179,4 @@ class WorkdirLock:
         self._thread.join()
         held = _read(self.location)
         if held is not None and held.get('token') == self.content['token']:
-            storage.path(self.location).unlink(missing_ok=True)
+            storage.remove(self.location)

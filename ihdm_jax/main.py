@@ -30,6 +30,7 @@ from ihdm_jax import lock
 from ihdm_jax import parallel
 from ihdm_jax import processes
 from ihdm_jax import validation
+from ihdm_jax import workdir as workdir_lib
 from ihdm_jax.jobs import evaluate
 from ihdm_jax.jobs import forward_process
 from ihdm_jax.jobs import probing
@@ -104,7 +105,7 @@ def run(config, mode, workdir, **options):
                         num_processes=options.get('num_processes'),
                         process_id=options.get('process_id'))
     job.check(config)
-    checkpoint.check_workdir(config, workdir, job.workdir,
+    workdir_lib.check(config, workdir, job.workdir,
                              allow_config_change=options.get('allow_config_change', False))
     checkpoint.quiet_orbax()
     # Training holds the workdir's lock; the other jobs only read checkpoints and may run beside it.

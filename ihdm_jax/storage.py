@@ -33,6 +33,20 @@ def join(location, *parts) -> str:
     return os.fspath(path(location).joinpath(*parts))
 
 
+def parent(location) -> str:
+    return os.fspath(path(location).parent)
+
+
+def rename(location, target):
+    """Moves `location` to `target`, replacing a file there."""
+    path(location).replace(target)
+
+
+def remove(location):
+    """Deletes the file `location` if it exists."""
+    path(location).unlink(missing_ok=True)
+
+
 def makedirs(location):
     path(location).mkdir(parents=True, exist_ok=True)
 

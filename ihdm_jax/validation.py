@@ -2,7 +2,7 @@
 
 Every failure is an errors.UserError: one message that names the bad value and says what was
 expected. The checks of the data, of the workdir and of each mode's own settings live with the
-code that reads them (data.check, checkpoint.check_workdir, each job's `check`).
+code that reads them (data.check, workdir.check, each job's `check`).
 """
 
 import difflib

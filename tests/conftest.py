@@ -45,6 +45,7 @@ from ihdm_jax import checkpoint  # noqa: E402
 from ihdm_jax import parallel  # noqa: E402
 from ihdm_jax import rng  # noqa: E402
 from ihdm_jax import state as state_lib  # noqa: E402
+from ihdm_jax import workdir as workdir_lib  # noqa: E402
 from ihdm_jax.evaluation import inception  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +82,7 @@ def trained(config, tmp_path_factory):
     state = initial.replace(step=np.int32(TRAINED_STEP),
                             params=perturbed(initial.params, 1, 0.05),
                             ema_params=perturbed(initial.params, 2, 0.05))
-    checkpoint.save_config(config, str(workdir))
+    workdir_lib.save_config(config, str(workdir))
     manager = checkpoint.make_manager(str(workdir))
     checkpoint.Saver(manager).save(TRAINED_STEP, jax.device_put(state,
                                                                 parallel.replicated(mesh)))

@@ -22,6 +22,7 @@ from ihdm_jax import rng
 from ihdm_jax import samplers
 from ihdm_jax import sampling
 from ihdm_jax import state as state_lib
+from ihdm_jax import workdir as workdir_lib
 from ihdm_jax.evaluation import likelihood
 
 BETA_1, BETA_T = 1e-3, 0.25
@@ -112,7 +113,7 @@ def _workdir(config, path):
     initial = jax.device_get(state_lib.init_state(config, mesh, rng.init_key(config.seed)))
     state = initial.replace(step=np.int32(3), params=perturbed(initial.params, 1, 0.05),
                             ema_params=perturbed(initial.params, 2, 0.05))
-    checkpoint.save_config(config, str(path))
+    workdir_lib.save_config(config, str(path))
     manager = checkpoint.make_manager(str(path))
     checkpoint.Saver(manager).save(3, jax.device_put(state, parallel.replicated(mesh)))
     manager.wait_until_finished()

@@ -16,6 +16,7 @@ from ihdm_jax import diffusion
 from ihdm_jax import errors
 from ihdm_jax import main
 from ihdm_jax import processes
+from ihdm_jax import workdir as workdir_lib
 
 H = W = 4
 D = H * W
@@ -378,7 +379,7 @@ def ddpm_workdir(ddpm_config, tmp_path_factory):
     initial = jax.device_get(state_lib.init_state(ddpm_config, mesh, rng.init_key(0)))
     state = initial.replace(step=np.int32(3), params=perturbed(initial.params, 1, 0.05),
                             ema_params=perturbed(initial.params, 2, 0.05))
-    checkpoint.save_config(ddpm_config, workdir)
+    workdir_lib.save_config(ddpm_config, workdir)
     manager = checkpoint.make_manager(workdir)
     checkpoint.Saver(manager).save(3, jax.device_put(state, parallel.replicated(mesh)))
     manager.wait_until_finished()
@@ -482,17 +483,16 @@ def test_workdirs_from_before_the_process_keys_still_match(config, tmp_path):
     """A config.json written before config.model.process and its keys existed reads as the
     heat process with the defaults, not as a different run."""
     import json
-    from ihdm_jax import checkpoint
-    checkpoint.save_config(config, str(tmp_path))
+    workdir_lib.save_config(config, str(tmp_path))
     path = tmp_path / 'config.json'
     saved = json.loads(path.read_text())
     for key in ('process', 'beta_min', 'beta_max', 'blur_d_min', 'noise_gamma', 'noise_c0'):
         del saved['model'][key]
     path.write_text(json.dumps(saved))
-    assert checkpoint.config_differences(config, str(tmp_path), training=True) == []
+    assert workdir_lib.config_differences(config, str(tmp_path), training=True) == []
     ddpm = config.copy_and_resolve_references()
     ddpm.model.process = 'ddpm'
-    assert checkpoint.config_differences(ddpm, str(tmp_path), training=True) == [
+    assert workdir_lib.config_differences(ddpm, str(tmp_path), training=True) == [
         ('model.process', 'heat', 'ddpm')]
 
 

@@ -13,14 +13,13 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 
 from conftest import ROOT
-from ihdm_jax import checkpoint
 from ihdm_jax import data
 from ihdm_jax import errors
 from ihdm_jax import images
-from ihdm_jax import loading
 from ihdm_jax import lock
 from ihdm_jax import main
 from ihdm_jax import storage
+from ihdm_jax import workdir as workdir_lib
 from ihdm_jax.evaluation import frechet
 
 RUN = 'gs://bucket/run'
@@ -58,17 +57,17 @@ def test_an_analysis_job_writes_its_results_on_gs(config, fake_gcs):
 
 
 def test_config_json_and_the_lock_on_gs(config, fake_gcs, monkeypatch):
-    checkpoint.check_workdir(config, RUN, 'train')
-    checkpoint.save_config(config, RUN)
+    workdir_lib.check(config, RUN, 'train')
+    workdir_lib.save_config(config, RUN)
     assert json.loads(fake_gcs[f'{RUN}/config.json'].getvalue())['model']['K'] == config.model.K
-    assert loading.read_config(RUN).to_dict() == config.to_dict()
+    assert workdir_lib.read_config(RUN).to_dict() == config.to_dict()
     other = config.copy_and_resolve_references()
     other.model.K = config.model.K + 1
     with pytest.raises(errors.UserError, match=rf'config.model.K: {config.model.K} in '
                                                rf'{RUN}/config.json, {config.model.K + 1} now'):
-        checkpoint.check_workdir(other, RUN, 'train')
+        workdir_lib.check(other, RUN, 'train')
     with pytest.raises(errors.UserError, match=f'--workdir={RUN} holds no checkpoint'):
-        checkpoint.check_workdir(config, RUN, 'trained')
+        workdir_lib.check(config, RUN, 'trained')
 
     monkeypatch.setattr(lock, 'SETTLE_S', 0.0)
     with lock.WorkdirLock(RUN):

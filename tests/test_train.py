@@ -27,6 +27,7 @@ from ihdm_jax import parallel
 from ihdm_jax import programs
 from ihdm_jax import rng
 from ihdm_jax import state as state_lib
+from ihdm_jax import workdir as workdir_lib
 from ihdm_jax.jobs import sample as sample_job
 from ihdm_jax.jobs import train as train_job
 from ihdm_jax.models import unet
@@ -433,9 +434,9 @@ def test_restore_ema_params_reads_the_ema_parameters(config, trained, trained_st
 
 def test_sample_mode_needs_a_checkpoint(config, tmp_path, meshes):
     with pytest.raises(errors.UserError, match='does not exist: train first'):
-        checkpoint.check_workdir(config, str(tmp_path / 'missing'), 'trained')
+        workdir_lib.check(config, str(tmp_path / 'missing'), 'trained')
     with pytest.raises(errors.UserError, match='holds no checkpoint: train first'):
-        checkpoint.check_workdir(config, str(tmp_path), 'trained')
+        workdir_lib.check(config, str(tmp_path), 'trained')
     with pytest.raises(errors.UserError, match='train first'):
         checkpoint.restore_ema_params(config, str(tmp_path), meshes[8])
 

