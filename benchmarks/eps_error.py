@@ -60,10 +60,21 @@ def errors_by_time(config, workdir: str, times, num_images: int):
         error = np.asarray(squared_error(t, jax.random.key(i)))
         a, s = diffusion.coefficients(process, jnp.full((1,), t), x.shape)
         a_dc, s_dc = float(a[0, 0, 0, 0]), float(s[0, 0, 0, 0])
-        rings = [float(error[ring].mean()) if ring.any() else float('nan')  # none: small images
-                 for ring in ((radius >= lo) & (radius < hi) for lo, hi in RINGS)]
-        rows.append((t, float(error[0, 0]), a_dc**2 * dc_var / (a_dc**2 * dc_var + s_dc**2),
-                     float(error[0, 1]), rings, float(a[0, 0, 1, 0]), float(a[0, -1, -1, 0])))
+        rings = [
+            float(error[ring].mean()) if ring.any() else float('nan')  # none: small images
+            for ring in ((radius >= lo) & (radius < hi) for lo, hi in RINGS)
+        ]
+        rows.append(
+            (
+                t,
+                float(error[0, 0]),
+                a_dc**2 * dc_var / (a_dc**2 * dc_var + s_dc**2),
+                float(error[0, 1]),
+                rings,
+                float(a[0, 0, 1, 0]),
+                float(a[0, -1, -1, 0]),
+            )
+        )
     return step, rows
 
 
@@ -73,10 +84,14 @@ def _define_flags():
     f = types.SimpleNamespace(
         config=config_flags.DEFINE_config_file('config', None, "The run's config file."),
         workdir=flags.DEFINE_string('workdir', None, 'The trained workdir.'),
-        times=flags.DEFINE_list('times', ['0.02', '0.1', '0.2', '0.3', '0.5', '0.7', '0.9',
-                                          '0.99'], 'Times t in (0, 1].'),
+        times=flags.DEFINE_list(
+            'times',
+            ['0.02', '0.1', '0.2', '0.3', '0.5', '0.7', '0.9', '0.99'],
+            'Times t in (0, 1].',
+        ),
         num_images=flags.DEFINE_integer('num_images', 64, 'Test images.'),
-        json=flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).'))
+        json=flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).'),
+    )
     flags.mark_flags_as_required(['config', 'workdir'])
     return f
 
@@ -88,25 +103,50 @@ def main(argv, f):
         measure.check_new_file(f.json.value)
     config = f.config.value
     if not isinstance(processes.from_config(config), processes.Diffusion):
-        raise app.UsageError(f'config.model.process={config.model.process!r} predicts no noise; '
-                             'pass a diffusion config.')
-    step, rows = errors_by_time(config, f.workdir.value, [float(t) for t in f.times.value],
-                                f.num_images.value)
-    print(f'Checkpoint {step} of {f.workdir.value}, {f.num_images.value} test images: mean '
-          'squared error of ε̂ per DCT coefficient (predicting 0 scores 1).\n')
+        raise app.UsageError(
+            f'config.model.process={config.model.process!r} predicts no noise; '
+            'pass a diffusion config.'
+        )
+    step, rows = errors_by_time(
+        config, f.workdir.value, [float(t) for t in f.times.value], f.num_images.value
+    )
+    print(
+        f'Checkpoint {step} of {f.workdir.value}, {f.num_images.value} test images: mean '
+        'squared error of ε̂ per DCT coefficient (predicting 0 scores 1).\n'
+    )
     rings = [f'radius {lo}-{hi}' for lo, hi in RINGS]
     print('| t | DC | DC lin | (0, 1) | ' + ' | '.join(rings) + ' | a_t lowest λ ≠ 0 | highest |')
     print('|' + '---:|' * (len(RINGS) + 6))
     for t, dc, linear, first, errors, a_low, a_high in rows:
-        print(f'| {t:.2f} | {dc:.3f} | {linear:.3f} | {first:.3f} | '
-              + ' | '.join(f'{e:.4f}' for e in errors) + f' | {a_low:.3g} | {a_high:.3g} |')
+        print(
+            f'| {t:.2f} | {dc:.3f} | {linear:.3f} | {first:.3f} | '
+            + ' | '.join(f'{e:.4f}' for e in errors)
+            + f' | {a_low:.3g} | {a_high:.3g} |'
+        )
     if f.json.value:
-        measure.write_json(f.json.value, dict(
-            **measure.device_info(), command=measure.command(__spec__.name),
-            workdir=f.workdir.value, step=step, num_images=f.num_images.value,
-            rings=RINGS, rows=[dict(t=t, dc=dc, dc_linear=linear, first=first, rings=errors,
-                                    a_lowest=a_low, a_highest=a_high)
-                               for t, dc, linear, first, errors, a_low, a_high in rows]))
+        measure.write_json(
+            f.json.value,
+            dict(
+                **measure.device_info(),
+                command=measure.command(__spec__.name),
+                workdir=f.workdir.value,
+                step=step,
+                num_images=f.num_images.value,
+                rings=RINGS,
+                rows=[
+                    dict(
+                        t=t,
+                        dc=dc,
+                        dc_linear=linear,
+                        first=first,
+                        rings=errors,
+                        a_lowest=a_low,
+                        a_highest=a_high,
+                    )
+                    for t, dc, linear, first, errors, a_low, a_high in rows
+                ],
+            ),
+        )
 
 
 if __name__ == '__main__':

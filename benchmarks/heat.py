@@ -6,10 +6,10 @@ Prints a markdown table (median time per call of the jitted operator on a batch 
 after compilation) and optionally writes the same figures as JSON.
 """
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
+from absl import app
+from absl import flags
 
 from benchmarks import measure
 from ihdm_jax import heat
@@ -33,20 +33,30 @@ def main(argv):
         t = jnp.linspace(0.1, size**2 / 8, _BATCH.value)
         for backend in heat.BACKENDS:
             fn = jax.jit(lambda u, t, backend=backend: heat.heat_forward(u, t, backend))
-            seconds = measure.time_call(fn, u, t, repeats=_REPEATS.value,
-                                        min_window=_MIN_WINDOW.value)
-            rows.append(dict(size=size, backend=backend, batch=_BATCH.value,
-                             ms_per_call=seconds * 1e3, images_per_s=_BATCH.value / seconds))
+            seconds = measure.time_call(
+                fn, u, t, repeats=_REPEATS.value, min_window=_MIN_WINDOW.value
+            )
+            rows.append(
+                dict(
+                    size=size,
+                    backend=backend,
+                    batch=_BATCH.value,
+                    ms_per_call=seconds * 1e3,
+                    images_per_s=_BATCH.value / seconds,
+                )
+            )
     print(measure.describe(info))
     print(f'F(t)u on a batch of {_BATCH.value} images with {_CHANNELS.value} channels\n')
     print('| size | backend | ms / call | images / s |')
     print('|---:|---|---:|---:|')
     for r in rows:
-        print(f"| {r['size']} | {r['backend']} | {r['ms_per_call']:.3f} "
-              f"| {r['images_per_s']:,.0f} |")
+        print(
+            f'| {r["size"]} | {r["backend"]} | {r["ms_per_call"]:.3f} | {r["images_per_s"]:,.0f} |'
+        )
     if _JSON.value:
-        measure.write_json(_JSON.value, dict(**info, command=measure.command(__spec__.name),
-                                             results=rows))
+        measure.write_json(
+            _JSON.value, dict(**info, command=measure.command(__spec__.name), results=rows)
+        )
 
 
 if __name__ == '__main__':

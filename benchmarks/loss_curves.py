@@ -13,10 +13,10 @@ import glob
 import os
 import struct
 
-from absl import app
-from absl import flags
 import matplotlib
 import numpy as np
+from absl import app
+from absl import flags
 from tensorboardX.proto import event_pb2
 
 from benchmarks import measure
@@ -57,11 +57,15 @@ def gap(reference, other):
     steps = sorted(set(reference) & set(other))
     ref = np.array([reference[s] for s in steps])
     oth = np.array([other[s] for s in steps])
-    return dict(steps=steps, mean_abs_diff=float(np.mean(np.abs(oth - ref))),
-                mean_rel_diff=float(np.mean(np.abs(oth - ref) / np.abs(ref))),
-                mean_signed_rel_diff=float(np.mean((oth - ref) / np.abs(ref))),
-                max_rel_diff=float(np.max(np.abs(oth - ref) / np.abs(ref))),
-                final_step=steps[-1], final=[float(ref[-1]), float(oth[-1])])
+    return dict(
+        steps=steps,
+        mean_abs_diff=float(np.mean(np.abs(oth - ref))),
+        mean_rel_diff=float(np.mean(np.abs(oth - ref) / np.abs(ref))),
+        mean_signed_rel_diff=float(np.mean((oth - ref) / np.abs(ref))),
+        max_rel_diff=float(np.max(np.abs(oth - ref) / np.abs(ref))),
+        final_step=steps[-1],
+        final=[float(ref[-1]), float(oth[-1])],
+    )
 
 
 def main(argv):
@@ -69,24 +73,32 @@ def main(argv):
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     runs, labels = _RUNS.value, _LABELS.value
     if len(runs) < 2 or len(labels) != len(runs):
-        raise ValueError(f'--runs takes two or more workdirs and --labels one label each, got '
-                         f'{runs} and {labels}.')
+        raise ValueError(
+            f'--runs takes two or more workdirs and --labels one label each, got '
+            f'{runs} and {labels}.'
+        )
     for ext in ('.png', '.json'):
         measure.check_new_file(_OUT.value + ext)
     curves = [read_scalars(run, _TAG.value) for run in runs]
     gaps = [gap(curves[0], curve) for curve in curves[1:]]
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
-                                      gridspec_kw=dict(height_ratios=(3, 1.5)))
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(7, 6), sharex=True, gridspec_kw=dict(height_ratios=(3, 1.5))
+    )
     for i, (curve, label) in enumerate(zip(curves, labels)):
         steps = sorted(curve)
         top.plot(steps, [curve[s] for s in steps], marker='.', color=f'C{i}', label=label)
     bottom.axhline(0.0, color='C0', linewidth=0.8)
     for i, (curve, label, g) in enumerate(zip(curves[1:], labels[1:], gaps), start=1):
         rel = [100 * (curve[s] - curves[0][s]) / curves[0][s] for s in g['steps']]
-        bottom.plot(g['steps'], rel, marker='.', color=f'C{i}',
-                    label=f"{label}: mean |diff| {g['mean_abs_diff']:.2g} "
-                          f"({100 * g['mean_rel_diff']:.1f}%)")
+        bottom.plot(
+            g['steps'],
+            rel,
+            marker='.',
+            color=f'C{i}',
+            label=f'{label}: mean |diff| {g["mean_abs_diff"]:.2g} '
+            f'({100 * g["mean_rel_diff"]:.1f}%)',
+        )
     top.set_yscale('log')
     top.set_ylabel(f'{_TAG.value}\n(mean over the logged interval)')
     top.legend()
@@ -95,17 +107,26 @@ def main(argv):
     bottom.legend(fontsize='small')
     fig.tight_layout()
     fig.savefig(_OUT.value + '.png', dpi=120)
-    measure.write_json(_OUT.value + '.json', dict(
-        command=measure.command(__spec__.name), runs=runs, labels=labels, tag=_TAG.value,
-        curves={label: {str(s): c[s] for s in sorted(c)} for label, c in zip(labels, curves)},
-        gaps={label: g for label, g in zip(labels[1:], gaps)}))
+    measure.write_json(
+        _OUT.value + '.json',
+        dict(
+            command=measure.command(__spec__.name),
+            runs=runs,
+            labels=labels,
+            tag=_TAG.value,
+            curves={label: {str(s): c[s] for s in sorted(c)} for label, c in zip(labels, curves)},
+            gaps={label: g for label, g in zip(labels[1:], gaps)},
+        ),
+    )
     for label, g in zip(labels[1:], gaps):
-        print(f"{label} vs {labels[0]}, {len(g['steps'])} common steps "
-              f"{g['steps'][0]}..{g['steps'][-1]}: mean |difference| {g['mean_abs_diff']:.3g}, "
-              f"mean relative {100 * g['mean_rel_diff']:.2f}% (signed "
-              f"{100 * g['mean_signed_rel_diff']:+.2f}%), max relative "
-              f"{100 * g['max_rel_diff']:.2f}%; step {g['final_step']}: {labels[0]} "
-              f"{g['final'][0]:.6f}, {label} {g['final'][1]:.6f}")
+        print(
+            f'{label} vs {labels[0]}, {len(g["steps"])} common steps '
+            f'{g["steps"][0]}..{g["steps"][-1]}: mean |difference| {g["mean_abs_diff"]:.3g}, '
+            f'mean relative {100 * g["mean_rel_diff"]:.2f}% (signed '
+            f'{100 * g["mean_signed_rel_diff"]:+.2f}%), max relative '
+            f'{100 * g["max_rel_diff"]:.2f}%; step {g["final_step"]}: {labels[0]} '
+            f'{g["final"][0]:.6f}, {label} {g["final"][1]:.6f}'
+        )
 
 
 if __name__ == '__main__':

@@ -84,8 +84,13 @@ def time_call(fn, *args, repeats: int, min_window: float) -> float:
 def device_info() -> dict:
     """What the figures were measured on."""
     device = jax.devices()[0]
-    info = dict(device=device.device_kind, platform=jax.default_backend(),
-                devices=jax.device_count(), processes=jax.process_count(), jax=jax.__version__)
+    info = dict(
+        device=device.device_kind,
+        platform=jax.default_backend(),
+        devices=jax.device_count(),
+        processes=jax.process_count(),
+        jax=jax.__version__,
+    )
     if info['platform'] == 'cpu':
         info['cpu'] = _cpu_name()
         info['cpu_cores'] = parallel.host_cpus()
@@ -97,11 +102,11 @@ def device_info() -> dict:
 
 def describe(info) -> str:
     """One line naming the device, as in the tables of docs/benchmarks.md."""
-    line = f"{info['device']} ({info['platform']}) x {info['devices']}, jax {info['jax']}"
+    line = f'{info["device"]} ({info["platform"]}) x {info["devices"]}, jax {info["jax"]}'
     if 'cpu' in info:
-        line += f", {info['cpu']}, {info['cpu_cores']} cores"
+        line += f', {info["cpu"]}, {info["cpu_cores"]} cores'
     if 'load_average_1min' in info:
-        line += f", load average {info['load_average_1min']:.1f}"
+        line += f', load average {info["load_average_1min"]:.1f}'
     return line
 
 

@@ -21,11 +21,11 @@ import json
 import math
 import types
 
+import jax
+import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
-import jax
-import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import measure
@@ -33,7 +33,6 @@ from ihdm_jax import parallel
 from ihdm_jax import programs
 from ihdm_jax import rng
 from ihdm_jax import state as state_lib
-
 
 
 def _random_images(shape, sharding, seed):
@@ -75,18 +74,24 @@ def benchmark_training(config, mesh, *, steps, repeats, peak_tflops=None):
     achieved = None if step_flops is None else step_flops / seconds / 1e12
     lowered_flops = measure.flops(lowered)
     figures = dict(
-        dtype=config.model.dtype, batch_size=batch_size, steps_per_window=steps, windows=repeats,
-        step_ms=seconds * 1e3, images_per_s=batch_size / seconds,
+        dtype=config.model.dtype,
+        batch_size=batch_size,
+        steps_per_window=steps,
+        windows=repeats,
+        step_ms=seconds * 1e3,
+        images_per_s=batch_size / seconds,
         gflop_per_step_per_device=None if step_flops is None else step_flops / 1e9,
         # The program as written, all devices together, before XLA's optimisations: a check on
         # the count above (equal up to a few percent on one device).
         gflop_per_step_lowered=None if lowered_flops is None else lowered_flops / 1e9,
-        tflops_per_s_per_device=achieved, peak_tflops=peak,
+        tflops_per_s_per_device=achieved,
+        peak_tflops=peak,
         mfu=None if peak is None or achieved is None else achieved / peak,
         # XLA's plan for the step: arguments (the state and batch) plus temporaries.
         compiled_argument_bytes=memory.argument_size_in_bytes if memory else None,
         compiled_temp_bytes=memory.temp_size_in_bytes if memory else None,
-        peak_bytes_in_use=measure.peak_memory_bytes(device))
+        peak_bytes_in_use=measure.peak_memory_bytes(device),
+    )
     return figures, state
 
 
@@ -103,14 +108,22 @@ def benchmark_sampling(config, mesh, params, *, repeats):
     calls = math.ceil(num_samples / batch_size)
 
     def window(n):
-        return [sampler.chains(params, u_K, rng.example_keys(jax.random.fold_in(key, c),
-                                                             batch_size)) for c in range(n)]
+        return [
+            sampler.chains(params, u_K, rng.example_keys(jax.random.fold_in(key, c), batch_size))
+            for c in range(n)
+        ]
 
     window(1)  # compilation
     seconds = measure.median_seconds(lambda: window(calls), repeats)
-    return dict(K=config.model.K, batch_size=batch_size, num_samples=calls * batch_size,
-                windows=repeats, wall_s=seconds, images_per_s=calls * batch_size / seconds,
-                peak_bytes_in_use=measure.peak_memory_bytes(mesh.devices.flat[0]))
+    return dict(
+        K=config.model.K,
+        batch_size=batch_size,
+        num_samples=calls * batch_size,
+        windows=repeats,
+        wall_s=seconds,
+        images_per_s=calls * batch_size / seconds,
+        peak_bytes_in_use=measure.peak_memory_bytes(mesh.devices.flat[0]),
+    )
 
 
 def _num(x, spec):
@@ -125,23 +138,32 @@ def _gib(n):
 
 def markdown(config_name, info, training, sampling):
     """The figures as markdown tables under a description of the device and the config."""
-    lines = [measure.describe(info), f"{config_name}, compute dtype {training['dtype']}", '',
-             '| batch | step ms | train images/s | GFLOP/step/device | TFLOP/s/device | MFU '
-             '| XLA args + temp | peak memory |',
-             '|---:|---:|---:|---:|---:|---:|---:|---:|']
+    lines = [
+        measure.describe(info),
+        f'{config_name}, compute dtype {training["dtype"]}',
+        '',
+        '| batch | step ms | train images/s | GFLOP/step/device | TFLOP/s/device | MFU '
+        '| XLA args + temp | peak memory |',
+        '|---:|---:|---:|---:|---:|---:|---:|---:|',
+    ]
     t = training
-    mfu = 'n/a' if t['mfu'] is None else f"{100 * t['mfu']:.1f}% of {t['peak_tflops']:g}"
-    lines.append(f"| {t['batch_size']} | {t['step_ms']:.1f} | {t['images_per_s']:,.1f} "
-                 f"| {_num(t['gflop_per_step_per_device'], ',.1f')} "
-                 f"| {_num(t['tflops_per_s_per_device'], '.3f')} "
-                 f"| {mfu} | {_gib(t['compiled_argument_bytes'])} + "
-                 f"{_gib(t['compiled_temp_bytes'])} | {_gib(t['peak_bytes_in_use'])} |")
+    mfu = 'n/a' if t['mfu'] is None else f'{100 * t["mfu"]:.1f}% of {t["peak_tflops"]:g}'
+    lines.append(
+        f'| {t["batch_size"]} | {t["step_ms"]:.1f} | {t["images_per_s"]:,.1f} '
+        f'| {_num(t["gflop_per_step_per_device"], ",.1f")} '
+        f'| {_num(t["tflops_per_s_per_device"], ".3f")} '
+        f'| {mfu} | {_gib(t["compiled_argument_bytes"])} + '
+        f'{_gib(t["compiled_temp_bytes"])} | {_gib(t["peak_bytes_in_use"])} |'
+    )
     if sampling:
         s = sampling
-        lines += ['', '| K | sample batch | samples | wall s | sample images/s | peak memory |',
-                  '|---:|---:|---:|---:|---:|---:|',
-                  f"| {s['K']} | {s['batch_size']} | {s['num_samples']} | {s['wall_s']:.2f} "
-                  f"| {s['images_per_s']:,.2f} | {_gib(s['peak_bytes_in_use'])} |"]
+        lines += [
+            '',
+            '| K | sample batch | samples | wall s | sample images/s | peak memory |',
+            '|---:|---:|---:|---:|---:|---:|',
+            f'| {s["K"]} | {s["batch_size"]} | {s["num_samples"]} | {s["wall_s"]:.2f} '
+            f'| {s["images_per_s"]:,.2f} | {_gib(s["peak_bytes_in_use"])} |',
+        ]
     return '\n'.join(lines)
 
 
@@ -149,17 +171,23 @@ def _define_flags():
     """The command line's flags, defined only when this module runs as a script (so that the
     tests can import it next to ihdm_jax.main, which defines --config too)."""
     f = types.SimpleNamespace(
-        config=config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
-                                               lock_config=True),
+        config=config_flags.DEFINE_config_file(
+            'config', None, 'Path to a config file.', lock_config=True
+        ),
         steps=flags.DEFINE_integer('steps', 10, 'Training steps per timed window.'),
-        repeats=flags.DEFINE_integer('repeats', 5,
-                                     'Timed training windows; the median is reported.'),
+        repeats=flags.DEFINE_integer(
+            'repeats', 5, 'Timed training windows; the median is reported.'
+        ),
         sample_repeats=flags.DEFINE_integer(
-            'sample_repeats', 3, 'Timed sampling windows (0: no sampling); the median is '
-            'reported.'),
-        peak=flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device for MFU; '
-                                'default: the table in measure.py.'),
-        json=flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).'))
+            'sample_repeats', 3, 'Timed sampling windows (0: no sampling); the median is reported.'
+        ),
+        peak=flags.DEFINE_float(
+            'peak_tflops',
+            None,
+            'Peak TFLOP/s per device for MFU; default: the table in measure.py.',
+        ),
+        json=flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).'),
+    )
     flags.mark_flags_as_required(['config'])
     return f
 
@@ -172,22 +200,32 @@ def main(argv, f):
     measure.check_new_file(f.json.value)
     info = measure.device_info()
     mesh = parallel.make_mesh()
-    training, state = benchmark_training(config, mesh, steps=f.steps.value,
-                                         repeats=f.repeats.value, peak_tflops=f.peak.value)
+    training, state = benchmark_training(
+        config, mesh, steps=f.steps.value, repeats=f.repeats.value, peak_tflops=f.peak.value
+    )
     sampling = None
     if f.sample_repeats.value > 0:
         sampling = benchmark_sampling(config, mesh, state.params, repeats=f.sample_repeats.value)
     if not parallel.is_main_process():
         return
     overrides = config_flags.get_override_values(flags.FLAGS['config'])
-    config_name = ' '.join([config_flags.get_config_filename(flags.FLAGS['config'])]
-                           + [f'{k}={v}' for k, v in sorted(overrides.items())])
+    config_name = ' '.join(
+        [config_flags.get_config_filename(flags.FLAGS['config'])]
+        + [f'{k}={v}' for k, v in sorted(overrides.items())]
+    )
     print(markdown(config_name, info, training, sampling))
     if f.json.value:
-        measure.write_json(f.json.value, dict(
-            **info, command=measure.command(__spec__.name), config_name=config_name,
-            config=json.loads(config.to_json_best_effort()), training=training,
-            sampling=sampling))
+        measure.write_json(
+            f.json.value,
+            dict(
+                **info,
+                command=measure.command(__spec__.name),
+                config_name=config_name,
+                config=json.loads(config.to_json_best_effort()),
+                training=training,
+                sampling=sampling,
+            ),
+        )
 
 
 if __name__ == '__main__':

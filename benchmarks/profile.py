@@ -21,9 +21,20 @@ import jax
 # component), the first match wins.
 PARTS = (
     ('dropout', ('dropout',)),
-    ('random numbers', ('_randint', '_normal', '_uniform', '_bernoulli', 'example_noise',
-                        'RngStream.__call__', '_threefry_split', '_threefry_fold_in',
-                        'threefry_2x32')),
+    (
+        'random numbers',
+        (
+            '_randint',
+            '_normal',
+            '_uniform',
+            '_bernoulli',
+            'example_noise',
+            'RngStream.__call__',
+            '_threefry_split',
+            '_threefry_fold_in',
+            'threefry_2x32',
+        ),
+    ),
     ('heat operator', ('heat_forward', 'dct_2d', 'idct_2d')),
     ('GroupNorm', ('GroupNorm.__call__',)),
     ('attention', ('Attention.__call__',)),
@@ -31,11 +42,22 @@ PARTS = (
     ('time embedding', ('timestep_embedding', 'Linear.__call__')),
     ('optimizer', ('update_fn', 'apply_updates', 'tree_norm', 'clip_fn')),
     ('EMA', ('ema_decay', 'make_train_step.<locals>.train_step.<locals>.<lambda>')),
-    ('U-Net (other)', ('UNet.__call__', 'ResBlock.__call__', 'Upsample.__call__',
-                       'Downsample.__call__')),
+    (
+        'U-Net (other)',
+        ('UNet.__call__', 'ResBlock.__call__', 'Upsample.__call__', 'Downsample.__call__'),
+    ),
 )
-_OP_KINDS = ('convolution', 'dot', 'custom-call', 'rng-bit-generator', 'reduce', 'exponential',
-             'divide', 'multiply', 'add')
+_OP_KINDS = (
+    'convolution',
+    'dot',
+    'custom-call',
+    'rng-bit-generator',
+    'reduce',
+    'exponential',
+    'divide',
+    'multiply',
+    'add',
+)
 
 
 def _tables(hlo: str):
@@ -55,8 +77,9 @@ def _tables(hlo: str):
         elif section == 'FileLocations':
             locations[int(index)] = int(re.search(r'function_name_id=(\d+)', rest).group(1))
         elif section == 'StackFrames':
-            location, parent = re.search(r'file_location_id=(\d+) parent_frame_id=(\d+)',
-                                         rest).groups()
+            location, parent = re.search(
+                r'file_location_id=(\d+) parent_frame_id=(\d+)', rest
+            ).groups()
             # The text prints a parent as its id + 1, with 1 for none.
             frames[int(index)] = (int(location), int(parent) - 1)
 
@@ -68,6 +91,7 @@ def _tables(hlo: str):
             names.append(functions.get(locations.get(location), ''))
             frame = parent
         return names
+
     return stack
 
 
@@ -100,15 +124,21 @@ def operation_parts(hlo: str) -> dict:
         op_name = re.search(r'op_name="([^"]*)"', line)
         op_name = op_name.group(1) if op_name else ''
         calls = re.search(r'calls=%([\w.\-]+)', line)
-        info = dict(kind=kind, part=_part(stack(int(frame.group(1))) if frame else [], op_name),
-                    backward='transpose(' in op_name, calls=calls.group(1) if calls else None)
+        info = dict(
+            kind=kind,
+            part=_part(stack(int(frame.group(1))) if frame else [], op_name),
+            backward='transpose(' in op_name,
+            calls=calls.group(1) if calls else None,
+        )
         instructions[name] = info
         computations[current].append(info)
 
     def rank(info):
         kind = info['kind']
-        return (_OP_KINDS.index(kind) if kind in _OP_KINDS else len(_OP_KINDS),
-                info['part'] == 'other')
+        return (
+            _OP_KINDS.index(kind) if kind in _OP_KINDS else len(_OP_KINDS),
+            info['part'] == 'other',
+        )
 
     result = {}
     for name, info in instructions.items():
@@ -147,8 +177,9 @@ def trace_times(fn, calls: int) -> dict:
 
 def breakdown(compiled, call, calls: int = 5) -> dict:
     """{(part, direction): ms per call} of the compiled program, run by call() (which waits
-    for its results), plus ('total', '') for the sum of all operations. Operations run on several devices at once are each counted, so the
-    total is device time, which exceeds the wall time when devices work in parallel."""
+    for its results), plus ('total', '') for the sum of all operations. Operations run on
+    several devices at once are each counted, so the total is device time, which exceeds the
+    wall time when devices work in parallel."""
     parts = operation_parts(compiled.as_text())
     times = trace_times(call, calls)
     result = collections.Counter()
@@ -161,14 +192,17 @@ def breakdown(compiled, call, calls: int = 5) -> dict:
 
 def markdown(columns: dict) -> str:
     """A table of breakdowns {column title: breakdown}, parts as rows, in ms and percent."""
-    keys = sorted({key for b in columns.values() for key in b if key[0] != 'total'},
-                  key=lambda key: (-max(b.get(key, 0) for b in columns.values()), key))
+    keys = sorted(
+        {key for b in columns.values() for key in b if key[0] != 'total'},
+        key=lambda key: (-max(b.get(key, 0) for b in columns.values()), key),
+    )
     lines = ['| part | ' + ' | '.join(columns) + ' |', '|---|' + '---:|' * len(columns)]
     for key in keys + [('total', '')]:
         cells = []
         for b in columns.values():
             ms, total = b.get(key, 0.0), b[('total', '')]
-            cells.append(f'{ms:.1f} ({100 * ms / total:.0f}%)' if key[0] != 'total'
-                         else f'{ms:.1f}')
-        lines.append(f"| {' '.join(k for k in key if k)} | " + ' | '.join(cells) + ' |')
+            cells.append(
+                f'{ms:.1f} ({100 * ms / total:.0f}%)' if key[0] != 'total' else f'{ms:.1f}'
+            )
+        lines.append(f'| {" ".join(k for k in key if k)} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)

@@ -27,14 +27,18 @@ from ihdm_jax import parallel
 ROWS = ('small', 'small_nodropout', 'cifar10', 'chain', 'heat')
 _ROWS = flags.DEFINE_list('rows', list(ROWS), f'Rows of the table, of {", ".join(ROWS)}.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed windows per row; the median is reported.')
-_PROFILE = flags.DEFINE_bool('profile', False, 'Also print the time of each part of a small '
-                             'training step and of one sampler level.')
+_PROFILE = flags.DEFINE_bool(
+    'profile',
+    False,
+    'Also print the time of each part of a small training step and of one sampler level.',
+)
 _JSON = flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).')
 
 
 def small_config(dropout=0.1):
     """The 1.11 M-parameter U-Net of the comparison on 28x28x1 images, K = 100."""
     from ihdm_jax import defaults
+
     config = defaults.get_default_config()
     config.data.dataset, config.data.image_size, config.data.num_channels = 'mnist', 28, 1
     model = config.model
@@ -48,6 +52,7 @@ def small_config(dropout=0.1):
 
 def cifar10_config():
     import configs.cifar10
+
     config = configs.cifar10.get_config()
     config.training.batch_size = 8
     return config
@@ -57,11 +62,17 @@ def train_program(config, mesh):
     """(the compiled training step, a fresh state, a fixed random batch, the training key)."""
     import jax
     import numpy as np
-    from ihdm_jax import programs, rng
+
+    from ihdm_jax import programs
+    from ihdm_jax import rng
     from ihdm_jax import state as state_lib
+
     size, channels = config.data.image_size, config.data.num_channels
-    batch = np.random.default_rng(0).uniform(
-        size=(config.training.batch_size, size, size, channels)).astype(np.float32)
+    batch = (
+        np.random.default_rng(0)
+        .uniform(size=(config.training.batch_size, size, size, channels))
+        .astype(np.float32)
+    )
     batch = jax.device_put(batch, parallel.batch_sharding(mesh))
     state = state_lib.init_state(config, mesh, rng.init_key(config.seed))
     step = programs.make_train_step(config, state_lib.model_graphdef(config), mesh)
@@ -72,14 +83,18 @@ def train_program(config, mesh):
 def time_training(config, mesh, repeats, steps=5):
     """Median ms per training step (benchmarks.model's measurement) and the parameter count."""
     import jax
+
     from benchmarks import model
+
     figures, state = model.benchmark_training(config, mesh, steps=steps, repeats=repeats)
     return figures['step_ms'], sum(x.size for x in jax.tree.leaves(state.params))
 
 
 def _chain_inputs(config):
     import numpy as np
+
     from ihdm_jax import rng
+
     n, size = config.sampling.batch_size, config.data.image_size
     u_K = np.random.default_rng(1).uniform(size=(n, size, size, config.data.num_channels))
     return u_K.astype(np.float32), rng.example_keys(rng.sample_key(config.seed), n)
@@ -89,9 +104,12 @@ def time_chain(config, mesh, repeats):
     """Median seconds of the full K-level chain of config.sampling.batch_size samples
     (programs.Sampler.chains, as every job samples) at freshly initialised parameters."""
     import jax
+
     from benchmarks import measure
-    from ihdm_jax import programs, rng
+    from ihdm_jax import programs
+    from ihdm_jax import rng
     from ihdm_jax import state as state_lib
+
     params = state_lib.init_state(config, mesh, rng.init_key(config.seed)).params
     sampler = programs.Sampler(config, mesh)
     u_K, keys = _chain_inputs(config)
@@ -103,8 +121,10 @@ def time_heat(repeats, sizes=(32, 64, 128)):
     """{size: ms per call} of jitted heat.heat_forward on 64 RGB images."""
     import jax
     import jax.numpy as jnp
+
     from benchmarks import measure
     from ihdm_jax import heat
+
     result = {}
     for size in sizes:
         u = jax.random.uniform(jax.random.key(0), (64, size, size, 3))
@@ -118,11 +138,15 @@ def profiles(mesh):
     """Breakdowns (benchmarks/profile.py) of the small training step and of one sampler level
     (the chain's operations divided by K)."""
     import jax
+
     from benchmarks import profile
-    from ihdm_jax import programs, sampling
+    from ihdm_jax import programs
+    from ihdm_jax import sampling
     from ihdm_jax import state as state_lib
+
     config = small_config()
     compiled, state, batch, key = train_program(config, mesh)
+
     def step():
         nonlocal state
         state = jax.block_until_ready(compiled(state, batch, key)[0])
@@ -136,16 +160,20 @@ def profiles(mesh):
 
     def chain(params, u_K, raw_keys):
         noise = sampling.example_noise(jax.random.wrap_key_data(raw_keys), u_K.shape[1:])
-        return sampling.sample_with_noise(functools.partial(f, params), u_K, K,
-                                          config.sampling.delta, noise, ())
+        return sampling.sample_with_noise(
+            functools.partial(f, params), u_K, K, config.sampling.delta, noise, ()
+        )
 
     u_K, keys = _chain_inputs(config)
     sharding = parallel.batch_sharding(mesh)
     u_K, keys = jax.device_put(u_K, sharding), jax.device_put(keys, sharding)
     program = jax.jit(chain).lower(params, u_K, keys).compile()
-    per_level = {key: ms / K for key, ms in
-                 profile.breakdown(
-        program, lambda: jax.block_until_ready(program(params, u_K, keys)), calls=1).items()}
+    per_level = {
+        key: ms / K
+        for key, ms in profile.breakdown(
+            program, lambda: jax.block_until_ready(program(params, u_K, keys)), calls=1
+        ).items()
+    }
     return train, per_level
 
 
@@ -158,6 +186,7 @@ def main(argv):
     parallel.use_cpu_cores([32, 8, 64])
     from benchmarks import measure
     from benchmarks import profile
+
     measure.check_new_file(_JSON.value)
     info = measure.device_info()
     mesh = parallel.make_mesh()
@@ -165,30 +194,41 @@ def main(argv):
     lines = [measure.describe(info), '', '| work | ihdm_jax |', '|---|---:|']
     for row in _ROWS.value:
         if row in ('small', 'small_nodropout', 'cifar10'):
-            config = (cifar10_config() if row == 'cifar10'
-                      else small_config(0.1 if row == 'small' else 0.0))
+            config = (
+                cifar10_config()
+                if row == 'cifar10'
+                else small_config(0.1 if row == 'small' else 0.0)
+            )
             ms, count = time_training(config, mesh, repeats)
             rows[row] = dict(step_ms=ms, parameters=count, batch=config.training.batch_size)
-            lines.append(f'| training step, {row}, {count:,} parameters, batch '
-                         f'{config.training.batch_size} | {ms:,.0f} ms |')
+            lines.append(
+                f'| training step, {row}, {count:,} parameters, batch '
+                f'{config.training.batch_size} | {ms:,.0f} ms |'
+            )
         elif row == 'chain':
             seconds = time_chain(small_config(), mesh, max(1, repeats // 2))
             rows[row] = dict(seconds=seconds)
             lines.append(f'| 100-level sampling chain, 64 samples, small U-Net | {seconds:.1f} s |')
         else:
             rows[row] = time_heat(repeats)
-            lines.append('| heat operator F(t)u, batch 64 RGB, 32 / 64 / 128 px | '
-                         + ' / '.join(f'{ms:.2f}' for ms in rows[row].values()) + ' ms |')
+            lines.append(
+                '| heat operator F(t)u, batch 64 RGB, 32 / 64 / 128 px | '
+                + ' / '.join(f'{ms:.2f}' for ms in rows[row].values())
+                + ' ms |'
+            )
     print('\n'.join(lines))
     if _PROFILE.value:
         train, level = profiles(mesh)
-        rows['profile'] = {'train_step': {' '.join(k).strip(): v for k, v in train.items()},
-                           'sampler_level': {' '.join(k).strip(): v for k, v in level.items()}}
+        rows['profile'] = {
+            'train_step': {' '.join(k).strip(): v for k, v in train.items()},
+            'sampler_level': {' '.join(k).strip(): v for k, v in level.items()},
+        }
         print('\nDevice time by part (ms; summed over devices), small U-Net\n')
         print(profile.markdown({'training step': train, 'one sampler level (of 100)': level}))
     if _JSON.value:
-        measure.write_json(_JSON.value, dict(**info, command=measure.command(__spec__.name),
-                                             results=rows))
+        measure.write_json(
+            _JSON.value, dict(**info, command=measure.command(__spec__.name), results=rows)
+        )
 
 
 if __name__ == '__main__':

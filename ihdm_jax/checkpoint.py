@@ -56,8 +56,12 @@ def steps_on_disk(workdir: str) -> list:
     return sorted(int(name) for name in storage.listdir(_directory(workdir)) if name.isdigit())
 
 
-def make_manager(workdir: str, max_to_keep: int = MAX_TO_KEEP, keep_period: int = 0,
-                 remove_unfinished: bool = False) -> ocp.CheckpointManager:
+def make_manager(
+    workdir: str,
+    max_to_keep: int = MAX_TO_KEEP,
+    keep_period: int = 0,
+    remove_unfinished: bool = False,
+) -> ocp.CheckpointManager:
     """A manager of <workdir>/checkpoints that keeps the newest `max_to_keep` checkpoints and,
     with keep_period > 0, every checkpoint whose step is a multiple of `keep_period`.
 
@@ -69,14 +73,19 @@ def make_manager(workdir: str, max_to_keep: int = MAX_TO_KEEP, keep_period: int 
     if remove_unfinished:
         for name in storage.listdir(directory):
             if not name.isdigit():
-                logging.warning('Ignoring and removing %s: a checkpoint save that did not finish.',
-                                storage.join(directory, name))
+                logging.warning(
+                    'Ignoring and removing %s: a checkpoint save that did not finish.',
+                    storage.join(directory, name),
+                )
     policies = ocp.checkpoint_managers
-    kept = [policies.LatestN(max_to_keep)] + ([policies.EveryNSteps(keep_period)]
-                                              if keep_period else [])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policies.AnyPreservationPolicy(kept),
-                                           enable_async_checkpointing=True,
-                                           cleanup_tmp_directories=remove_unfinished)
+    kept = [policies.LatestN(max_to_keep)] + (
+        [policies.EveryNSteps(keep_period)] if keep_period else []
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(kept),
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=remove_unfinished,
+    )
     return ocp.CheckpointManager(directory, options=options, item_handlers=_state_handler())
 
 
@@ -89,9 +98,12 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     programs compiled), each later one 1.0 s; written by one replica, 0.26 s and 0.12 s.
     """
     registry = ocp.type_handlers.create_type_handler_registry(
-        *[(ty, ocp.type_handlers.get_type_handler(ty))
-          for ty in ocp.type_handlers.supported_types()],
-        (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
+        *[
+            (ty, ocp.type_handlers.get_type_handler(ty))
+            for ty in ocp.type_handlers.supported_types()
+        ],
+        (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)),
+    )
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
@@ -134,7 +146,8 @@ class Saver:
         return errors.SaveFailed(
             f'Saving checkpoint {self.pending} in {self.manager.directory} failed '
             f'({type(error).__name__}: {cause[0] if cause else ""}). Training stopped; the '
-            f'checkpoints already there are intact (newest: {_newest(self.manager)}).')
+            f'checkpoints already there are intact (newest: {_newest(self.manager)}).'
+        )
 
     def close(self):
         """Closes the manager; a failed save has been reported by `check` already."""
@@ -145,8 +158,9 @@ class Saver:
 
 
 def _newest(manager):
-    steps = [s for s in manager.all_steps()
-             if storage.isdir(storage.join(manager.directory, str(s)))]
+    steps = [
+        s for s in manager.all_steps() if storage.isdir(storage.join(manager.directory, str(s)))
+    ]
     return max(steps) if steps else 'none'
 
 
@@ -179,10 +193,13 @@ def _restore_newest(manager: ocp.CheckpointManager, restore):
             failed.append((step, error))
             continue
         for bad, error in failed:
-            logging.warning('Checkpoint %s cannot be read (%s: %s); skipping it and moving it '
-                            'to %s.', storage.join(manager.directory, str(bad)),
-                            type(error).__name__, str(error).splitlines()[0],
-                            storage.join(storage.parent(manager.directory), UNREADABLE))
+            logging.warning(
+                'Checkpoint %s cannot be read (%s: %s); skipping it and moving it to %s.',
+                storage.join(manager.directory, str(bad)),
+                type(error).__name__,
+                str(error).splitlines()[0],
+                storage.join(storage.parent(manager.directory), UNREADABLE),
+            )
         if failed:
             _set_aside(manager, [bad for bad, _ in failed])
         return restored, step
@@ -192,15 +209,20 @@ def _restore_newest(manager: ocp.CheckpointManager, restore):
             f'No checkpoint in {manager.directory} can be restored (steps '
             f'{[s for s, _ in failed]}); checkpoint {step}: {type(error).__name__}: '
             f'{str(error).splitlines()[0]}. If the config changed, pass the config these '
-            'checkpoints were written with; if they are damaged, move them away to start afresh.')
+            'checkpoints were written with; if they are damaged, move them away to start afresh.'
+        )
     return None, None
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
     """Checkpoint `step`, placed on abstract_state's shardings."""
-    return manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=abstract_state,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
+    return manager.restore(
+        step,
+        args=ocp.args.PyTreeRestore(
+            item=abstract_state,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+        ),
+    )
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):
@@ -215,16 +237,25 @@ def restore_ema_params(config, workdir: str, mesh):
     Only the EMA parameters are read (an orbax partial restore), not the optimizer state.
     """
     target = {'ema_params': state_lib.abstract_params(config, mesh)}
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
-        sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), target)
+    restore_args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
+        target,
+    )
     manager = make_manager(workdir)
     try:
-        restored, step = _restore_newest(manager, lambda step: manager.restore(
-            step, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                              partial_restore=True)))
+        restored, step = _restore_newest(
+            manager,
+            lambda step: manager.restore(
+                step,
+                args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True
+                ),
+            ),
+        )
     finally:
         manager.close()
     if restored is None:
-        raise errors.UserError(f'No checkpoint in {_directory(workdir)}: train first '
-                               '(--mode=train).')
+        raise errors.UserError(
+            f'No checkpoint in {_directory(workdir)}: train first (--mode=train).'
+        )
     return restored['ema_params'], step

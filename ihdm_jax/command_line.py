@@ -26,10 +26,13 @@ def _check_config_file(argv):
             tree = ast.parse(f.read(), path)
     except SyntaxError as error:
         sys.exit(f'Error: --config={path} has a syntax error at line {error.lineno}: {error.msg}.')
-    if not any(isinstance(node, ast.FunctionDef) and node.name == 'get_config'
-               for node in tree.body):
-        sys.exit(f'Error: --config={path} defines no get_config(); a config file returns its '
-                 'ConfigDict from get_config() (see configs/digits.py).')
+    if not any(
+        isinstance(node, ast.FunctionDef) and node.name == 'get_config' for node in tree.body
+    ):
+        sys.exit(
+            f'Error: --config={path} defines no get_config(); a config file returns its '
+            'ConfigDict from get_config() (see configs/digits.py).'
+        )
 
 
 _HELP = ('-h', '-?', '--help', '--helpshort', '--helpfull')
@@ -52,17 +55,19 @@ def usage(argv) -> str:
     """The usage of the program run: its docstring, the override syntax, the shipped configs
     and its own flags."""
     main = sys.modules['__main__']
-    program = (main.__spec__.name if getattr(main, '__spec__', None) else
-               os.path.basename(argv[0]))
+    program = main.__spec__.name if getattr(main, '__spec__', None) else os.path.basename(argv[0])
     configs = '\n'.join(f'  {path:26} {line}' for path, line in shipped_configs()) or (
-        f'  none in {CONFIGS} (they ship in the repository, not in the installed package)')
-    return (f'{(main.__doc__ or "").strip()}\n\n'
-            'Config values: --config=FILE loads a config file and --config.KEY=VALUE overrides '
-            'one of its\nvalues (the keys and their meaning: ihdm_jax/defaults.py), e.g.\n'
-            f'  python -m {program} --config=configs/digits.py --workdir=runs/digits \\\n'
-            '      --config.training.n_iters=500 --config.model.dtype=bfloat16\n\n'
-            f'Shipped configs:\n{configs}\n\n'
-            f'Flags:\n{flags.FLAGS.module_help(main)}\n')
+        f'  none in {CONFIGS} (they ship in the repository, not in the installed package)'
+    )
+    return (
+        f'{(main.__doc__ or "").strip()}\n\n'
+        'Config values: --config=FILE loads a config file and --config.KEY=VALUE overrides '
+        'one of its\nvalues (the keys and their meaning: ihdm_jax/defaults.py), e.g.\n'
+        f'  python -m {program} --config=configs/digits.py --workdir=runs/digits \\\n'
+        '      --config.training.n_iters=500 --config.model.dtype=bfloat16\n\n'
+        f'Shipped configs:\n{configs}\n\n'
+        f'Flags:\n{flags.FLAGS.module_help(main)}\n'
+    )
 
 
 def parse_flags(argv):
@@ -76,7 +81,7 @@ def parse_flags(argv):
     except Exception as error:  # a bad flag, override or value, or a config file that fails
         for arg in argv[1:]:
             if arg.startswith('--config.'):
-                message = validation.unknown_key(arg[len('--config.'):].split('=')[0])
+                message = validation.unknown_key(arg[len('--config.') :].split('=')[0])
                 if message:
                     sys.exit(f'Error: {message} (in {arg})')
         sys.exit(f'Error: {_one_line(error)}')

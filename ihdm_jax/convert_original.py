@@ -16,7 +16,7 @@ a failure ends with one line, `Error: ...`, and exit status 1. Needs torch, for 
 pip install 'ihdm_jax[original]'.
 """
 
-import os
+import io
 import sys
 
 import jax
@@ -32,17 +32,29 @@ from ihdm_jax import command_line
 from ihdm_jax import errors
 from ihdm_jax import parallel
 from ihdm_jax import state as state_lib
+from ihdm_jax import storage
 from ihdm_jax import validation
 from ihdm_jax import workdir as workdir_lib
 
 _MAX_LISTED = 5  # mismatches named in the error
 
 # nnx module names -> the original's (improved-diffusion) module names.
-_TOP = {'temb_dense1': 'time_embed.0', 'temb_dense2': 'time_embed.2', 'stem': 'input_blocks.0.0',
-        'out_norm': 'out.0', 'out_conv': 'out.2'}
+_TOP = {
+    'temb_dense1': 'time_embed.0',
+    'temb_dense2': 'time_embed.2',
+    'stem': 'input_blocks.0.0',
+    'out_norm': 'out.0',
+    'out_conv': 'out.2',
+}
 _MIDDLE = {'mid_res1': 'middle_block.0', 'mid_attn': 'middle_block.1', 'mid_res2': 'middle_block.2'}
-_RESBLOCK = {'norm1': 'in_layers.0', 'conv1': 'in_layers.2', 'temb_proj': 'emb_layers.1',
-             'norm2': 'out_layers.0', 'conv2': 'out_layers.3', 'skip': 'skip_connection'}
+_RESBLOCK = {
+    'norm1': 'in_layers.0',
+    'conv1': 'in_layers.2',
+    'temb_proj': 'emb_layers.1',
+    'norm2': 'out_layers.0',
+    'conv2': 'out_layers.3',
+    'skip': 'skip_connection',
+}
 _ATTENTION = {'norm': 'norm', 'qkv': 'qkv', 'proj': 'proj_out'}
 _LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}
 
@@ -129,22 +141,27 @@ def expected_parameters(config) -> dict:
 
 def _read(path: str) -> dict:
     """The pickle's contents as numpy: model {name: array}, ema [arrays], adam, step."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise errors.UserError(f'--checkpoint={path}: no such file.')
     try:
         import torch  # only this conversion needs torch
     except ImportError:
-        raise errors.UserError("Converting an original checkpoint needs torch: pip install "
-                               "'ihdm_jax[original]' (or pip install torch).") from None
+        raise errors.UserError(
+            'Converting an original checkpoint needs torch: pip install '
+            "'ihdm_jax[original]' (or pip install torch)."
+        ) from None
     try:
         # The original saves only tensors, numbers and containers, which the safe loader reads.
-        raw = torch.load(path, map_location='cpu', weights_only=True)
+        raw = torch.load(
+            io.BytesIO(storage.read_bytes(path)), map_location='cpu', weights_only=True
+        )
     except Exception as error:  # not a torch file, damaged, or holding arbitrary objects
         cause = str(error).strip().split('. ')[0].splitlines()
         raise errors.UserError(
             f'--checkpoint={path} cannot be read as a checkpoint of the original code, which '
             f'holds only tensors, numbers and containers ({type(error).__name__}: '
-            f'{cause[0] if cause else ""}).') from None
+            f'{cause[0] if cause else ""}).'
+        ) from None
     expected = "a dict with 'model', 'ema' and 'step' (and 'optimizer'), as the original code saves"
     what = f'--checkpoint={path} is not a checkpoint of the original code: expected {expected}'
     if not isinstance(raw, dict) or not {'model', 'ema', 'step'} <= set(raw):
@@ -161,11 +178,14 @@ def _read(path: str) -> dict:
 
     names = [name.removeprefix('module.') for name in model]
     shadow = ema['shadow_params']
-    if len(shadow) != len(names) or any(tuple(s.shape) != tuple(p.shape)
-                                        for s, p in zip(shadow, model.values())):
-        raise errors.UserError(f"--checkpoint={path}: the EMA's {len(shadow)} shadow parameters "
-                               f"do not match the model's {len(names)} parameters in order and "
-                               'shape.')
+    if len(shadow) != len(names) or any(
+        tuple(s.shape) != tuple(p.shape) for s, p in zip(shadow, model.values())
+    ):
+        raise errors.UserError(
+            f"--checkpoint={path}: the EMA's {len(shadow)} shadow parameters "
+            f"do not match the model's {len(names)} parameters in order and "
+            'shape.'
+        )
     try:
         step = int(raw['step'])
     except (TypeError, ValueError, RuntimeError):
@@ -175,12 +195,19 @@ def _read(path: str) -> dict:
     if adam is not None:
         for name, moment in adam['mu'].items():
             if moment.shape != weights[name].shape or adam['nu'][name].shape != moment.shape:
-                raise errors.UserError(f"--checkpoint={path}: Adam's moments of {name} are "
-                                       f"{tuple(moment.shape)}, the parameter "
-                                       f'{tuple(weights[name].shape)}.')
-    return {'path': path, 'step': step, 'model': weights,
-            'ema': {n: numpy(v) for n, v in zip(names, shadow)},
-            'ema_decay': ema.get('decay'), 'adam': adam}
+                raise errors.UserError(
+                    f"--checkpoint={path}: Adam's moments of {name} are "
+                    f'{tuple(moment.shape)}, the parameter '
+                    f'{tuple(weights[name].shape)}.'
+                )
+    return {
+        'path': path,
+        'step': step,
+        'model': weights,
+        'ema': {n: numpy(v) for n, v in zip(names, shadow)},
+        'ema_decay': ema.get('decay'),
+        'adam': adam,
+    }
 
 
 def _adam_state(optimizer, names, numpy) -> dict:
@@ -200,8 +227,12 @@ def _adam_state(optimizer, names, numpy) -> dict:
     if not mu:
         return None
     group = optimizer['param_groups'][0]
-    return {'step': max(steps), 'mu': mu, 'nu': nu,
-            'hyper': {key: group.get(key) for key in ('lr', 'betas', 'eps', 'weight_decay')}}
+    return {
+        'step': max(steps),
+        'mu': mu,
+        'nu': nu,
+        'hyper': {key: group.get(key) for key in ('lr', 'betas', 'eps', 'weight_decay')},
+    }
 
 
 def check_shapes(config, original: dict, expected: dict):
@@ -209,17 +240,22 @@ def check_shapes(config, original: dict, expected: dict):
     shape; otherwise a UserError listing the first mismatches (shapes first, then modules that
     only one side has)."""
     model = original['model']
-    shapes = [f'{name} is {tuple(array.shape)} in the checkpoint, {expected[name][1]} in the '
-              'config' for name, array in model.items()
-              if name in expected and expected[name][1] != tuple(array.shape)]
+    shapes = [
+        f'{name} is {tuple(array.shape)} in the checkpoint, {expected[name][1]} in the config'
+        for name, array in model.items()
+        if name in expected and expected[name][1] != tuple(array.shape)
+    ]
 
     def modules(names):
         return list(dict.fromkeys(name.rsplit('.', 1)[0] for name in names))
 
     only_checkpoint = modules(name for name in model if name not in expected)
     only_config = modules(name for name in expected if name not in model)
-    problems = (shapes + [f'{name} only in the checkpoint' for name in only_checkpoint]
-                + [f'{name} only in the config' for name in only_config])
+    problems = (
+        shapes
+        + [f'{name} only in the checkpoint' for name in only_checkpoint]
+        + [f'{name} only in the config' for name in only_config]
+    )
     if problems:
         more = f' (and {len(problems) - _MAX_LISTED} more)' if len(problems) > _MAX_LISTED else ''
         m = config.model
@@ -228,15 +264,18 @@ def check_shapes(config, original: dict, expected: dict):
             f'(num_channels={config.data.num_channels}, model_channels={m.model_channels}, '
             f'channel_mult={tuple(m.channel_mult)}, num_res_blocks={m.num_res_blocks}, '
             f'attention_levels={tuple(m.attention_levels)}, downsample={m.downsample!r}): '
-            f"{'; '.join(problems[:_MAX_LISTED])}{more}.")
+            f'{"; ".join(problems[:_MAX_LISTED])}{more}.'
+        )
 
 
 def _tree(abstract, names: dict, values: dict):
     """`abstract` (an nnx.State of ShapeDtypeStructs) filled with the original `values`;
     names: {nnx path: original name}."""
+
     def fill(path, leaf):
         name = names[_names(path)]
         return to_flax(name, values[name]).astype(np.float32)
+
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
@@ -250,16 +289,24 @@ def train_state(config, original: dict, expected: dict) -> state_lib.TrainState:
 
     adam = original['adam']
     if adam is None:
-        logging.warning("%s holds no Adam state: Adam's moments start at zero (and its bias "
-                        'correction afresh); the learning-rate schedule continues at step %d.',
-                        original['path'], step)
+        logging.warning(
+            "%s holds no Adam state: Adam's moments start at zero (and its bias "
+            'correction afresh); the learning-rate schedule continues at step %d.',
+            original['path'],
+            step,
+        )
         adam_count, mu, nu = np.int32(0), None, None
     else:
         missing = [name for name in original['model'] if name not in adam['mu']]
         if missing:
-            logging.warning('%s holds Adam state for %d of %d parameters; the moments of the '
-                            'others (first: %s) start at zero.', original['path'],
-                            len(adam['mu']), len(original['model']), missing[0])
+            logging.warning(
+                '%s holds Adam state for %d of %d parameters; the moments of the '
+                'others (first: %s) start at zero.',
+                original['path'],
+                len(adam['mu']),
+                len(original['model']),
+                missing[0],
+            )
         zeros = {name: np.zeros_like(a) for name, a in original['model'].items()}
         adam_count = np.int32(adam['step'])
         mu = _tree(abstract, names, {**zeros, **adam['mu']})
@@ -268,17 +315,21 @@ def train_state(config, original: dict, expected: dict) -> state_lib.TrainState:
 
     def fill(s):
         if isinstance(s, optax.ScaleByAdamState):
-            return optax.ScaleByAdamState(count=adam_count, mu=s.mu if mu is None else mu,
-                                          nu=s.nu if nu is None else nu)
+            return optax.ScaleByAdamState(
+                count=adam_count, mu=s.mu if mu is None else mu, nu=s.nu if nu is None else nu
+            )
         if isinstance(s, optax.ScaleByScheduleState):
             return optax.ScaleByScheduleState(count=step)
         return s
 
     opt_state = jax.tree.map(
-        fill, state_lib.make_optimizer(config).init(params),
-        is_leaf=lambda s: isinstance(s, (optax.ScaleByAdamState, optax.ScaleByScheduleState)))
-    return state_lib.TrainState(step=step, params=params, ema_params=ema_params,
-                                opt_state=jax.device_get(opt_state))
+        fill,
+        state_lib.make_optimizer(config).init(params),
+        is_leaf=lambda s: isinstance(s, (optax.ScaleByAdamState, optax.ScaleByScheduleState)),
+    )
+    return state_lib.TrainState(
+        step=step, params=params, ema_params=ema_params, opt_state=jax.device_get(opt_state)
+    )
 
 
 def _warn_if_different(config, hyper, original):
@@ -286,14 +337,25 @@ def _warn_if_different(config, hyper, original):
     if original['step'] < config.optim.warmup:
         del ours['lr']  # the original stores the warmed-up rate of its last step
     for key, value in hyper.items():
-        if key in ours and value is not None and not np.allclose(np.asarray(value, float),
-                                                                 ours[key]):
-            logging.warning("The original run's Adam %s was %s; training here goes on with %s.",
-                            key, value, ours[key])
+        if (
+            key in ours
+            and value is not None
+            and not np.allclose(np.asarray(value, float), ours[key])
+        ):
+            logging.warning(
+                "The original run's Adam %s was %s; training here goes on with %s.",
+                key,
+                value,
+                ours[key],
+            )
     decay = original['ema_decay']
     if decay is not None and not np.isclose(decay, config.model.ema_rate):
-        logging.warning("The original run's EMA decay was %s; training here goes on with "
-                        'config.model.ema_rate=%s.', decay, config.model.ema_rate)
+        logging.warning(
+            "The original run's EMA decay was %s; training here goes on with "
+            'config.model.ema_rate=%s.',
+            decay,
+            config.model.ema_rate,
+        )
 
 
 def convert(config, checkpoint_path: str, workdir: str) -> int:
@@ -301,9 +363,11 @@ def convert(config, checkpoint_path: str, workdir: str) -> int:
     validation.check_config(config)
     workdir_lib.check(config, workdir, 'train')
     if checkpoint.steps_on_disk(workdir):
-        raise errors.UserError(f'--workdir={workdir} holds checkpoints already (steps '
-                               f'{checkpoint.steps_on_disk(workdir)}); convert into a new '
-                               '--workdir.')
+        raise errors.UserError(
+            f'--workdir={workdir} holds checkpoints already (steps '
+            f'{checkpoint.steps_on_disk(workdir)}); convert into a new '
+            '--workdir.'
+        )
     original = _read(checkpoint_path)
     expected = expected_parameters(config)
     check_shapes(config, original, expected)
@@ -323,11 +387,12 @@ def convert(config, checkpoint_path: str, workdir: str) -> int:
 
 def _main():
     # Defined here, not on import, so that this module and ihdm_jax.main load in one process.
-    checkpoint_flag = flags.DEFINE_string('checkpoint', None,
-                                          "The original code's checkpoint (.pth).")
-    config_flag = config_flags.DEFINE_config_file('config', None,
-                                                  'Config file describing its U-Net.',
-                                                  lock_config=True)
+    checkpoint_flag = flags.DEFINE_string(
+        'checkpoint', None, "The original code's checkpoint (.pth)."
+    )
+    config_flag = config_flags.DEFINE_config_file(
+        'config', None, 'Config file describing its U-Net.', lock_config=True
+    )
     workdir_flag = flags.DEFINE_string('workdir', None, 'New workdir to write.')
 
     def run(argv):
@@ -335,8 +400,10 @@ def _main():
             sys.exit(f'Error: unexpected arguments {argv[1:]}; flags look like --name=value.')
         for name, flag in (('checkpoint', checkpoint_flag), ('workdir', workdir_flag)):
             if not flag.value:
-                sys.exit(f'Error: --{name} is required (python -m ihdm_jax.convert_original '
-                         '--checkpoint=PATH.pth --config=CONFIG --workdir=DIR).')
+                sys.exit(
+                    f'Error: --{name} is required (python -m ihdm_jax.convert_original '
+                    '--checkpoint=PATH.pth --config=CONFIG --workdir=DIR).'
+                )
         try:
             step = convert(config_flag.value, checkpoint_flag.value, workdir_flag.value)
         except errors.JobError as error:

@@ -51,7 +51,7 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
     height, width = image.shape[:2]
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
-    image = image[top:top + side, left:left + side]
+    image = image[top : top + side, left : left + side]
     if side == size:
         return image
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
@@ -70,11 +70,12 @@ def halve_and_crop(image: np.ndarray, size: int) -> np.ndarray:
     while min(pil.size) >= 2 * size:
         pil = pil.resize((pil.width // 2, pil.height // 2), Image.Resampling.BOX)
     scale = size / min(pil.size)
-    pil = pil.resize((round(pil.width * scale), round(pil.height * scale)),
-                     Image.Resampling.BICUBIC)
+    pil = pil.resize(
+        (round(pil.width * scale), round(pil.height * scale)), Image.Resampling.BICUBIC
+    )
     resized = np.asarray(pil).reshape(pil.height, pil.width, image.shape[-1])
     top, left = (pil.height - size) // 2, (pil.width - size) // 2
-    return resized[top:top + size, left:left + size]
+    return resized[top : top + size, left : left + size]
 
 
 def digits_images(size: int) -> np.ndarray:
@@ -105,6 +106,7 @@ class ArraySource:
 def tfds_builder(name: str, data_dir: str):
     """tfds's builder of `name` in `data_dir` ('' = tfds's default), writing array_record."""
     import tensorflow_datasets as tfds
+
     return tfds.builder(name, data_dir=data_dir or None, file_format='array_record')
 
 
@@ -122,18 +124,24 @@ def prepare(config):
     if not missing:
         return
     if parallel.is_main_process():
-        logging.info('Preparing the tfds data set %s in %s (once; it is downloaded first).',
-                     name, builder.data_dir)
+        logging.info(
+            'Preparing the tfds data set %s in %s (once; it is downloaded first).',
+            name,
+            builder.data_dir,
+        )
         if importlib.util.find_spec('tensorflow'):
             import tensorflow as tf
+
             tf.config.set_visible_devices([], 'GPU')  # TensorFlow must not take the GPUs
         builder.download_and_prepare(file_format='array_record')
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f'ihdm_jax prepared {name}')
-        _require(tfds_builder(name, data_dir).is_prepared(),
-                 f'Process 0 prepared the tfds data set {name!r} in {builder.data_dir}, which '
-                 'this host does not see: set --config.data.data_dir to storage that every '
-                 'host sees (a shared file system or gs://).')
+        _require(
+            tfds_builder(name, data_dir).is_prepared(),
+            f'Process 0 prepared the tfds data set {name!r} in {builder.data_dir}, which '
+            'this host does not see: set --config.data.data_dir to storage that every '
+            'host sees (a shared file system or gs://).',
+        )
 
 
 class TfdsSource:
@@ -147,8 +155,9 @@ class TfdsSource:
         return len(self.examples)
 
     def load(self, indices: np.ndarray) -> np.ndarray:
-        return np.stack([center_crop_resize(self.examples[int(i)]['image'], self.size)
-                         for i in indices])
+        return np.stack(
+            [center_crop_resize(self.examples[int(i)]['image'], self.size) for i in indices]
+        )
 
 
 def image_files(folder: str) -> list:
@@ -190,9 +199,13 @@ class FolderSource:
     def _decode(self, index) -> np.ndarray:
         with open_image(self.paths[index]) as image:
             if image.mode not in (self.mode, 'P') and self._first_conversion():
-                logging.info('Converting images of mode %s (e.g. %s) to %s, as '
-                             'config.data.num_channels asks.', image.mode, self.paths[index],
-                             self.mode)
+                logging.info(
+                    'Converting images of mode %s (e.g. %s) to %s, as '
+                    'config.data.num_channels asks.',
+                    image.mode,
+                    self.paths[index],
+                    self.mode,
+                )
             pixels = np.asarray(image.convert(self.mode))
         return halve_and_crop(pixels.reshape(pixels.shape[:2] + (-1,)), self.size)
 
@@ -215,10 +228,15 @@ class FolderSource:
                     new = candidate not in self.skipped
                     self.skipped.add(candidate)
                 if new:
-                    logging.warning('Skipping %s: it cannot be read as an image (%s).',
-                                    self.paths[candidate], error)
-        raise errors.UserError(f'None of the {len(self.paths)} image files under '
-                               f'{self.paths[0].parent} can be read as an image.')
+                    logging.warning(
+                        'Skipping %s: it cannot be read as an image (%s).',
+                        self.paths[candidate],
+                        error,
+                    )
+        raise errors.UserError(
+            f'None of the {len(self.paths)} image files under '
+            f'{self.paths[0].parent} can be read as an image.'
+        )
 
     def load(self, indices: np.ndarray) -> np.ndarray:
         images = list(self.pool.map(self._read, indices))
@@ -240,8 +258,7 @@ def make_source(config, split: str = 'train'):
         return ArraySource(images[:DIGITS_TRAIN] if split == 'train' else images[DIGITS_TRAIN:])
     if data.dataset in TFDS_IMAGE_SIZES:
         return TfdsSource(data.dataset, data.data_dir, data.image_size, split)
-    return FolderSource(data[folder_key(split)], data.image_size, data.num_channels,
-                        data.cache_mb)
+    return FolderSource(data[folder_key(split)], data.image_size, data.num_channels, data.cache_mb)
 
 
 def folder_key(split):
@@ -257,54 +274,71 @@ def check(config, split: str = 'train'):
     """The images of config.data's `split` exist, are readable and match the configured size
     and channels; one errors.UserError otherwise. Nothing is written."""
     d = config.data
-    _require(d.dataset in DATASETS,
-             f'config.data.dataset={d.dataset!r} is not known; expected one of {DATASETS}.')
+    _require(
+        d.dataset in DATASETS,
+        f'config.data.dataset={d.dataset!r} is not known; expected one of {DATASETS}.',
+    )
     if d.dataset in CHANNELS:
-        _require(d.num_channels == CHANNELS[d.dataset],
-                 f'config.data.num_channels={d.num_channels} does not match {d.dataset}, whose '
-                 f'images have {CHANNELS[d.dataset]} channel(s).')
+        _require(
+            d.num_channels == CHANNELS[d.dataset],
+            f'config.data.num_channels={d.num_channels} does not match {d.dataset}, whose '
+            f'images have {CHANNELS[d.dataset]} channel(s).',
+        )
     if d.dataset in FOLDER_DATASETS:
         key = folder_key(split)
         folder = d[key]
-        _require(folder, f'config.data.dataset={d.dataset!r} reads image files: set '
-                 f'--config.data.{key} to the folder of its {split} images.')
+        _require(
+            folder,
+            f'config.data.dataset={d.dataset!r} reads image files: set '
+            f'--config.data.{key} to the folder of its {split} images.',
+        )
         storage.check_reachable(folder, f'config.data.{key}')
-        _require(storage.isdir(folder),
-                 f'config.data.{key}={folder!r} does not exist. '
-                 + ('Point' if d.dataset == 'folder' else f'Download {d.dataset} and point')
-                 + f' --config.data.{key} at its folder of {split} images (README.md, '
-                 '"CIFAR-10 and the other paper settings").')
-        _require(image_files(folder),
-                 f'config.data.{key}={folder!r} holds no image files '
-                 f'({", ".join(IMAGE_EXTENSIONS)}), searched recursively.')
+        _require(
+            storage.isdir(folder),
+            f'config.data.{key}={folder!r} does not exist. '
+            + ('Point' if d.dataset == 'folder' else f'Download {d.dataset} and point')
+            + f' --config.data.{key} at its folder of {split} images (README.md, '
+            '"CIFAR-10 and the other paper settings").',
+        )
+        _require(
+            image_files(folder),
+            f'config.data.{key}={folder!r} holds no image files '
+            f'({", ".join(IMAGE_EXTENSIONS)}), searched recursively.',
+        )
     elif d.dataset in TFDS_IMAGE_SIZES:
         native = TFDS_IMAGE_SIZES[d.dataset]
-        _require(d.image_size == native,
-                 f'config.data.image_size={d.image_size} does not match {d.dataset}, whose '
-                 f'images are {native}x{native}; set --config.data.image_size={native}.')
+        _require(
+            d.image_size == native,
+            f'config.data.image_size={d.image_size} does not match {d.dataset}, whose '
+            f'images are {native}x{native}; set --config.data.image_size={native}.',
+        )
         storage.check_reachable(d.data_dir, 'config.data.data_dir')
         builder = tfds_builder(d.dataset, d.data_dir)
-        _require(builder.is_prepared() or importlib.util.find_spec(PREPARE_PACKAGE),
-                 f'The tfds data set {d.dataset!r} is not prepared in {builder.data_dir}, and '
-                 f'preparing it needs {PREPARE_PACKAGE}. Install it in this repository with '
-                 f'`{PREPARE_COMMAND}`; the first run then downloads and prepares the data set '
-                 'itself. (Or prepare it on another machine and set --config.data.data_dir to '
-                 'its tfds data directory.)')
+        _require(
+            builder.is_prepared() or importlib.util.find_spec(PREPARE_PACKAGE),
+            f'The tfds data set {d.dataset!r} is not prepared in {builder.data_dir}, and '
+            f'preparing it needs {PREPARE_PACKAGE}. Install it in this repository with '
+            f'`{PREPARE_COMMAND}`; the first run then downloads and prepares the data set '
+            'itself. (Or prepare it on another machine and set --config.data.data_dir to '
+            'its tfds data directory.)',
+        )
 
 
 def report_skipped(*sources):
     """Logs how many unreadable image files the sources skipped, if any."""
     skipped = sum(len(getattr(source, 'skipped', ())) for source in sources)
     if skipped:
-        logging.warning('%d unreadable image file(s) were skipped (named in the warnings above).',
-                        skipped)
+        logging.warning(
+            '%d unreadable image file(s) were skipped (named in the warnings above).', skipped
+        )
 
 
 class Loader:
     """Global batches of one source for each training step, sharded over the batch axis."""
 
-    def __init__(self, source, image_shape, batch_size: int, sharding, seed: int,
-                 random_flip: bool):
+    def __init__(
+        self, source, image_shape, batch_size: int, sharding, seed: int, random_flip: bool
+    ):
         self.source = source
         self.image_shape = tuple(image_shape)
         self.batch_size = batch_size
@@ -344,8 +378,9 @@ class Loader:
     def batches(self, start_step: int, prefetch: int = 2):
         """Global batches of start_step, start_step + 1, ..., read ahead in a background thread."""
         with concurrent.futures.ThreadPoolExecutor(1) as reader:
-            pending = collections.deque(reader.submit(self.local_batch, s)
-                                        for s in range(start_step, start_step + prefetch))
+            pending = collections.deque(
+                reader.submit(self.local_batch, s) for s in range(start_step, start_step + prefetch)
+            )
             step = start_step
             while True:
                 pending.append(reader.submit(self.local_batch, step + prefetch))
@@ -356,5 +391,11 @@ class Loader:
 def make_loader(config, source, sharding) -> Loader:
     """The training batches of `source` over `sharding`."""
     data = config.data
-    return Loader(source, (data.image_size, data.image_size, data.num_channels),
-                  config.training.batch_size, sharding, config.seed, data.random_flip)
+    return Loader(
+        source,
+        (data.image_size, data.image_size, data.num_channels),
+        config.training.batch_size,
+        sharding,
+        config.seed,
+        data.random_flip,
+    )

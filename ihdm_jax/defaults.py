@@ -27,7 +27,9 @@ def get_default_config():
     # diagonal in the DCT basis with ε-prediction (ihdm_jax/diffusion.py): 'ddpm' (Ho et al.
     # 2020), 'blurring' (Hoogeboom & Salimans 2022), 'non_isotropic' (Voleti et al.).
     model.process = 'heat'
-    model.K = 200  # levels of the process: the heat levels; T (ddpm, non_isotropic); blurring's grid
+    model.K = (
+        200  # levels of the process: the heat levels; T (ddpm, non_isotropic); blurring's grid
+    )
     model.sigma = 0.01  # training noise σ (Eq. 4)
     model.blur_sigma_min = 0.5
     model.blur_sigma_max = 24.0  # heat: σ_B,K; blurring: σ_B,max of Hoogeboom & Salimans

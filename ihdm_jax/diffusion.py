@@ -22,7 +22,9 @@ float32 with the DCT at HIGHEST precision.
 
 import dataclasses
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable
+from typing import Optional
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,7 @@ class Process:
     num_levels: N, the levels t_i = i/N of sampling and of the ELBO.
     continuous: training draws t ~ U(0, 1) rather than i ~ U{1..N}.
     """
+
     alpha_sigma: Callable
     blur: Optional[Callable]
     spectrum: Optional[Callable]
@@ -52,6 +55,7 @@ class Process:
 
 
 # ---- the three processes ------------------------------------------------------------------
+
 
 def linear_alpha_bar(T: int, beta_1: float, beta_T: float) -> np.ndarray:
     """ᾱ_i = Π_{j≤i} (1 − β_j), i = 0..T, for β linear from β_1 to β_T (Ho et al., Sec. 4),
@@ -96,32 +100,46 @@ def power_spectrum(lam, gamma, c0):
 
 def ddpm(T: int, beta_1: float = 1e-4, beta_T: float = 0.02) -> Process:
     """Ho et al. 2020: T levels, β linear from 1e-4 to 0.02 (Sec. 4), ε-prediction."""
-    return Process(functools.partial(_table_alpha_sigma, linear_alpha_bar(T, beta_1, beta_T)),
-                   None, None, T, continuous=False)
+    return Process(
+        functools.partial(_table_alpha_sigma, linear_alpha_bar(T, beta_1, beta_T)),
+        None,
+        None,
+        T,
+        continuous=False,
+    )
 
 
 def blurring(num_levels: int, blur_sigma_max: float, d_min: float = 0.001) -> Process:
     """Hoogeboom & Salimans: the cosine schedule and the blurring factor d_t (Sec. 4), continuous
     t, sampled and evaluated on num_levels levels."""
-    return Process(cosine_alpha_sigma,
-                   functools.partial(blur_factor, blur_sigma_max=blur_sigma_max, d_min=d_min),
-                   None, num_levels, continuous=True)
+    return Process(
+        cosine_alpha_sigma,
+        functools.partial(blur_factor, blur_sigma_max=blur_sigma_max, d_min=d_min),
+        None,
+        num_levels,
+        continuous=True,
+    )
 
 
-def non_isotropic(T: int, gamma: float, c0: float, beta_1: float = 1e-4,
-                  beta_T: float = 0.02) -> Process:
+def non_isotropic(
+    T: int, gamma: float, c0: float, beta_1: float = 1e-4, beta_T: float = 0.02
+) -> Process:
     """DDPM's schedule with noise of spectrum c(λ) ∝ (λ + c0)^(−γ/2) (Voleti et al.)."""
-    return dataclasses.replace(ddpm(T, beta_1, beta_T),
-                               spectrum=functools.partial(power_spectrum, gamma=gamma, c0=c0))
+    return dataclasses.replace(
+        ddpm(T, beta_1, beta_T), spectrum=functools.partial(power_spectrum, gamma=gamma, c0=c0)
+    )
 
 
 # ---- the per-frequency Gaussian machinery --------------------------------------------------
 
+
 def coefficients(process: Process, t, shape):
     """(a_t(λ), s_t(λ)) for images of `shape` (B, H, W, C) at times t (B,): (B, H, W, 1) each."""
     alpha, sigma = process.alpha_sigma(jnp.asarray(t, jnp.float32))
-    return (alpha.reshape(-1, 1, 1, 1) * blur_at(process, t, shape),
-            sigma.reshape(-1, 1, 1, 1) * noise_spectrum(process, shape))
+    return (
+        alpha.reshape(-1, 1, 1, 1) * blur_at(process, t, shape),
+        sigma.reshape(-1, 1, 1, 1) * noise_spectrum(process, shape),
+    )
 
 
 def noise_spectrum(process: Process, shape):
@@ -211,7 +229,8 @@ def ancestral_step(process: Process, eps_fn, u_t, t, s, noise, clip=False):
     (clip: model_mean's)."""
     _, var = _step_var(process, t, s, u_t.shape)
     return model_mean(process, eps_fn, u_t, t, s, clip) + heat.idct_2d(
-        jnp.sqrt(jnp.maximum(var, 0.0)) * heat.dct_2d(noise))
+        jnp.sqrt(jnp.maximum(var, 0.0)) * heat.dct_2d(noise)
+    )
 
 
 def _step_var(process, t, s, shape):
@@ -232,8 +251,9 @@ def time_grid(process: Process, steps: int = 0) -> np.ndarray:
     return np.arange(N + 1, dtype=np.float32) / np.float32(N)
 
 
-def sample_with_noise(process: Process, eps_fn, u_N, noise, trajectory_steps: Sequence[int] = (),
-                      num_steps: int = 0):
+def sample_with_noise(
+    process: Process, eps_fn, u_N, noise, trajectory_steps: Sequence[int] = (), num_steps: int = 0
+):
     """Ancestral sampling on the grid t_i = i/N (time_grid), i = N..1, from u_N: u_{i−1} ~
     p(u_{t_{i−1}} | u_{t_i}), the last step returning the model's u_0 (Ho et al., Alg. 2), with
     model_mean's clip at every step (Ho et al.'s clip of u_0 without blurring).
@@ -246,10 +266,12 @@ def sample_with_noise(process: Process, eps_fn, u_N, noise, trajectory_steps: Se
         t = jnp.full((batch,), times[i], jnp.float32)
         s = jnp.full((batch,), times[i - 1], jnp.float32)
         return ancestral_step(process, eps_fn, u, t, s, eps, clip=True)
+
     return sampling.chain(step, u_N, len(times) - 1, noise, trajectory_steps)
 
 
 # ---- the negative ELBO (Ho et al., Eq. 5) ---------------------------------------------------
+
 
 def prior_kl(process: Process, u0):
     """L_T = D_KL[q(u_1 | u_0) ‖ N(0, V diag(c²) Vᵀ)] per example, in nats (frequency sum)."""
@@ -300,19 +322,22 @@ def decoder_nll(process: Process, eps_fn, x, eps):
     t = jnp.full((x.shape[0],), 1.0 / process.num_levels, jnp.float32)
     u_t = q_sample(process, x, t, eps)
     _, u0_hat = predict_u0(process, eps_fn, u_t, t)
-    return -discretized_gaussian_log_likelihood(x, heat.idct_2d(u0_hat),
-                                                decoder_std(process, x.shape))
+    return -discretized_gaussian_log_likelihood(
+        x, heat.idct_2d(u0_hat), decoder_std(process, x.shape)
+    )
 
 
 def level_term(process: Process, eps_fn, x, i, eps):
     """L_{i−1} for i ≥ 2 (level_kl) and L_0 for i = 1 (decoder_nll), per example, nats;
     Σ_{i=1..N} of it plus prior_kl is the negative ELBO of Ho et al.'s Eq. (5)."""
     i = jnp.asarray(i, jnp.int32)
-    return jnp.where(i == 1, decoder_nll(process, eps_fn, x, eps),
-                     level_kl(process, eps_fn, x, jnp.maximum(i, 2), eps))
+    return jnp.where(
+        i == 1,
+        decoder_nll(process, eps_fn, x, eps),
+        level_kl(process, eps_fn, x, jnp.maximum(i, 2), eps),
+    )
 
 
 def to_bits_per_dim(nats, num_dims):
     """bits/dim of 8-bit data from a discrete likelihood in nats (no dequantisation offset)."""
     return np.asarray(nats) / (num_dims * np.log(2.0))
-

@@ -32,8 +32,9 @@ def example_keys(key, index, num_passes):
     return keys[0], keys[1:]
 
 
-def prior_bounds(mesh, u_K_means: np.ndarray, train_source, t_K, sigma, delta,
-                 chunk: int, progress='') -> np.ndarray:
+def prior_bounds(
+    mesh, u_K_means: np.ndarray, train_source, t_K, sigma, delta, chunk: int, progress=''
+) -> np.ndarray:
     """The App. A.3 bounds on L_K (nats), (N,) float64, for means u_K_means = F(t_K) u0
     (N, H, W, C) of q(u_K | u0) against the whole training set blurred to t_K.
 
@@ -41,16 +42,24 @@ def prior_bounds(mesh, u_K_means: np.ndarray, train_source, t_K, sigma, delta,
     and the examples split over the mesh; the chunks' bounds are merged exactly
     (likelihood.merge_prior_bounds).
     """
+
     def bound(replicated, batched):
         train_images, t_K, sigma, delta = replicated
         (u_K_mean,) = batched
         blurred = heat.heat_forward(train_images.astype(jnp.float32) / 255.0, t_K)
         return objective.prior_kl_upper_bound(u_K_mean, blurred, sigma, delta)
+
     program = programs.on_mesh(mesh, bound)
     scalars = tuple(jnp.float32(v) for v in (t_K, sigma, delta))
     bounds, sizes = [], []
-    for start in tqdm.trange(0, len(train_source), chunk, desc=progress, unit='chunk',
-                             disable=not progress or not parallel.is_main_process()):
+    for start in tqdm.trange(
+        0,
+        len(train_source),
+        chunk,
+        desc=progress,
+        unit='chunk',
+        disable=not progress or not parallel.is_main_process(),
+    ):
         x = train_source.load(np.arange(start, min(start + chunk, len(train_source))))
         bounds.append(program((x,) + scalars, u_K_means))
         sizes.append(len(x))
@@ -63,6 +72,7 @@ class Result:
     in bits/dim (offset 8 for dequantised data, 0 for a discrete likelihood); nats_per_image;
     level_nats, the mean term of each level k = 1..K in nats (level k holds L_{k−1}; None where
     no draw fell on it); the numbers of test and training images."""
+
     bits_per_dim: float
     L_K: float
     sum_L_k: float
@@ -85,8 +95,9 @@ class NegativeElbo:
     def __init__(self, config, mesh, test_source, train_source):
         self.config, self.mesh = config, mesh
         self.test, self.train = test_source, train_source
-        self.num_examples = min(config.evaluation.num_examples or len(test_source),
-                                len(test_source))
+        self.num_examples = min(
+            config.evaluation.num_examples or len(test_source), len(test_source)
+        )
         self.process = process = processes.from_config(config)
         key = rng.elbo_key(config.seed)
         f = programs.residual(state_lib.model_graphdef(config))
@@ -98,34 +109,51 @@ class NegativeElbo:
 
             def example(x_i, index_i):
                 example_key, pass_keys = example_keys(key, index_i, num_passes)
-                return process.elbo_example(lambda u, k: f(params, u, k), x_i[None],
-                                            example_key, pass_keys, delta)
+                return process.elbo_example(
+                    lambda u, k: f(params, u, k), x_i[None], example_key, pass_keys, delta
+                )
+
             return jax.vmap(example)(x, index)
+
         self._terms = programs.on_mesh(mesh, terms)
 
     def __call__(self, params, delta: float) -> Result:
         size = self.config.evaluation.batch_size
         parts = []
-        with tqdm.tqdm(total=self.num_examples, desc='ELBO', unit='image',
-                       disable=not parallel.is_main_process()) as bar:
+        with tqdm.tqdm(
+            total=self.num_examples,
+            desc='ELBO',
+            unit='image',
+            disable=not parallel.is_main_process(),
+        ) as bar:
             for start in range(0, self.num_examples, size):
                 # Whole batches (one compiled shape); the rows past the end are cut.
                 valid = min(size, self.num_examples - start)
                 index = np.minimum(start + np.arange(size), self.num_examples - 1)
-                out = self._terms((params, jnp.float32(delta)), self.test.load(index),
-                                  index.astype(np.int32))
+                out = self._terms(
+                    (params, jnp.float32(delta)), self.test.load(index), index.astype(np.int32)
+                )
                 parts.append([np.asarray(o[:valid], np.float64) for o in out])
                 bar.update(valid)
         outputs = tuple(np.concatenate(p) for p in zip(*parts))
-        kde_bound = functools.partial(prior_bounds, self.mesh, train_source=self.train,
-                                      chunk=self.config.evaluation.train_chunk,
-                                      progress='ELBO L_K bound')
+        kde_bound = functools.partial(
+            prior_bounds,
+            self.mesh,
+            train_source=self.train,
+            chunk=self.config.evaluation.train_chunk,
+            progress='ELBO L_K bound',
+        )
         terms = self.process.elbo_terms(outputs, delta, kde_bound)
         dims = int(np.prod(self.test.load(np.arange(1)).shape[1:]))
         per_dim = 1.0 / (dims * np.log(2.0))
         return Result(
             bits_per_dim=float(terms.nats / (dims * np.log(2.0)) + self.process.bits_offset),
-            L_K=terms.L_K * per_dim, sum_L_k=terms.sum_L_k * per_dim, L_0=terms.L_0 * per_dim,
-            nats_per_image=terms.nats, level_nats=terms.level_nats,
-            offset=self.process.bits_offset, num_examples=self.num_examples,
-            num_train=len(self.train))
+            L_K=terms.L_K * per_dim,
+            sum_L_k=terms.sum_L_k * per_dim,
+            L_0=terms.L_0 * per_dim,
+            nats_per_image=terms.nats,
+            level_nats=terms.level_nats,
+            offset=self.process.bits_offset,
+            num_examples=self.num_examples,
+            num_train=len(self.train),
+        )

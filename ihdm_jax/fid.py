@@ -19,8 +19,10 @@ from ihdm_jax import errors
 from ihdm_jax.evaluation import frechet
 
 _WEIGHTS = flags.DEFINE_string(
-    'inception_weights', None,
-    f'Converted Inception weights (.npz); default ${frechet.WEIGHTS_ENV}, then the cache file.')
+    'inception_weights',
+    None,
+    f'Converted Inception weights (.npz); default ${frechet.WEIGHTS_ENV}, then the cache file.',
+)
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per Inception batch.')
 _SAVE_STATS = flags.DEFINE_string('save_stats', None, 'Write the statistics of A to this .npz.')
 
@@ -32,13 +34,18 @@ def main(argv):
     try:
         # Every input is read before the network is built, so that a bad one fails early.
         saved = [frechet.is_statistics(path) for path in inputs]
-        sources = [frechet.load_statistics(path) if is_stats else frechet.load_images(path)
-                   for path, is_stats in zip(inputs, saved)]
+        sources = [
+            frechet.load_statistics(path) if is_stats else frechet.load_images(path)
+            for path, is_stats in zip(inputs, saved)
+        ]
         if not all(saved):
-            features = frechet.InceptionFeatures(frechet.resolve_weights(_WEIGHTS.value),
-                                             _BATCH_SIZE.value)
-        stats = [source if is_stats else frechet.statistics(features(source, description=path))
-                 for path, source, is_stats in zip(inputs, sources, saved)]
+            features = frechet.InceptionFeatures(
+                frechet.resolve_weights(_WEIGHTS.value), _BATCH_SIZE.value
+            )
+        stats = [
+            source if is_stats else frechet.statistics(features(source, description=path))
+            for path, source, is_stats in zip(inputs, sources, saved)
+        ]
         if _SAVE_STATS.value:
             frechet.save_statistics(_SAVE_STATS.value, *stats[0])
             print(f'Saved the statistics of {inputs[0]} to {_SAVE_STATS.value}')

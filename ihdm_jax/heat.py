@@ -21,7 +21,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 @functools.lru_cache(maxsize=None)
 def dct_matrix(n: int) -> np.ndarray:
-    """Orthonormal DCT-II matrix C of size n x n: (C x)_k = a_k sum_i x_i cos(pi (2i + 1) k / 2n)."""
+    """Orthonormal DCT-II matrix C of size n x n:
+    (C x)_k = a_k sum_i x_i cos(pi (2i + 1) k / 2n)."""
     k = np.arange(n)[:, None]
     i = np.arange(n)[None, :]
     c = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
@@ -81,7 +82,8 @@ def heat_forward(u: jax.Array, t, backend: str = 'matmul') -> jax.Array:
 
 
 def blur_sigmas(K: int, sigma_min: float, sigma_max: float) -> jax.Array:
-    """σ_B,k of App. B.5 for k = 0..K, log-spaced from σ_B,min (k = 1) to σ_B,max (k = K); σ_B,0 = 0.
+    """σ_B,k of App. B.5 for k = 0..K, log-spaced from σ_B,min (k = 1) to σ_B,max (k = K);
+    σ_B,0 = 0.
 
     σ_B,k = exp(log σ_B,min (K − k)/(K − 1) + log σ_B,max (k − 1)/(K − 1)). With K = 1 the only
     level is σ_B,max, so that t_K = σ_B,max²/2 always holds.
@@ -90,7 +92,8 @@ def blur_sigmas(K: int, sigma_min: float, sigma_max: float) -> jax.Array:
         raise ValueError(f'K must be an integer >= 1, got {K!r}.')
     if not 0 < sigma_min < sigma_max:
         raise ValueError(
-            f'Need 0 < blur_sigma_min < blur_sigma_max, got {sigma_min} and {sigma_max}.')
+            f'Need 0 < blur_sigma_min < blur_sigma_max, got {sigma_min} and {sigma_max}.'
+        )
     if K == 1:
         return jnp.asarray([0.0, sigma_max], jnp.float32)
     k = np.arange(1, K + 1, dtype=np.float64)

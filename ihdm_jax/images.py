@@ -39,12 +39,13 @@ def grid(images: np.ndarray, columns: int = 0, pad: int = PAD) -> np.ndarray:
     height, width = height * scale, width * scale
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
-    canvas = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, channels), 255,
-                     np.uint8)
+    canvas = np.full(
+        (rows * (height + pad) + pad, columns * (width + pad) + pad, channels), 255, np.uint8
+    )
     for i, image in enumerate(images):
         top = pad + (i // columns) * (height + pad)
         left = pad + (i % columns) * (width + pad)
-        canvas[top:top + height, left:left + width] = image
+        canvas[top : top + height, left : left + width] = image
     return canvas
 
 
@@ -61,5 +62,12 @@ def save_gif(path: str, frames, frame_ms: int = 80, last_frame_ms: int = 1500):
     """Writes uint8 HWC frames as a looping GIF that holds the last frame a little longer."""
     pictures = [_pil(frame) for frame in frames]
     durations = [frame_ms] * (len(pictures) - 1) + [last_frame_ms]
-    storage.write_with(path, pictures[0].save, format='GIF', save_all=True,
-                       append_images=pictures[1:], duration=durations, loop=0)
+    storage.write_with(
+        path,
+        pictures[0].save,
+        format='GIF',
+        save_all=True,
+        append_images=pictures[1:],
+        duration=durations,
+        loop=0,
+    )

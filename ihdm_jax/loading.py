@@ -1,9 +1,9 @@
 """A trained run as a Python object, for research code: `ihdm_jax.load(workdir)`.
 
-    model = ihdm_jax.load('runs/digits')
-    model.config                    # the run's config (from <workdir>/config.json)
-    model.f(u, k)                   # the EMA residual f(u, k); μ(u, k) = u + f(u, k)
-    model.sample(jax.random.key(0), 16)  # Alg. 2: float32 samples (16, H, W, C)
+model = ihdm_jax.load('runs/digits')
+model.config                    # the run's config (from <workdir>/config.json)
+model.f(u, k)                   # the EMA residual f(u, k); μ(u, k) = u + f(u, k)
+model.sample(jax.random.key(0), 16)  # Alg. 2: float32 samples (16, H, W, C)
 """
 
 import jax
@@ -55,13 +55,13 @@ class Model:
         The training images are read at the first call (config.data must point at them).
         """
         if self._sampler is None:
-            parallel.check_divisible(self.config.sampling.batch_size,
-                                     'config.sampling.batch_size')
+            parallel.check_divisible(self.config.sampling.batch_size, 'config.sampling.batch_size')
             data.check(self.config)
             self._source = data.make_source(self.config)
             self._sampler = programs.Sampler(self.config, self.mesh)
-        return self._sampler.draw(self.params, self._source, num, key, delta=delta,
-                                  uint8=False).images
+        return self._sampler.draw(
+            self.params, self._source, num, key, delta=delta, uint8=False
+        ).images
 
 
 def restore(config, workdir: str) -> Model:

@@ -76,11 +76,13 @@ def _live(holder) -> bool:
 
 def _describe(holder, workdir) -> str:
     age = time.time() - float(holder.get('heartbeat', 0))
-    return (f'--workdir={workdir} is in use by another job: pid {holder.get("pid")} on host '
-            f'{holder.get("host")}, started {holder.get("started")}, heartbeat {age:.0f} s ago '
-            f'({storage.join(workdir, LOCK_FILE)}). Wait for it to end or stop it, or use '
-            f'another --workdir; a lock whose heartbeat is older than {STALE_S:.0f} s is taken '
-            'over.')
+    return (
+        f'--workdir={workdir} is in use by another job: pid {holder.get("pid")} on host '
+        f'{holder.get("host")}, started {holder.get("started")}, heartbeat {age:.0f} s ago '
+        f'({storage.join(workdir, LOCK_FILE)}). Wait for it to end or stop it, or use '
+        f'another --workdir; a lock whose heartbeat is older than {STALE_S:.0f} s is taken '
+        'over.'
+    )
 
 
 class WorkdirLock:
@@ -91,9 +93,13 @@ class WorkdirLock:
     def __init__(self, workdir: str):
         self.workdir = workdir
         self.location = storage.join(workdir, LOCK_FILE)
-        self.content = {'host': socket.gethostname(), 'machine': this_machine(),
-                        'pid': os.getpid(), 'token': uuid.uuid4().hex,
-                        'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+        self.content = {
+            'host': socket.gethostname(),
+            'machine': this_machine(),
+            'pid': os.getpid(),
+            'token': uuid.uuid4().hex,
+            'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+        }
         self._stop = threading.Event()
         self._thread = None
 
@@ -135,8 +141,12 @@ class WorkdirLock:
             if previous is not None and _live(previous):
                 return previous
             if previous is not None:
-                logging.warning('Taking over the stale lock %s of pid %s on host %s.',
-                                self.location, previous.get('pid'), previous.get('host'))
+                logging.warning(
+                    'Taking over the stale lock %s of pid %s on host %s.',
+                    self.location,
+                    previous.get('pid'),
+                    previous.get('host'),
+                )
             if storage.is_remote(self.location):
                 self._write()
                 if self._holds():
@@ -156,12 +166,16 @@ class WorkdirLock:
         if jax.process_count() > 1:
             refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refused)))
         if refused:
-            raise errors.UserError(_describe(holder, self.workdir) if holder is not None else
-                                   f'--workdir={self.workdir} is in use by another job (see '
-                                   'the error of process 0).')
+            raise errors.UserError(
+                _describe(holder, self.workdir)
+                if holder is not None
+                else f'--workdir={self.workdir} is in use by another job (see '
+                'the error of process 0).'
+            )
         if parallel.is_main_process():
-            self._thread = threading.Thread(target=self._beat, daemon=True,
-                                            name='ihdm_jax workdir lock')
+            self._thread = threading.Thread(
+                target=self._beat, daemon=True, name='ihdm_jax workdir lock'
+            )
             self._thread.start()
         return self
 

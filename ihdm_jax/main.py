@@ -63,28 +63,36 @@ JOBS = {
     'hierarchical': Job(variants.hierarchical, variants.check_hierarchical),
     'delta_grid': Job(variants.delta_grid, variants.check_delta_grid),
     'input_gradients': Job(probing.input_gradients, probing.check_input_gradients),
-    'trajectory_gradients': Job(probing.trajectory_gradients,
-                                probing.check_trajectory_gradients),
+    'trajectory_gradients': Job(probing.trajectory_gradients, probing.check_trajectory_gradients),
     'nearest_neighbours': Job(probing.nearest_neighbours, probing.check_nearest_neighbours),
     'psd': Job(forward_process.psd, forward_process.check_psd, workdir='results'),
-    'prior_overlap': Job(forward_process.prior_overlap, forward_process.check_prior_overlap,
-                         workdir='results'),
-    'frequency_partition': Job(forward_process.frequency_partition,
-                               forward_process.check_frequency_partition, workdir='results'),
+    'prior_overlap': Job(
+        forward_process.prior_overlap, forward_process.check_prior_overlap, workdir='results'
+    ),
+    'frequency_partition': Job(
+        forward_process.frequency_partition,
+        forward_process.check_frequency_partition,
+        workdir='results',
+    ),
 }
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a config file.', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', list(JOBS) + ['summary'], 'What to do.')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    'allow_config_change', False,
+    'allow_config_change',
+    False,
     'Continue training in a workdir whose config.json differs from --config in settings that '
-    'define the run (the old file is kept as config.<time>.json).')
+    'define the run (the old file is kept as config.<time>.json).',
+)
 _MULTIHOST = flags.DEFINE_bool(
-    'multihost', False, 'Start jax.distributed with cluster auto-detection (TPU pods, SLURM).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, for processes started by hand.')
+    'multihost', False, 'Start jax.distributed with cluster auto-detection (TPU pods, SLURM).'
+)
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for processes started by hand.'
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index.")
 
@@ -100,13 +108,16 @@ def run(config, mode, workdir, **options):
         raise errors.UserError(f'--mode={mode} needs --workdir.')
     data.check(config)
     job = JOBS[mode]
-    parallel.initialize(multihost=options.get('multihost', False),
-                        coordinator_address=options.get('coordinator_address'),
-                        num_processes=options.get('num_processes'),
-                        process_id=options.get('process_id'))
+    parallel.initialize(
+        multihost=options.get('multihost', False),
+        coordinator_address=options.get('coordinator_address'),
+        num_processes=options.get('num_processes'),
+        process_id=options.get('process_id'),
+    )
     job.check(config)
-    workdir_lib.check(config, workdir, job.workdir,
-                             allow_config_change=options.get('allow_config_change', False))
+    workdir_lib.check(
+        config, workdir, job.workdir, allow_config_change=options.get('allow_config_change', False)
+    )
     checkpoint.quiet_orbax()
     # Training holds the workdir's lock; the other jobs only read checkpoints and may run beside it.
     with lock.WorkdirLock(workdir) if job.workdir == 'train' else contextlib.nullcontext():
@@ -121,9 +132,16 @@ def main(argv):
     config = _CONFIG.value
     parallel.use_cpu_cores([config.training.batch_size, config.sampling.batch_size])
     try:
-        run(config, _MODE.value, _WORKDIR.value, multihost=_MULTIHOST.value,
-            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+        run(
+            config,
+            _MODE.value,
+            _WORKDIR.value,
+            multihost=_MULTIHOST.value,
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+            allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+        )
     except errors.JobError as error:
         sys.exit(f'Error: {error}')
     except KeyboardInterrupt:

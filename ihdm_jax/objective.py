@@ -60,8 +60,7 @@ def gaussian_kl(mean_q, sigma_q, mean_p, sigma_p):
     """
     n = np.prod(mean_q.shape[1:])
     ratio = (sigma_q / sigma_p) ** 2
-    return 0.5 * (n * ratio - n + _sum_squares(mean_q - mean_p) / sigma_p**2
-                  - n * jnp.log(ratio))
+    return 0.5 * (n * ratio - n + _sum_squares(mean_q - mean_p) / sigma_p**2 - n * jnp.log(ratio))
 
 
 def level_kl(mu, u0_blurred_prev, sigma, delta):
@@ -129,8 +128,11 @@ def prior_kl_upper_bound(u_K_mean, train_u_K, sigma, delta, chunk_size=1024):
 
     def chunk_logsumexp(acc, chunk):
         b_chunk, valid_chunk = chunk
-        dist = a_sq + jnp.sum(b_chunk * b_chunk, axis=1) - 2 * jnp.matmul(
-            a, b_chunk.T, precision=_HIGHEST)
+        dist = (
+            a_sq
+            + jnp.sum(b_chunk * b_chunk, axis=1)
+            - 2 * jnp.matmul(a, b_chunk.T, precision=_HIGHEST)
+        )
         neg_kl = -(const + 0.5 * jnp.maximum(dist, 0.0) / delta**2)
         neg_kl = jnp.where(valid_chunk, neg_kl, -jnp.inf)
         return jnp.logaddexp(acc, jax.nn.logsumexp(neg_kl, axis=1)), None

@@ -9,7 +9,9 @@ import os
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ihdm_jax import errors
 
@@ -23,8 +25,7 @@ def launched_by_cluster() -> bool:
     return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
 
 
-def initialize(*, multihost=False, coordinator_address=None, num_processes=None,
-               process_id=None):
+def initialize(*, multihost=False, coordinator_address=None, num_processes=None, process_id=None):
     """Joins the processes of a multi-process job; does nothing on a plain single machine.
 
     Args:
@@ -37,10 +38,15 @@ def initialize(*, multihost=False, coordinator_address=None, num_processes=None,
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
-            raise errors.UserError('--coordinator_address, --num_processes and --process_id '
-                                   f'go together; got {explicit}.')
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+            raise errors.UserError(
+                '--coordinator_address, --num_processes and --process_id '
+                f'go together; got {explicit}.'
+            )
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
     elif multihost or launched_by_cluster():
         jax.distributed.initialize()
 
@@ -67,8 +73,7 @@ def use_compilation_cache(config, workdir: str):
     that a relaunch skips the compilation (process 0 writes; programs that compile in less than
     jax_persistent_cache_min_compile_time_secs are not stored). Call before anything compiles.
     With 'auto' on CPU, a cache set through JAX_COMPILATION_CACHE_DIR stays in use."""
-    directory = compilation_cache_dir(config.compilation_cache_dir, workdir,
-                                      jax.default_backend())
+    directory = compilation_cache_dir(config.compilation_cache_dir, workdir, jax.default_backend())
     if directory:
         jax.config.update('jax_compilation_cache_dir', directory)
     elif config.compilation_cache_dir == '':
@@ -84,8 +89,10 @@ def use_cpu_cores(batch_sizes) -> int:
     unchanged. Call before JAX starts its backends; a device count that XLA_FLAGS or
     jax_num_cpu_devices already set is left as it is. Returns the count in use (0 when left).
     """
-    if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
-            or jax.config.jax_num_cpu_devices >= 0):
+    if (
+        'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+        or jax.config.jax_num_cpu_devices >= 0
+    ):
         return 0
     cores = host_cpus()
     sizes = [b for b in batch_sizes if isinstance(b, int) and b > 0]
@@ -114,15 +121,18 @@ def check_divisible(batch_size: int, what: str, devices: int = 0):
     """A global batch splits evenly over `devices` (default: all devices of the job)."""
     devices = devices or jax.device_count()
     if batch_size % devices:
-        raise errors.UserError(f'{what}={batch_size} must be a multiple of the number of '
-                               f'devices ({devices}), since each batch is split over them.')
+        raise errors.UserError(
+            f'{what}={batch_size} must be a multiple of the number of '
+            f'devices ({devices}), since each batch is split over them.'
+        )
 
 
 def local_rows(sharding: NamedSharding, global_shape) -> slice:
     """The contiguous rows of a batch-sharded global array that this process holds."""
     index_map = sharding.addressable_devices_indices_map(tuple(global_shape))
-    spans = sorted({(idx[0].start or 0, idx[0].stop or global_shape[0])
-                    for idx in index_map.values()})
+    spans = sorted(
+        {(idx[0].start or 0, idx[0].stop or global_shape[0]) for idx in index_map.values()}
+    )
     for (_, stop), (start, _) in zip(spans, spans[1:]):
         if stop != start:
             raise ValueError(f'this process holds non-contiguous batch rows {spans}.')

@@ -22,8 +22,13 @@ def save_canvas(path, canvas, title, xticks=(), yticks=()):
     height, width = canvas.shape[:2]
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(canvas[..., 0] if canvas.shape[-1] == 1 else canvas, cmap='gray', vmin=0,
-              vmax=255, interpolation='nearest')
+    ax.imshow(
+        canvas[..., 0] if canvas.shape[-1] == 1 else canvas,
+        cmap='gray',
+        vmin=0,
+        vmax=255,
+        interpolation='nearest',
+    )
     ax.set_title(title, fontsize=10)
     ax.set_xticks([p for p, _ in xticks], [label for _, label in xticks], fontsize=8)
     ax.set_yticks([p for p, _ in yticks], [label for _, label in yticks], fontsize=8)
@@ -37,9 +42,13 @@ def save_table(path, table, title, column_labels=(), row_labels=()):
     """uint8 images (rows, columns, H, W, C) as a titled grid, labelled under the first row's
     images and beside the first column's."""
     rows, columns, size = table.shape[:3]
-    save_canvas(path, images.grid(table.reshape((-1,) + table.shape[2:]), columns), title,
-                list(zip(images.tile_centres(columns, size), column_labels)),
-                list(zip(images.tile_centres(rows, size), row_labels)))
+    save_canvas(
+        path,
+        images.grid(table.reshape((-1,) + table.shape[2:]), columns),
+        title,
+        list(zip(images.tile_centres(columns, size), column_labels)),
+        list(zip(images.tile_centres(rows, size), row_labels)),
+    )
 
 
 def save_trajectory_gif(path, trajectory, columns):
@@ -61,14 +70,17 @@ def tree_canvas(rows, leaves, scale):
     _, height, width, channels = rows[0].shape
     height, width = height * scale, width * scale
     pad = images.PAD
-    canvas = np.full((len(rows) * (height + pad) + pad, leaves * (width + pad) + pad, channels),
-                     255, np.uint8)
+    canvas = np.full(
+        (len(rows) * (height + pad) + pad, leaves * (width + pad) + pad, channels), 255, np.uint8
+    )
     for r, row in enumerate(rows):
         span = leaves * (width + pad) / len(row)
         top = pad + r * (height + pad)
         for i, image in enumerate(row):
             left = int(round(pad / 2 + (i + 0.5) * span - width / 2))
-            canvas[top:top + height, left:left + width] = image.repeat(scale, 0).repeat(scale, 1)
+            canvas[top : top + height, left : left + width] = image.repeat(scale, 0).repeat(
+                scale, 1
+            )
     return canvas
 
 
@@ -83,8 +95,10 @@ def psd(path, frequencies, data_psd, curves, process, sigma, n):
     blues = [(0.1, 0.3 * s, s) for s in shades]
     reds = [(s, 0.25 * s, 0.1) for s in shades]
     if heat:
-        panels = [('heat_psd', blues, lambda c: f'k={c["k"]}, σ_B={c["blur_sigma"]:.2f}'),
-                  ('diffusion_psd', reds, lambda c: f'k={c["k"]}, ᾱ={c["alpha_bar"]:.4f}')]
+        panels = [
+            ('heat_psd', blues, lambda c: f'k={c["k"]}, σ_B={c["blur_sigma"]:.2f}'),
+            ('diffusion_psd', reds, lambda c: f'k={c["k"]}, ᾱ={c["alpha_bar"]:.4f}'),
+        ]
     else:
         panels = [('psd', reds, lambda c: f'k={c["k"]}, t={c["t"]:.3g}, α={c["alpha"]:.3f}')]
     for ax, (name, colours, label) in zip(axes, panels):
@@ -100,12 +114,14 @@ def psd(path, frequencies, data_psd, curves, process, sigma, n):
         axes[0].axhline(sigma**2, color='gray', ls='--', label=f'σ² = {sigma**2:g}')
         axes[0].set_ylim(bottom=sigma**2 * 1e-3)  # far below σ² a frequency is lost anyway
         axes[0].set_title('Heat: F(t_k) u0, approaches the data from below', fontsize=10)
-        axes[1].set_title('Diffusion at matched steps: x/√ᾱ + √((1−ᾱ)/ᾱ) ε, from above',
-                          fontsize=10)
+        axes[1].set_title(
+            'Diffusion at matched steps: x/√ᾱ + √((1−ᾱ)/ᾱ) ε, from above', fontsize=10
+        )
         axes[0].legend(fontsize=7)
     else:
-        axes[0].set_title(f'{process}: u_k/(2α_k), a draw of q(u_k | 2x − 1) at the data scale',
-                          fontsize=10)
+        axes[0].set_title(
+            f'{process}: u_k/(2α_k), a draw of q(u_k | 2x − 1) at the data scale', fontsize=10
+        )
     fig.suptitle(f'Radial power spectral density of {n} training images (Fig. 4)')
     _save(fig, path, bbox_inches='tight')
 
@@ -116,16 +132,21 @@ def energy_vs_blur(path, frequencies, data_psd, alpha, blur_sigmas, energy, sigm
     psd_ax.loglog(frequencies, data_psd, 'k.-', label='data')
     fit = frequencies <= 0.25
     scale = np.exp(np.mean(np.log(data_psd[fit]) + alpha * np.log(frequencies[fit])))
-    psd_ax.loglog(frequencies[fit], scale * frequencies[fit] ** -alpha, 'C1--',
-                  label=f'1/f^α fit (f ≤ 0.25), α={alpha:.2f}')
+    psd_ax.loglog(
+        frequencies[fit],
+        scale * frequencies[fit] ** -alpha,
+        'C1--',
+        label=f'1/f^α fit (f ≤ 0.25), α={alpha:.2f}',
+    )
     psd_ax.set_xlabel('frequency (cycles per pixel)')
     _plain_log_ticks(psd_ax.xaxis, frequencies[0], frequencies[-1])
     psd_ax.set_ylabel('power (mean squared DCT coefficient)')
     psd_ax.set_title('1-D PSD of the data (σ_B = 0)', fontsize=10)
     psd_ax.legend(fontsize=8)
     shown = np.unique(np.geomspace(1, len(frequencies), min(len(frequencies), 24)).astype(int)) - 1
-    cmap = colors.LinearSegmentedColormap.from_list('f', ['#08306b', '#6baed6', '#fd8d3c',
-                                                          '#7f2704'])
+    cmap = colors.LinearSegmentedColormap.from_list(
+        'f', ['#08306b', '#6baed6', '#fd8d3c', '#7f2704']
+    )
     norm = colors.LogNorm(frequencies[0], frequencies[-1])
     for r in shown:
         energy_ax.loglog(blur_sigmas, energy[:, r], color=cmap(norm(frequencies[r])), lw=1)
@@ -136,8 +157,9 @@ def energy_vs_blur(path, frequencies, data_psd, alpha, blur_sigmas, energy, sigm
     energy_ax.set_title('Energy of each frequency contour under the heat equation', fontsize=10)
     energy_ax.legend(fontsize=8, loc='lower left')
     energy_ax.set_ylim(bottom=max(energy.min(), sigma**2 * 1e-4))
-    bar = fig.colorbar(cm.ScalarMappable(norm, cmap), ax=energy_ax,
-                       label='frequency (cycles per pixel)')
+    bar = fig.colorbar(
+        cm.ScalarMappable(norm, cmap), ax=energy_ax, label='frequency (cycles per pixel)'
+    )
     _plain_log_ticks(bar.ax.yaxis, frequencies[0], frequencies[-1])
     fig.suptitle(f'DCT energy against blur, {n} training images (Fig. 9)')
     _save(fig, path, bbox_inches='tight')
@@ -152,8 +174,9 @@ def input_gradients(path, grads, inputs, levels, pixels, labels, linthresh, step
     shown = None
     for col, k in enumerate(levels):
         image = np.clip(inputs[col], 0, 1)
-        axes[0, col].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray',
-                            vmin=0, vmax=1)
+        axes[0, col].imshow(
+            image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0, vmax=1
+        )
         axes[0, col].set_title(labels[col], fontsize=9)
         for p, (i, j) in enumerate(pixels):
             axes[0, col].plot(j, i, 's', mfc='none', mec=f'C{p}', ms=5)
@@ -165,18 +188,22 @@ def input_gradients(path, grads, inputs, levels, pixels, labels, linthresh, step
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(shown, ax=axes[1:].ravel().tolist(), shrink=0.8,
-                 label=f'∂μ/∂u (symlog, linear below {linthresh:g})')
-    fig.suptitle(f'{process}: input gradients of the predicted mean μ(u_k, k) (checkpoint '
-                 f'{step}, Fig. 8)')
+    fig.colorbar(
+        shown,
+        ax=axes[1:].ravel().tolist(),
+        shrink=0.8,
+        label=f'∂μ/∂u (symlog, linear below {linthresh:g})',
+    )
+    fig.suptitle(
+        f'{process}: input gradients of the predicted mean μ(u_k, k) (checkpoint {step}, Fig. 8)'
+    )
     _save(fig, path, bbox_inches='tight')
 
 
 def trajectory_gradients(path, grads, states, levels, pixel, t, linthresh, step, sigma, delta):
     """Per chain a row of states u_k (level K first) and a row of ∂μ(u_k, k)[pixel]/∂u_k."""
     chains, columns = grads.shape[:2]
-    fig = Figure(figsize=(1.9 * columns + 1.4, 3.8 * chains + 0.7), dpi=100,
-                 layout='constrained')
+    fig = Figure(figsize=(1.9 * columns + 1.4, 3.8 * chains + 0.7), dpi=100, layout='constrained')
     axes = fig.subplots(2 * chains, columns, squeeze=False)
     limit = float(np.abs(grads).max())
     norm = colors.SymLogNorm(linthresh, vmin=-limit, vmax=limit, base=10)
@@ -186,8 +213,9 @@ def trajectory_gradients(path, grads, states, levels, pixel, t, linthresh, step,
         for col, k in enumerate(levels):
             image = np.clip(states[c, col], 0, 1)
             top, bottom = axes[2 * c, col], axes[2 * c + 1, col]
-            top.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0,
-                       vmax=1)
+            top.imshow(
+                image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0, vmax=1
+            )
             top.plot(j, i, 's', mfc='none', mec='red', ms=5)
             shown = bottom.imshow(grads[c, col], cmap='RdBu_r', norm=norm)
             bottom.plot(j, i, 's', mfc='none', mec='black', ms=5, alpha=0.6)
@@ -198,20 +226,34 @@ def trajectory_gradients(path, grads, states, levels, pixel, t, linthresh, step,
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(shown, ax=axes[1::2].ravel().tolist(), shrink=min(0.8, 1.2 / chains),
-                 label=f'gradient of the pixel ({i}, {j}), symlog, linear below {linthresh:g}')
-    fig.suptitle(f'Input gradients along generated trajectories (checkpoint {step}, σ = '
-                 f'{sigma:g}, δ = {delta:g}; Fig. 8 right, 13b)')
+    fig.colorbar(
+        shown,
+        ax=axes[1::2].ravel().tolist(),
+        shrink=min(0.8, 1.2 / chains),
+        label=f'gradient of the pixel ({i}, {j}), symlog, linear below {linthresh:g}',
+    )
+    fig.suptitle(
+        f'Input gradients along generated trajectories (checkpoint {step}, σ = '
+        f'{sigma:g}, δ = {delta:g}; Fig. 8 right, 13b)'
+    )
     _save(fig, path, bbox_inches='tight')
 
 
 def _contour_edges(ax, rings, colour):
     """The cell edges between DCT coefficients of different contours."""
     h, w = rings.shape
-    segments = [[(m + 0.5, n - 0.5), (m + 0.5, n + 0.5)]
-                for n in range(h) for m in range(w - 1) if rings[n, m] != rings[n, m + 1]]
-    segments += [[(m - 0.5, n + 0.5), (m + 0.5, n + 0.5)]
-                 for n in range(h - 1) for m in range(w) if rings[n, m] != rings[n + 1, m]]
+    segments = [
+        [(m + 0.5, n - 0.5), (m + 0.5, n + 0.5)]
+        for n in range(h)
+        for m in range(w - 1)
+        if rings[n, m] != rings[n, m + 1]
+    ]
+    segments += [
+        [(m - 0.5, n + 0.5), (m + 0.5, n + 0.5)]
+        for n in range(h - 1)
+        for m in range(w)
+        if rings[n, m] != rings[n + 1, m]
+    ]
     ax.add_collection(collections.LineCollection(segments, colors=colour, linewidths=0.8))
 
 
@@ -221,27 +263,34 @@ def frequency_partition(path, rings, power, frequencies, psd, image):
     h, w = rings.shape
     fig = Figure(figsize=(17, 4.2), dpi=100, layout='constrained')
     image_ax, ring_ax, power_ax, psd_ax = fig.subplots(1, 4, width_ratios=(0.7, 1, 1, 1))
-    image_ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0,
-                    vmax=255)
+    image_ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0, vmax=255)
     image_ax.set_title('training image', fontsize=10)
     image_ax.set_xticks([])
     image_ax.set_yticks([])
     count = int(rings.max())
     hues = [c for i, c in enumerate(cm.tab20.colors) if i not in (14, 15)]  # no greys
     palette = colors.ListedColormap([hues[r % len(hues)] for r in range(count)]).with_extremes(
-        bad='0.85')
-    ring_ax.imshow(np.ma.masked_less(rings, 1), cmap=palette, vmin=0.5, vmax=count + 0.5,
-                   interpolation='nearest')
+        bad='0.85'
+    )
+    ring_ax.imshow(
+        np.ma.masked_less(rings, 1),
+        cmap=palette,
+        vmin=0.5,
+        vmax=count + 0.5,
+        interpolation='nearest',
+    )
     _contour_edges(ring_ax, rings, 'k')
     n, m = np.indices(rings.shape)
     for r in range(1, count + 1, max(1, count // 12)):
         cells = np.flatnonzero(rings == r)
         best = cells[np.argmin(np.abs(n.flat[cells] - m.flat[cells]))]
         ring_ax.text(m.flat[best], n.flat[best], str(r), fontsize=7, ha='center', va='center')
-    ring_ax.set_title(f'contour r = ⌊2·{max(h, w)}·ρ⌋ of each coefficient (grey: left out)',
-                      fontsize=10)
-    shown = power_ax.imshow(np.log10(np.maximum(power, 1e-12)), cmap='viridis',
-                            interpolation='nearest')
+    ring_ax.set_title(
+        f'contour r = ⌊2·{max(h, w)}·ρ⌋ of each coefficient (grey: left out)', fontsize=10
+    )
+    shown = power_ax.imshow(
+        np.log10(np.maximum(power, 1e-12)), cmap='viridis', interpolation='nearest'
+    )
     _contour_edges(power_ax, rings, 'w')
     fig.colorbar(shown, ax=power_ax, label='log10 squared DCT coefficient')
     power_ax.set_title('DCT power of the image, with the contours', fontsize=10)
@@ -256,8 +305,9 @@ def frequency_partition(path, rings, power, frequencies, psd, image):
     psd_ax.set_ylabel('mean squared coefficient on the contour')
     psd_ax.set_title('radial PSD: one point per contour', fontsize=10)
     psd_ax.grid(True, alpha=0.3)
-    fig.suptitle('Partition of the DCT frequencies into equal-frequency contours (App. B.6, '
-                 'Fig. 10)')
+    fig.suptitle(
+        'Partition of the DCT frequencies into equal-frequency contours (App. B.6, Fig. 10)'
+    )
     _save(fig, path, bbox_inches='tight')
 
 
@@ -305,16 +355,18 @@ def prior_overlap(path, maxes, results, model_max, num_test, sigma, delta):
     fig = Figure(figsize=(5.5, 4), dpi=100)
     ax = fig.subplots()
     ax.plot(maxes, [r['L_K_bits_per_dim'] for r in results], 'o-')
-    ax.axvline(model_max, color='gray', ls=':',
-               label=f'this model: σ_B,max = {model_max:g}')
+    ax.axvline(model_max, color='gray', ls=':', label=f'this model: σ_B,max = {model_max:g}')
     ax.set_xscale('log')
     ax.set_yscale('log')
     ax.set_xticks(maxes, [f'{s:g}' for s in maxes])
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel('σ_B,max (pixels)')
     ax.set_ylabel('mean L_K upper bound (bits/dim)')
-    ax.set_title(f'Prior overlap: {num_test} test images vs the blurred training set\n'
-                 f'(σ = {sigma:g}, δ = {delta:g}; Fig. 12)', fontsize=10)
+    ax.set_title(
+        f'Prior overlap: {num_test} test images vs the blurred training set\n'
+        f'(σ = {sigma:g}, δ = {delta:g}; Fig. 12)',
+        fontsize=10,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path, bbox_inches='tight')

@@ -128,8 +128,10 @@ def register(cls):
 def process_class(config):
     name = config.model.process
     if name not in REGISTRY:
-        raise errors.UserError(f'config.model.process={name!r}; expected one of '
-                               f'{", ".join(repr(n) for n in REGISTRY)}.')
+        raise errors.UserError(
+            f'config.model.process={name!r}; expected one of '
+            f'{", ".join(repr(n) for n in REGISTRY)}.'
+        )
     return REGISTRY[name]
 
 
@@ -142,8 +144,10 @@ def check_mode(config, mode):
     """errors.UserError if `mode` is not defined for config.model.process."""
     why = process_class(config).unsupported_modes.get(mode)
     if why:
-        raise errors.UserError(f'--mode={mode} is not defined for config.model.process='
-                               f'{config.model.process!r} ({why}).')
+        raise errors.UserError(
+            f'--mode={mode} is not defined for config.model.process='
+            f'{config.model.process!r} ({why}).'
+        )
 
 
 def from_config(config) -> Process:
@@ -166,8 +170,9 @@ class Heat(Process):
     def check(cls, config):
         steps = config.sampling.steps
         if steps:
-            raise errors.UserError(f'config.sampling.steps={steps}: the heat process samples all '
-                                   'K levels (0).')
+            raise errors.UserError(
+                f'config.sampling.steps={steps}: the heat process samples all K levels (0).'
+            )
 
     def loss(self, f, x, key):
         return objective.training_loss(f, x, key, self.schedule.t, self.schedule.sigma)
@@ -218,8 +223,12 @@ class Heat(Process):
         """Eq. 7: the per-level means (every level must have been drawn) and the App. A.3 bound
         on L_K against the training set (likelihood.assemble)."""
         sums, counts, u_K_means = outputs
-        bounds = kde_bound(u_K_means=u_K_means.astype(np.float32), t_K=self.schedule.t_K,
-                           sigma=self.schedule.sigma, delta=delta)
+        bounds = kde_bound(
+            u_K_means=u_K_means.astype(np.float32),
+            t_K=self.schedule.t_K,
+            sigma=self.schedule.sigma,
+            delta=delta,
+        )
         return likelihood.assemble(bounds, sums.sum(axis=0), counts.sum(axis=0))
 
     def psd_curves(self, x, eps, levels):
@@ -234,8 +243,15 @@ class Heat(Process):
             _, heat_psd = spectra.radial_psd(blur(x, t[k]))
             alpha_bar = spectra.matched_alpha_bar(data_psd, heat_psd, sigma)
             noisy = spectra.diffusion_forward(x, eps, alpha_bar) / np.sqrt(alpha_bar)
-            curves.append({'k': k, 'blur_sigma': float(np.sqrt(2 * t[k])), 'heat_psd': heat_psd,
-                           'alpha_bar': alpha_bar, 'diffusion_psd': spectra.radial_psd(noisy)[1]})
+            curves.append(
+                {
+                    'k': k,
+                    'blur_sigma': float(np.sqrt(2 * t[k])),
+                    'heat_psd': heat_psd,
+                    'alpha_bar': alpha_bar,
+                    'diffusion_psd': spectra.radial_psd(noisy)[1],
+                }
+            )
         return curves
 
     def blur_sigmas(self):
@@ -268,15 +284,19 @@ class Diffusion(Process):
     def check(cls, config):
         m, steps = config.model, config.sampling.steps
         if m.K < 2:
-            raise errors.UserError(f'config.model.K={m.K}: config.model.process={m.process!r} '
-                                   'needs at least 2 levels (the decoder at t_1 and the steps '
-                                   'above it).')
+            raise errors.UserError(
+                f'config.model.K={m.K}: config.model.process={m.process!r} '
+                'needs at least 2 levels (the decoder at t_1 and the steps '
+                'above it).'
+            )
         continuous = cls.make(m).continuous
         if steps < 0 or steps > m.K or (not continuous and steps and m.K % steps):
-            raise errors.UserError(f'config.sampling.steps={steps} must be 0 (all K levels) or, '
-                                   f'for config.model.process={m.process!r}, '
-                                   + ('at most K' if continuous else 'a divisor of K')
-                                   + f' = {m.K}.')
+            raise errors.UserError(
+                f'config.sampling.steps={steps} must be 0 (all K levels) or, '
+                f'for config.model.process={m.process!r}, '
+                + ('at most K' if continuous else 'a divisor of K')
+                + f' = {m.K}.'
+            )
 
     @staticmethod
     def eps_fn(f):
@@ -298,9 +318,15 @@ class Diffusion(Process):
         """diffusion.ancestral_step with the sampler's clip (δ plays no part)."""
         del delta
         batch = u.shape[0]
-        return diffusion.ancestral_step(self.process, self.eps_fn(f), u,
-                                        jnp.full((batch,), t, jnp.float32),
-                                        jnp.full((batch,), s, jnp.float32), eps, clip=True)
+        return diffusion.ancestral_step(
+            self.process,
+            self.eps_fn(f),
+            u,
+            jnp.full((batch,), t, jnp.float32),
+            jnp.full((batch,), s, jnp.float32),
+            eps,
+            clip=True,
+        )
 
     def mean(self, f, u, k):
         """The mean of p(u_{k−1} | u_k) (the model's u_0 at k = 1), for u in [−1, 1]."""
@@ -312,8 +338,9 @@ class Diffusion(Process):
     def level_state(self, x, k, key):
         """A draw of q(u_k | 2x − 1)."""
         t = jnp.full((x.shape[0],), k / self.levels, jnp.float32)
-        return diffusion.q_sample(self.process, 2.0 * x - 1.0, t,
-                                  jax.random.normal(key, x.shape, jnp.float32))
+        return diffusion.q_sample(
+            self.process, 2.0 * x - 1.0, t, jax.random.normal(key, x.shape, jnp.float32)
+        )
 
     def to_image(self, u):
         return (u + 1.0) / 2.0
@@ -338,8 +365,9 @@ class Diffusion(Process):
 
         zeros = jnp.zeros((N + 1,), jnp.float32)
         (sums, counts), _ = jax.lax.scan(one_pass, (zeros, zeros), pass_keys)
-        l_0 = diffusion.decoder_nll(self.process, net, u0, jax.random.normal(
-            key, u0.shape, jnp.float32))[0]
+        l_0 = diffusion.decoder_nll(
+            self.process, net, u0, jax.random.normal(key, u0.shape, jnp.float32)
+        )[0]
         return sums, counts, l_0, diffusion.prior_kl(self.process, u0)[0]
 
     def elbo_terms(self, outputs, delta, kde_bound):
@@ -349,10 +377,13 @@ class Diffusion(Process):
         sums, counts = sums.sum(axis=0), counts.sum(axis=0)
         sum_kl = (self.levels - 1) * sums[2:].sum() / counts[2:].sum()
         return likelihood.ElboTerms(
-            L_K=float(np.mean(l_T)), sum_L_k=float(sum_kl), L_0=float(np.mean(l_0)),
+            L_K=float(np.mean(l_T)),
+            sum_L_k=float(sum_kl),
+            L_0=float(np.mean(l_0)),
             nats=float(np.mean(l_T) + sum_kl + np.mean(l_0)),
-            level_nats=[float(np.mean(l_0))] + [float(s / c) if c else None
-                                                for s, c in zip(sums[2:], counts[2:])])
+            level_nats=[float(np.mean(l_0))]
+            + [float(s / c) if c else None for s, c in zip(sums[2:], counts[2:])],
+        )
 
     def psd_curves(self, x, eps, levels):
         """u_k/(2α_k) = (a_k/α_k) ⊙ x + (s_k/(2α_k)) ⊙ ε, a draw of q(u_k | 2x − 1) at the
@@ -362,10 +393,10 @@ class Diffusion(Process):
             t = np.full((len(x),), k / self.levels, np.float32)
             alpha, _ = self.process.alpha_sigma(t)
             u_k = diffusion.q_sample(self.process, 2.0 * x - 1.0, t, eps)
-            psd_k = spectra.radial_psd(np.asarray(u_k) / (2.0 * np.asarray(alpha)[:, None, None,
-                                                                                       None]))[1]
-            curves.append({'k': k, 't': k / self.levels, 'alpha': float(alpha[0]),
-                           'psd': psd_k})
+            psd_k = spectra.radial_psd(
+                np.asarray(u_k) / (2.0 * np.asarray(alpha)[:, None, None, None])
+            )[1]
+            curves.append({'k': k, 't': k / self.levels, 'alpha': float(alpha[0]), 'psd': psd_k})
         return curves
 
 
@@ -393,5 +424,6 @@ class NonIsotropic(Diffusion):
 
     @staticmethod
     def make(model):
-        return diffusion.non_isotropic(model.K, model.noise_gamma, model.noise_c0, model.beta_min,
-                                       model.beta_max)
+        return diffusion.non_isotropic(
+            model.K, model.noise_gamma, model.noise_c0, model.beta_min, model.beta_max
+        )

@@ -9,7 +9,9 @@ the padding or the number of devices.
 import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable
+from typing import NamedTuple
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,16 +34,20 @@ GIF_FRAMES = 41  # grid points recorded for a trajectory GIF, evenly spaced from
 
 def residual(graphdef):
     """f(params, u, k) of the U-Net in inference mode (no dropout)."""
+
     def f(params, u, k):
         return unet.apply(graphdef, params, u, k, train=False)
+
     return f
 
 
 def trajectory_levels(K: int) -> tuple:
     """The grid points a trajectory GIF shows: GIF_FRAMES points from K down to 0 (all if
     fewer)."""
-    return tuple(int(k) for k in
-                 np.unique(np.linspace(0, K, min(K + 1, GIF_FRAMES)).round().astype(int))[::-1])
+    return tuple(
+        int(k)
+        for k in np.unique(np.linspace(0, K, min(K + 1, GIF_FRAMES)).round().astype(int))[::-1]
+    )
 
 
 def make_train_step(config, graphdef, mesh):
@@ -61,32 +67,44 @@ def make_train_step(config, graphdef, mesh):
         def loss_fn(params):
             def f(u, k):
                 return unet.apply(graphdef, params, u, k, train=True, key=dropout_key)
+
             return process.loss(f, batch, loss_key)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = state_lib.ema_decay(config.model.ema_rate, state.step)
-        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                                  state.ema_params, params)
+        ema_params = jax.tree.map(
+            lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
+        )
         grad_norm = optax.tree.norm(grads)
-        metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': lr(state.step),
-                   'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
-        return state_lib.TrainState(step=state.step + 1, params=params, ema_params=ema_params,
-                                    opt_state=opt_state), metrics
+        metrics = {
+            'loss': loss,
+            'grad_norm': grad_norm,
+            'lr': lr(state.step),
+            'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        }
+        return state_lib.TrainState(
+            step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+        ), metrics
 
     replicated = parallel.replicated(mesh)
-    return jax.jit(train_step, in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
 
 
 def on_mesh(mesh, fn):
     """fn(replicated, batched) jitted on `mesh`, as a function of numpy inputs and outputs.
 
-    `replicated` (a pytree of arrays, the same on every process) goes whole to every device. The arrays of the tuple `batched` and
-    every output are split over 'data' along their first axis; the batch is padded to a multiple
-    of the device count (by repeating its last entry) and the outputs are cut back to it. Every
-    process passes the whole batch and gets every output.
+    `replicated` (a pytree of arrays, the same on every process) goes whole to every device.
+    The arrays of the tuple `batched` and every output are split over 'data' along their first
+    axis; the batch is padded to a multiple of the device count (by repeating its last entry)
+    and the outputs are cut back to it. Every process passes the whole batch and gets every
+    output.
     """
     sharding, replicated_sharding = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     jitted = jax.jit(fn, in_shardings=(replicated_sharding, sharding), out_shardings=sharding)
@@ -105,15 +123,16 @@ def on_mesh(mesh, fn):
     def call(replicated, *batched):
         n = len(batched[0])
         size = -(-n // mesh.size) * mesh.size
-        out = jitted(jax.tree.map(replicate, replicated),
-                     tuple(to_mesh(x, size) for x in batched))
+        out = jitted(jax.tree.map(replicate, replicated), tuple(to_mesh(x, size) for x in batched))
         return jax.tree.map(lambda y: parallel.gather(y)[:n], out)
+
     return call
 
 
 class Chains(NamedTuple):
     """Sampler.chains: u_0 of each chain (B, H, W, C), and the states at the recorded grid
     points (B, points, H, W, C), None where none were asked for."""
+
     final: np.ndarray
     trajectory: Optional[np.ndarray]
 
@@ -121,6 +140,7 @@ class Chains(NamedTuple):
 class Samples(NamedTuple):
     """Sampler.draw: the samples, and the first chunk's trajectory (B, points, H, W, C) where
     asked for (else None)."""
+
     images: np.ndarray
     trajectory: Optional[np.ndarray]
 
@@ -130,6 +150,7 @@ class Chain:
     """The sampler of a config with the network's parameters and δ bound, as a function inside
     a compiled program (Sampler.run): chain(u, noise, record=(), start=None, stop=0) runs
     samplers.Sampler.__call__; f is the network at the parameters."""
+
     method: samplers.Sampler
     f: Callable
     delta: jax.Array
@@ -165,6 +186,7 @@ class Sampler:
         def prior(x, raw_keys, delta):
             def one(x_b, key_b):  # each example with its own key
                 return process.prior(key_b, x_b[None], delta)[0]
+
             return jax.vmap(one)(x, jax.random.wrap_key_data(raw_keys))
 
         self._prior = prior
@@ -176,10 +198,12 @@ class Sampler:
         and δ (config.sampling.delta unless given), once per function object `fn`. Key data
         (rng.example_keys) pass as uint32 arrays: jax.random.wrap_key_data makes keys of them."""
         if fn not in self._programs:
+
             def program(replicated, batched):
                 params, delta = replicated
                 chain = Chain(self.method, functools.partial(self._f, params), delta)
                 return fn(chain, *batched)
+
             self._programs[fn] = on_mesh(self.mesh, program)
         delta = jnp.float32(self.schedule.delta if delta is None else delta)
         return self._programs[fn]((params, delta), *batched)
@@ -203,8 +227,17 @@ class Sampler:
         out = self.run(fn, params, u_K, raw_keys, delta=delta)
         return Chains(*out) if record else Chains(out, None)
 
-    def draw(self, params, source, num_samples: int, key, delta=None, trajectory=False,
-             progress='', uint8=True) -> Samples:
+    def draw(
+        self,
+        params,
+        source,
+        num_samples: int,
+        key,
+        delta=None,
+        trajectory=False,
+        progress='',
+        uint8=True,
+    ) -> Samples:
         """num_samples samples as uint8 NHWC (with uint8=False: float32 u_0 as the chain ends,
         not clipped), in chunks of config.sampling.batch_size.
 
@@ -216,12 +249,21 @@ class Sampler:
         batch_size = self.config.sampling.batch_size
         chunks, first_trajectory = [], None
         convert = images.to_uint8 if uint8 else np.asarray
-        for c in tqdm.trange(math.ceil(num_samples / batch_size), desc=progress, unit='batch',
-                             disable=not progress or not parallel.is_main_process()):
+        for c in tqdm.trange(
+            math.ceil(num_samples / batch_size),
+            desc=progress,
+            unit='batch',
+            disable=not progress or not parallel.is_main_process(),
+        ):
             prior_key, chain_key = jax.random.split(jax.random.fold_in(key, c))
             u_K = self.prior_states(source, c, batch_size, prior_key, delta)
-            out = self.chains(params, u_K, rng.example_keys(chain_key, batch_size), delta,
-                              self.gif_points if trajectory and c == 0 else ())
+            out = self.chains(
+                params,
+                u_K,
+                rng.example_keys(chain_key, batch_size),
+                delta,
+                self.gif_points if trajectory and c == 0 else (),
+            )
             if out.trajectory is not None:
                 first_trajectory = convert(out.trajectory)
             chunks.append(convert(out.final))

@@ -58,8 +58,9 @@ def prior_picks(seed: int, draw: int, n: int, num_images: int) -> np.ndarray:
 
 def subset(seed: int, n: int, num_images: int) -> np.ndarray:
     """n distinct image indices, sorted, for the analyses that average over training images."""
-    picks = numpy_rng(seed, PRIOR, ANALYSIS_DRAW).choice(num_images, min(n, num_images),
-                                                         replace=False)
+    picks = numpy_rng(seed, PRIOR, ANALYSIS_DRAW).choice(
+        num_images, min(n, num_images), replace=False
+    )
     return np.sort(picks)
 
 

@@ -37,8 +37,14 @@ class Sampler(abc.ABC):
         """(u at grid point `stop`, the states at the grid points `record`) of the chain from
         u at grid point `start` (default: the prior's, `steps`), the noise of grid point i
         being noise(i) (sampling.chain)."""
-        return sampling.chain(lambda v, i, eps: self.step(f, v, i, delta, eps), u,
-                              self.steps if start is None else start, noise, record, stop)
+        return sampling.chain(
+            lambda v, i, eps: self.step(f, v, i, delta, eps),
+            u,
+            self.steps if start is None else start,
+            noise,
+            record,
+            stop,
+        )
 
 
 REGISTRY: dict = {}
@@ -53,8 +59,10 @@ def register(cls):
 def sampler_class(config):
     name = config.sampling.sampler
     if name not in REGISTRY:
-        raise errors.UserError(f'config.sampling.sampler={name!r}; expected one of '
-                               f'{", ".join(repr(n) for n in REGISTRY)}.')
+        raise errors.UserError(
+            f'config.sampling.sampler={name!r}; expected one of '
+            f'{", ".join(repr(n) for n in REGISTRY)}.'
+        )
     return REGISTRY[name]
 
 

@@ -5,7 +5,8 @@ sampler runs.
 The functions are pure and trace under jax.jit; wrap them with the model's parameters closed over.
 """
 
-from typing import Callable, Sequence
+from typing import Callable
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,12 @@ def example_noise(keys, example_shape) -> NoiseFn:
     Each example's noise sequence depends only on its own key, not on the batch it is in or how
     the batch is sharded. Giving several examples the same key gives them the same sequence.
     """
+
     def noise(k):
-        return jax.vmap(lambda key: jax.random.normal(
-            jax.random.fold_in(key, k), example_shape))(keys)
+        return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), example_shape))(
+            keys
+        )
+
     return noise
 
 
@@ -85,8 +89,9 @@ def alg2_step(f, u, k, delta, eps):
     return mean + jnp.where(k > 1, delta, 0.0) * eps
 
 
-def sample_with_noise(f, u_K, K: int, delta, noise: NoiseFn, trajectory_steps: Sequence[int] = (),
-                      stop: int = 0):
+def sample_with_noise(
+    f, u_K, K: int, delta, noise: NoiseFn, trajectory_steps: Sequence[int] = (), stop: int = 0
+):
     """Alg. 2 with the noise sequence given: for k = K..1, u ← μ(u, k) + δ ε_k (alg2_step).
 
     Args:
@@ -100,16 +105,16 @@ def sample_with_noise(f, u_K, K: int, delta, noise: NoiseFn, trajectory_steps: S
     Returns:
       (u_stop, trajectory), trajectory of shape (len(trajectory_steps),) + u_K.shape.
     """
-    return chain(lambda u, k, eps: alg2_step(f, u, k, delta, eps), u_K, K, noise,
-                 trajectory_steps, stop)
+    return chain(
+        lambda u, k, eps: alg2_step(f, u, k, delta, eps), u_K, K, noise, trajectory_steps, stop
+    )
 
 
 def sample(f, u_K, K: int, delta, key, trajectory_steps: Sequence[int] = ()):
     """Alg. 2 from the prior draw u_K, with each example's noise from its own key split off `key`;
     (u_0, trajectory) as sample_with_noise."""
     keys = jax.random.split(key, u_K.shape[0])
-    return sample_with_noise(f, u_K, K, delta, example_noise(keys, u_K.shape[1:]),
-                             trajectory_steps)
+    return sample_with_noise(f, u_K, K, delta, example_noise(keys, u_K.shape[1:]), trajectory_steps)
 
 
 def slerp(a, b, weight):
@@ -156,8 +161,9 @@ def interpolate(run_chain, u_a, u_b, key_a, key_b, num_points: int, mix=lerp):
     weight = jnp.linspace(0.0, 1.0, num_points).reshape(-1, 1, 1, 1)
     noise_a = example_noise(jnp.stack([key_a] * num_points), u_a.shape)
     noise_b = example_noise(jnp.stack([key_b] * num_points), u_a.shape)
-    return run_chain(mix(u_a[None], u_b[None], weight),
-                     lambda k: slerp(noise_a(k), noise_b(k), weight))[0]
+    return run_chain(
+        mix(u_a[None], u_b[None], weight), lambda k: slerp(noise_a(k), noise_b(k), weight)
+    )[0]
 
 
 def hierarchical(segment, u_K, K: int, key, splits: Sequence[int], branches: int):
@@ -184,8 +190,9 @@ def hierarchical(segment, u_K, K: int, key, splits: Sequence[int], branches: int
         states.append(u)
         if stop:
             u = jnp.repeat(u, branches, axis=0)
-            keys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(
-                jnp.arange(branches)))(keys)
+            keys = jax.vmap(
+                lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(branches))
+            )(keys)
             keys = keys.reshape((-1,) + keys.shape[2:])
         level = stop
     return states

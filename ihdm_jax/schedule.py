@@ -22,8 +22,12 @@ class Schedule:
 
 def from_config(config) -> Schedule:
     m = config.model
-    return Schedule(K=m.K, t=heat.heat_times(m.K, m.blur_sigma_min, m.blur_sigma_max),
-                    sigma=m.sigma, delta=config.sampling.delta)
+    return Schedule(
+        K=m.K,
+        t=heat.heat_times(m.K, m.blur_sigma_min, m.blur_sigma_max),
+        sigma=m.sigma,
+        delta=config.sampling.delta,
+    )
 
 
 def analysis_levels(config) -> list:
@@ -31,6 +35,7 @@ def analysis_levels(config) -> list:
     (fractions, so that one setting suits every K)."""
     fractions = tuple(config.analysis.level_fractions)
     if not fractions or not all(0 < f <= 1 for f in fractions):
-        raise errors.UserError(f'config.analysis.level_fractions={fractions} must be fractions '
-                               'of K in (0, 1].')
+        raise errors.UserError(
+            f'config.analysis.level_fractions={fractions} must be fractions of K in (0, 1].'
+        )
     return [max(1, round(f * config.model.K)) for f in fractions]

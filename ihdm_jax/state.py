@@ -33,8 +33,10 @@ def learning_rate(config):
 
 def make_optimizer(config) -> optax.GradientTransformation:
     """Global-norm gradient clipping, then Adam(0.9, 0.999, 1e-8) without weight decay."""
-    return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip),
-                       optax.adam(learning_rate(config), b1=0.9, b2=0.999, eps=1e-8))
+    return optax.chain(
+        optax.clip_by_global_norm(config.optim.grad_clip),
+        optax.adam(learning_rate(config), b1=0.9, b2=0.999, eps=1e-8),
+    )
 
 
 def ema_decay(ema_rate, step):
@@ -53,21 +55,28 @@ def model_graphdef(config):
 def _init_fn(config, tx):
     def init(key):
         _, params = unet.init(config, key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=jax.tree.map(jnp.copy, params),
+            opt_state=tx.init(params),
+        )
+
     return init
 
 
 def _on_mesh(shapes, mesh):
     replicated = parallel.replicated(mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        shapes)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes
+    )
 
 
 def abstract_state(config, mesh) -> TrainState:
     """The TrainState as ShapeDtypeStructs, replicated over `mesh` (a restore target)."""
-    return _on_mesh(jax.eval_shape(_init_fn(config, make_optimizer(config)), jax.random.key(0)),
-                    mesh)
+    return _on_mesh(
+        jax.eval_shape(_init_fn(config, make_optimizer(config)), jax.random.key(0)), mesh
+    )
 
 
 def abstract_params(config, mesh):
@@ -78,5 +87,6 @@ def abstract_params(config, mesh):
 
 def init_state(config, mesh, key) -> TrainState:
     """A fresh TrainState created directly on `mesh`, replicated; ema_params a separate copy."""
-    return jax.jit(_init_fn(config, make_optimizer(config)),
-                   out_shardings=parallel.replicated(mesh))(key)
+    return jax.jit(
+        _init_fn(config, make_optimizer(config)), out_shardings=parallel.replicated(mesh)
+    )(key)

@@ -115,11 +115,14 @@ def check_reachable(location, what: str):
     except ImportError:
         raise errors.UserError(
             f'{what}={location} is on {prefix} storage, which needs the package '
-            f'{_PACKAGES[prefix]}: pip install {_PACKAGES[prefix]}') from None
+            f'{_PACKAGES[prefix]}: pip install {_PACKAGES[prefix]}'
+        ) from None
     except Exception as error:  # credentials, permissions, a missing bucket
         cause = str(error).strip().splitlines()
-        raise errors.UserError(f'{what}={location} cannot be reached ({type(error).__name__}: '
-                               f'{cause[0] if cause else ""}).') from None
+        raise errors.UserError(
+            f'{what}={location} cannot be reached ({type(error).__name__}: '
+            f'{cause[0] if cause else ""}).'
+        ) from None
 
 
 class _RecordFile:
@@ -156,6 +159,7 @@ def summary_writer(logdir: str, purge_step=None):
     # (2 s), which only the training job's writer should pay.
     from tensorboardX import SummaryWriter
     from tensorboardX import record_writer
+
     for prefix in REMOTE_PREFIXES:
         record_writer.register_writer_factory(prefix.split(':')[0], _RecordFiles())
     return SummaryWriter(logdir, purge_step=purge_step)

@@ -54,13 +54,17 @@ def check_keys(config):
         message = unknown_key(key, known)
         if message:
             raise errors.UserError(message)
-        require(_element_types_match(value, known[key]),
-                f'config.{key}={value!r} must be a tuple like the default {known[key]!r} (on the '
-                f'command line: --config.{key}="{known[key]!r}").')
+        require(
+            _element_types_match(value, known[key]),
+            f'config.{key}={value!r} must be a tuple like the default {known[key]!r} (on the '
+            f'command line: --config.{key}="{known[key]!r}").',
+        )
     missing = sorted(set(known) - set(given))
     if missing:
-        raise errors.UserError(f'The config lacks config.{missing[0]}: build configs on '
-                               'ihdm_jax.defaults.get_default_config().')
+        raise errors.UserError(
+            f'The config lacks config.{missing[0]}: build configs on '
+            'ihdm_jax.defaults.get_default_config().'
+        )
 
 
 def require(ok, message):
@@ -71,51 +75,82 @@ def require(ok, message):
 def check_values(config):
     """Ranges and choices of the model, data, training and sampling settings."""
     d, m, t, o, s = config.data, config.model, config.training, config.optim, config.sampling
-    require(d.num_channels in (1, 3),
-             f'config.data.num_channels={d.num_channels} must be 1 (grayscale) or 3 (RGB).')
+    require(
+        d.num_channels in (1, 3),
+        f'config.data.num_channels={d.num_channels} must be 1 (grayscale) or 3 (RGB).',
+    )
     require(d.cache_mb >= 0, f'config.data.cache_mb={d.cache_mb} is negative; expected MiB ≥ 0.')
-    require(0 < m.beta_min < m.beta_max < 1, f'config.model.beta_min={m.beta_min} and '
-             f'config.model.beta_max={m.beta_max} must satisfy 0 < beta_min < beta_max < 1.')
-    require(0 < m.blur_d_min <= 1,
-             f'config.model.blur_d_min={m.blur_d_min} must be in (0, 1].')
-    require(m.noise_gamma >= 0 and m.noise_c0 > 0, f'config.model.noise_gamma={m.noise_gamma} '
-             f'must be ≥ 0 and config.model.noise_c0={m.noise_c0} > 0.')
+    require(
+        0 < m.beta_min < m.beta_max < 1,
+        f'config.model.beta_min={m.beta_min} and '
+        f'config.model.beta_max={m.beta_max} must satisfy 0 < beta_min < beta_max < 1.',
+    )
+    require(0 < m.blur_d_min <= 1, f'config.model.blur_d_min={m.blur_d_min} must be in (0, 1].')
+    require(
+        m.noise_gamma >= 0 and m.noise_c0 > 0,
+        f'config.model.noise_gamma={m.noise_gamma} '
+        f'must be ≥ 0 and config.model.noise_c0={m.noise_c0} > 0.',
+    )
     require(m.K >= 1, f'config.model.K={m.K} must be at least 1 (the number of blur levels).')
     require(m.sigma >= 0, f'config.model.sigma={m.sigma} is negative; expected σ ≥ 0.')
     require(s.delta >= 0, f'config.sampling.delta={s.delta} is negative; expected δ ≥ 0.')
-    require(m.blur_sigma_min > 0, f'config.model.blur_sigma_min={m.blur_sigma_min} must be '
-             '> 0 (the schedule is log-spaced).')
-    require(m.blur_sigma_min < m.blur_sigma_max,
-             f'config.model.blur_sigma_min={m.blur_sigma_min} must be smaller than '
-             f'config.model.blur_sigma_max={m.blur_sigma_max}.')
+    require(
+        m.blur_sigma_min > 0,
+        f'config.model.blur_sigma_min={m.blur_sigma_min} must be > 0 (the schedule is log-spaced).',
+    )
+    require(
+        m.blur_sigma_min < m.blur_sigma_max,
+        f'config.model.blur_sigma_min={m.blur_sigma_min} must be smaller than '
+        f'config.model.blur_sigma_max={m.blur_sigma_max}.',
+    )
     levels = len(m.channel_mult)
-    require(levels >= 1, 'config.model.channel_mult is empty; expected one multiplier per '
-             'U-Net level, e.g. (1, 2, 2, 2).')
-    require(d.image_size >= 1 and d.image_size % 2 ** (levels - 1) == 0,
-             f'config.data.image_size={d.image_size} must be a positive multiple of '
-             f'{2 ** (levels - 1)}: the U-Net halves it {levels - 1} times '
-             f'(config.model.channel_mult={tuple(m.channel_mult)}).')
-    require(all(0 <= a < levels for a in m.attention_levels),
-             f'config.model.attention_levels={tuple(m.attention_levels)} must be U-Net levels '
-             f'in 0..{levels - 1}.')
-    require(m.model_channels >= 32 and m.model_channels % 32 == 0 and
-             all(c >= 1 for c in m.channel_mult),
-             f'config.model.model_channels={m.model_channels} must be a multiple of 32 (the '
-             'GroupNorm groups), and every channel multiplier ≥ 1.')
-    require(m.num_res_blocks >= 1,
-             f'config.model.num_res_blocks={m.num_res_blocks} must be at least 1.')
+    require(
+        levels >= 1,
+        'config.model.channel_mult is empty; expected one multiplier per '
+        'U-Net level, e.g. (1, 2, 2, 2).',
+    )
+    require(
+        d.image_size >= 1 and d.image_size % 2 ** (levels - 1) == 0,
+        f'config.data.image_size={d.image_size} must be a positive multiple of '
+        f'{2 ** (levels - 1)}: the U-Net halves it {levels - 1} times '
+        f'(config.model.channel_mult={tuple(m.channel_mult)}).',
+    )
+    require(
+        all(0 <= a < levels for a in m.attention_levels),
+        f'config.model.attention_levels={tuple(m.attention_levels)} must be U-Net levels '
+        f'in 0..{levels - 1}.',
+    )
+    require(
+        m.model_channels >= 32
+        and m.model_channels % 32 == 0
+        and all(c >= 1 for c in m.channel_mult),
+        f'config.model.model_channels={m.model_channels} must be a multiple of 32 (the '
+        'GroupNorm groups), and every channel multiplier ≥ 1.',
+    )
+    require(
+        m.num_res_blocks >= 1, f'config.model.num_res_blocks={m.num_res_blocks} must be at least 1.'
+    )
     require(0 <= m.dropout < 1, f'config.model.dropout={m.dropout} must be in [0, 1).')
     require(0 <= m.ema_rate < 1, f'config.model.ema_rate={m.ema_rate} must be in [0, 1).')
-    require(m.downsample in ('conv', 'avgpool'),
-             f"config.model.downsample={m.downsample!r}; expected 'conv' or 'avgpool'.")
-    require(m.dtype in ('float32', 'bfloat16'),
-             f"config.model.dtype={m.dtype!r}; expected 'float32' or 'bfloat16'.")
+    require(
+        m.downsample in ('conv', 'avgpool'),
+        f"config.model.downsample={m.downsample!r}; expected 'conv' or 'avgpool'.",
+    )
+    require(
+        m.dtype in ('float32', 'bfloat16'),
+        f"config.model.dtype={m.dtype!r}; expected 'float32' or 'bfloat16'.",
+    )
     for name in ('batch_size', 'snapshot_freq', 'log_freq', 'sampling_freq'):
         require(t[name] >= 1, f'config.training.{name}={t[name]} must be at least 1.')
-    require(t.max_to_keep >= 1, f'config.training.max_to_keep={t.max_to_keep} must be at '
-             'least 1 (a run resumes from the newest checkpoint).')
-    require(t.keep_period >= 0, f'config.training.keep_period={t.keep_period} must be ≥ 0 '
-             '(0 keeps no milestones).')
+    require(
+        t.max_to_keep >= 1,
+        f'config.training.max_to_keep={t.max_to_keep} must be at '
+        'least 1 (a run resumes from the newest checkpoint).',
+    )
+    require(
+        t.keep_period >= 0,
+        f'config.training.keep_period={t.keep_period} must be ≥ 0 (0 keeps no milestones).',
+    )
     require(t.n_iters >= 0, f'config.training.n_iters={t.n_iters} must be ≥ 0.')
     for name in ('num_samples', 'batch_size'):
         require(s[name] >= 1, f'config.sampling.{name}={s[name]} must be at least 1.')

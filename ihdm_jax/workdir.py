@@ -40,9 +40,11 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config of <workdir>/config.json on top of the defaults, checked."""
     path = storage.join(workdir, CONFIG_FILE)
     if not storage.isfile(path):
-        raise errors.UserError(f'{path} does not exist: {workdir} is not a workdir of ihdm_jax '
-                               '(train with ihdm_jax.main, or convert an original checkpoint '
-                               'with ihdm_jax.convert_original).')
+        raise errors.UserError(
+            f'{path} does not exist: {workdir} is not a workdir of ihdm_jax '
+            '(train with ihdm_jax.main, or convert an original checkpoint '
+            'with ihdm_jax.convert_original).'
+        )
     try:
         saved = validation.flatten(json.loads(storage.read_text(path)))
     except (OSError, ValueError, AttributeError) as error:
@@ -75,17 +77,26 @@ def config_differences(config, workdir: str, training: bool) -> list:
     try:
         saved = json.loads(storage.read_text(path))
     except (OSError, ValueError) as error:
-        raise errors.UserError(f'{path} cannot be read ({error}); restore it or use a new '
-                               '--workdir.') from None
+        raise errors.UserError(
+            f'{path} cannot be read ({error}); restore it or use a new --workdir.'
+        ) from None
     now = validation.flatten(json.loads(config.to_json_best_effort()))
     # A key that config.json lacks (added to ihdm_jax/defaults.py after the run) has its default.
-    before = {**validation.flatten(json.loads(defaults.get_default_config().to_json_best_effort())),
-              **validation.flatten(saved)}
+    before = {
+        **validation.flatten(json.loads(defaults.get_default_config().to_json_best_effort())),
+        **validation.flatten(saved),
+    }
     keys = RUN_KEYS if training else MODEL_KEYS
-    in_scope = [k for k in set(now) | set(before)
-                if any(k == p or k.startswith(p + '.') for p in keys) and k not in _FREE_KEYS]
-    return [(k, before.get(k), now.get(k)) for k in sorted(in_scope)
-            if _jsonable(before.get(k)) != _jsonable(now.get(k))]
+    in_scope = [
+        k
+        for k in set(now) | set(before)
+        if any(k == p or k.startswith(p + '.') for p in keys) and k not in _FREE_KEYS
+    ]
+    return [
+        (k, before.get(k), now.get(k))
+        for k in sorted(in_scope)
+        if _jsonable(before.get(k)) != _jsonable(now.get(k))
+    ]
 
 
 def _nearest_existing(path: pathlib.Path) -> pathlib.Path:
@@ -108,26 +119,35 @@ def check(config, workdir: str, use: str, allow_config_change=False):
         existing = _nearest_existing(pathlib.Path(workdir).absolute())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             what = 'is not a directory' if not existing.is_dir() else 'cannot be written'
-            raise errors.UserError(f'--workdir={workdir} cannot be written ({existing} {what}); '
-                                   'choose a directory you can write to.')
+            raise errors.UserError(
+                f'--workdir={workdir} cannot be written ({existing} {what}); '
+                'choose a directory you can write to.'
+            )
     if use == 'results':
         return
     if use == 'trained' and not checkpoint.steps_on_disk(workdir):
         where = 'does not exist' if not storage.exists(workdir) else 'holds no checkpoint'
-        raise errors.UserError(f'--workdir={workdir} {where}: train first (--mode=train), or '
-                               'point --workdir at a trained run.')
+        raise errors.UserError(
+            f'--workdir={workdir} {where}: train first (--mode=train), or '
+            'point --workdir at a trained run.'
+        )
     training = use == 'train'
     changed = config_differences(config, workdir, training)
     if not changed or (training and allow_config_change):
         return
     saved_path = storage.join(workdir, CONFIG_FILE)
-    lines = '\n'.join(f'  config.{k}: {before!r} in {saved_path}, {now!r} now'
-                      for k, before, now in changed)
-    how = ('Use a new --workdir, or pass --allow_config_change to continue this run with the '
-           'new values.' if training else
-           'Pass the config that trained this run (its values are in config.json).')
+    lines = '\n'.join(
+        f'  config.{k}: {before!r} in {saved_path}, {now!r} now' for k, before, now in changed
+    )
+    how = (
+        'Use a new --workdir, or pass --allow_config_change to continue this run with the '
+        'new values.'
+        if training
+        else 'Pass the config that trained this run (its values are in config.json).'
+    )
     raise errors.UserError(
-        f'--workdir={workdir} holds a run of a different config:\n{lines}\n{how}')
+        f'--workdir={workdir} holds a run of a different config:\n{lines}\n{how}'
+    )
 
 
 def save_config(config, workdir: str):
@@ -144,6 +164,7 @@ def save_config(config, workdir: str):
         stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
         storage.rename(path, storage.join(workdir, f'config.{stamp}.json'))
     tmp = f'{path}.tmp'
-    storage.write_text(tmp, json.dumps(json.loads(config.to_json_best_effort()), indent=2,
-                                       sort_keys=True) + '\n')
+    storage.write_text(
+        tmp, json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True) + '\n'
+    )
     storage.rename(tmp, path)

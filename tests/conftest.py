@@ -19,8 +19,12 @@ import tempfile
 # little slower; and 8 simulated CPU devices, so that sharded code runs on a laptop as on an
 # 8-device host. Subprocesses inherit both; with_devices changes the count for one.
 os.environ['XLA_FLAGS'] = ' '.join(
-    [os.environ.get('XLA_FLAGS', ''), '--xla_cpu_use_fusion_emitters=false',
-     '--xla_force_host_platform_device_count=8']).strip()
+    [
+        os.environ.get('XLA_FLAGS', ''),
+        '--xla_cpu_use_fusion_emitters=false',
+        '--xla_force_host_platform_device_count=8',
+    ]
+).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # A persistent compilation cache for this test run, which the xdist workers and subprocesses
@@ -55,15 +59,19 @@ TRAINED_STEP = 7
 def with_devices(count: int) -> dict:
     """The environment for a subprocess with `count` simulated CPU devices: this one's XLA_FLAGS
     with another device count after the first (the last one counts)."""
-    return {**os.environ, 'XLA_FLAGS': f"{os.environ['XLA_FLAGS']} "
-                                       f'--xla_force_host_platform_device_count={count}'}
+    return {
+        **os.environ,
+        'XLA_FLAGS': f'{os.environ["XLA_FLAGS"]} --xla_force_host_platform_device_count={count}',
+    }
 
 
 def perturbed(tree, seed, scale):
     """tree + scale·N(0, 1) noise of a numpy generator seeded with `seed`, leaf by leaf."""
     generator = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: np.asarray(x) + scale * generator.standard_normal(x.shape)
-                        .astype(np.float32), tree)
+    return jax.tree.map(
+        lambda x: np.asarray(x) + scale * generator.standard_normal(x.shape).astype(np.float32),
+        tree,
+    )
 
 
 @pytest.fixture(scope='session')
@@ -79,13 +87,14 @@ def trained(config, tmp_path_factory):
     workdir = tmp_path_factory.mktemp('trained')
     mesh = parallel.make_mesh()
     initial = jax.device_get(state_lib.init_state(config, mesh, rng.init_key(config.seed)))
-    state = initial.replace(step=np.int32(TRAINED_STEP),
-                            params=perturbed(initial.params, 1, 0.05),
-                            ema_params=perturbed(initial.params, 2, 0.05))
+    state = initial.replace(
+        step=np.int32(TRAINED_STEP),
+        params=perturbed(initial.params, 1, 0.05),
+        ema_params=perturbed(initial.params, 2, 0.05),
+    )
     workdir_lib.save_config(config, str(workdir))
     manager = checkpoint.make_manager(str(workdir))
-    checkpoint.Saver(manager).save(TRAINED_STEP, jax.device_put(state,
-                                                                parallel.replicated(mesh)))
+    checkpoint.Saver(manager).save(TRAINED_STEP, jax.device_put(state, parallel.replicated(mesh)))
     manager.wait_until_finished()
     manager.close()
     return workdir
@@ -144,18 +153,39 @@ def inception_weights(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
             result = subprocess.run(
-                [sys.executable, '-m', 'ihdm_jax.evaluation.inception', 'convert',
-                 f'--torchscript={fid_torchscript()}', f'--out={path}'], cwd=ROOT,
-                capture_output=True, text=True, timeout=600)
+                [
+                    sys.executable,
+                    '-m',
+                    'ihdm_jax.evaluation.inception',
+                    'convert',
+                    f'--torchscript={fid_torchscript()}',
+                    f'--out={path}',
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert result.returncode == 0, result.stderr
     return str(path)
 
 
 # The slowest modules (measured), which go first so that no long one is left for the end of the
 # run while the other worker idles; `--dist loadfile --no-loadscope-reorder` keeps this order.
-SLOW_FIRST = ('test_multiprocess.py', 'test_train.py', 'test_cli.py', 'test_reliability.py',
-              'test_evaluate.py', 'test_analysis_jobs.py', 'test_fid.py', 'test_benchmarks.py',
-              'test_processes.py', 'test_heat.py', 'test_unet.py', 'test_lock.py')
+SLOW_FIRST = (
+    'test_multiprocess.py',
+    'test_train.py',
+    'test_cli.py',
+    'test_reliability.py',
+    'test_evaluate.py',
+    'test_analysis_jobs.py',
+    'test_fid.py',
+    'test_benchmarks.py',
+    'test_processes.py',
+    'test_heat.py',
+    'test_unet.py',
+    'test_lock.py',
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -71,7 +71,10 @@ def test_matched_diffusion_floor_keeps_the_contours_that_heat_keeps():
 def test_heat_input_gradients_are_symmetric_local_and_sum_to_one():
     u = jnp.asarray(np.random.default_rng(2).uniform(size=(1, 24, 24, 1)), jnp.float32)
     sigma_b = 2.0
-    fn = lambda x: heat.heat_forward(x, sigma_b**2 / 2)
+
+    def fn(x):
+        return heat.heat_forward(x, sigma_b**2 / 2)
+
     p, q = (10, 12, 0), (13, 9, 0)
     g_p = np.asarray(probes.input_gradient(fn, u, p))
     g_q = np.asarray(probes.input_gradient(fn, u, q))
@@ -89,5 +92,6 @@ def test_nearest_neighbours_match_brute_force():
     samples = rng.uniform(size=(6, 4, 4, 1))
     d = ((samples[:, None] - train[None]) ** 2).sum(axis=(2, 3, 4))
     expected = np.argsort(d, axis=1)[:, :3]
-    np.testing.assert_array_equal(probes.nearest_neighbours(samples, train, 3, chunk_size=7),
-                                  expected)
+    np.testing.assert_array_equal(
+        probes.nearest_neighbours(samples, train, 3, chunk_size=7), expected
+    )

@@ -22,10 +22,17 @@ def test_flops_of_a_matmul_is_2mkn():
     assert measure.flops(lowered) == 2 * m * k * n
 
 
-@pytest.mark.parametrize('kind, dtype, peak', [
-    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989.4), ('NVIDIA H100 PCIe', 'bfloat16', 756.0),
-    ('NVIDIA A100-SXM4-80GB', 'float32', 156.0), ('TPU v5 lite', 'bfloat16', 197.0),
-    ('TPU v5', 'bfloat16', 459.0), ('cpu', 'float32', None)])
+@pytest.mark.parametrize(
+    'kind, dtype, peak',
+    [
+        ('NVIDIA H100 80GB HBM3', 'bfloat16', 989.4),
+        ('NVIDIA H100 PCIe', 'bfloat16', 756.0),
+        ('NVIDIA A100-SXM4-80GB', 'float32', 156.0),
+        ('TPU v5 lite', 'bfloat16', 197.0),
+        ('TPU v5', 'bfloat16', 459.0),
+        ('cpu', 'float32', None),
+    ],
+)
 def test_peak_tflops_matches_the_device_kind(kind, dtype, peak):
     assert measure.peak_tflops(types.SimpleNamespace(device_kind=kind), dtype) == peak
 
@@ -43,7 +50,8 @@ def test_tiny_benchmark_runs_the_real_step_and_sampler():
     training, state = model.benchmark_training(config, mesh, steps=2, repeats=2, peak_tflops=1.0)
     assert int(state.step) == 1 + 2 * 2  # warm-up step, then two windows of two steps
     assert training['images_per_s'] == pytest.approx(
-        config.training.batch_size / training['step_ms'] * 1e3)
+        config.training.batch_size / training['step_ms'] * 1e3
+    )
     assert training['gflop_per_step_per_device'] > 0
     assert training['mfu'] == pytest.approx(training['tflops_per_s_per_device'] / 1.0)
     assert training['peak_bytes_in_use'] is None  # CPU devices do not report memory
@@ -65,9 +73,16 @@ def test_profile_assigns_the_step_time_to_the_parts_of_the_model():
         state = jax.block_until_ready(compiled(state, batch, key)[0])
 
     parts = profile.breakdown(compiled, step, calls=1)
-    for part in [('convolutions', 'forward'), ('convolutions', 'backward'),
-                 ('GroupNorm', 'forward'), ('GroupNorm', 'backward'), ('dropout', 'forward'),
-                 ('attention', 'forward'), ('optimizer', 'forward'), ('EMA', 'forward')]:
+    for part in [
+        ('convolutions', 'forward'),
+        ('convolutions', 'backward'),
+        ('GroupNorm', 'forward'),
+        ('GroupNorm', 'backward'),
+        ('dropout', 'forward'),
+        ('attention', 'forward'),
+        ('optimizer', 'forward'),
+        ('EMA', 'forward'),
+    ]:
         assert parts.get(part, 0) > 0, part
     total = parts.pop(('total', ''))
     assert total == pytest.approx(sum(parts.values()))

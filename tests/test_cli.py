@@ -21,10 +21,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT
 from conftest import TRAINED_STEP
 from conftest import with_devices
+
 from configs import tiny
 from ihdm_jax import main
 from ihdm_jax import parallel
@@ -37,38 +37,68 @@ MODES = {
     'eval': ['eval/likelihood.json', 'eval/likelihood_levels.png'],
     'fid': ['eval/fid.json', 'eval/fid_samples.png'],
     'sweep_delta': ['eval/sweep_delta.json', 'eval/sweep_delta.md', 'eval/sweep_delta.png'],
-    'same_init': ['analysis/same_init/same_init.npz', 'analysis/same_init/same_init.png',
-                  'analysis/same_init/trajectory.gif'],
-    'share_noise': ['analysis/share_noise/share_noise.npz', 'analysis/share_noise/share_noise.png',
-                    'analysis/share_noise/trajectory.gif'],
-    'interpolate': ['analysis/interpolate/interpolate.npz', 'analysis/interpolate/interpolate.png',
-                    'analysis/interpolate/interpolate.gif'],
-    'hierarchical': ['analysis/hierarchical/hierarchical.npz',
-                     'analysis/hierarchical/hierarchical.png'],
+    'same_init': [
+        'analysis/same_init/same_init.npz',
+        'analysis/same_init/same_init.png',
+        'analysis/same_init/trajectory.gif',
+    ],
+    'share_noise': [
+        'analysis/share_noise/share_noise.npz',
+        'analysis/share_noise/share_noise.png',
+        'analysis/share_noise/trajectory.gif',
+    ],
+    'interpolate': [
+        'analysis/interpolate/interpolate.npz',
+        'analysis/interpolate/interpolate.png',
+        'analysis/interpolate/interpolate.gif',
+    ],
+    'hierarchical': [
+        'analysis/hierarchical/hierarchical.npz',
+        'analysis/hierarchical/hierarchical.png',
+    ],
     'delta_grid': ['analysis/delta_grid/delta_grid.npz', 'analysis/delta_grid/delta_grid.png'],
-    'input_gradients': ['analysis/input_gradients/input_gradients.npz',
-                        'analysis/input_gradients/input_gradients.png'],
-    'trajectory_gradients': ['analysis/trajectory_gradients/trajectory_gradients.npz',
-                             'analysis/trajectory_gradients/trajectory_gradients.png'],
-    'nearest_neighbours': ['analysis/nearest_neighbours/nearest_neighbours.npz',
-                           'analysis/nearest_neighbours/nearest_neighbours.png'],
+    'input_gradients': [
+        'analysis/input_gradients/input_gradients.npz',
+        'analysis/input_gradients/input_gradients.png',
+    ],
+    'trajectory_gradients': [
+        'analysis/trajectory_gradients/trajectory_gradients.npz',
+        'analysis/trajectory_gradients/trajectory_gradients.png',
+    ],
+    'nearest_neighbours': [
+        'analysis/nearest_neighbours/nearest_neighbours.npz',
+        'analysis/nearest_neighbours/nearest_neighbours.png',
+    ],
     'psd': ['analysis/psd/psd.json', 'analysis/psd/psd.png', 'analysis/psd/energy_vs_blur.png'],
-    'prior_overlap': ['analysis/prior_overlap/prior_overlap.json',
-                      'analysis/prior_overlap/prior_overlap.png'],
-    'frequency_partition': ['analysis/frequency_partition/frequency_partition.npz',
-                            'analysis/frequency_partition/frequency_partition.png'],
+    'prior_overlap': [
+        'analysis/prior_overlap/prior_overlap.json',
+        'analysis/prior_overlap/prior_overlap.png',
+    ],
+    'frequency_partition': [
+        'analysis/frequency_partition/frequency_partition.npz',
+        'analysis/frequency_partition/frequency_partition.png',
+    ],
     'summary': [],
 }
 FID_MODES = ('fid', 'sweep_delta')
 TINY = {
     'sampling.num_samples': 8,
-    'evaluation.num_examples': 16, 'evaluation.num_passes': 5,
-    'evaluation.fid_num_samples': 8, 'evaluation.deltas': (0.0125, 0.015),
-    'analysis.num_rows': 2, 'analysis.num_columns': 2, 'analysis.num_points': 3,
-    'analysis.num_trees': 1, 'analysis.split_fractions': (0.5,), 'analysis.branches': 2,
-    'analysis.level_fractions': (0.5, 1.0), 'analysis.num_images': 16,
-    'analysis.gradient_pixels': ((0.5, 0.5),), 'analysis.blur_sigma_maxes': (1.0, 4.0),
-    'analysis.num_neighbours': 2, 'analysis.deltas': (0.0, 0.0125),
+    'evaluation.num_examples': 16,
+    'evaluation.num_passes': 5,
+    'evaluation.fid_num_samples': 8,
+    'evaluation.deltas': (0.0125, 0.015),
+    'analysis.num_rows': 2,
+    'analysis.num_columns': 2,
+    'analysis.num_points': 3,
+    'analysis.num_trees': 1,
+    'analysis.split_fractions': (0.5,),
+    'analysis.branches': 2,
+    'analysis.level_fractions': (0.5, 1.0),
+    'analysis.num_images': 16,
+    'analysis.gradient_pixels': ((0.5, 0.5),),
+    'analysis.blur_sigma_maxes': (1.0, 4.0),
+    'analysis.num_neighbours': 2,
+    'analysis.deltas': (0.0, 0.0125),
 }
 # One device: these runs test the command line, not sharding.
 ENV = with_devices(1)
@@ -76,8 +106,11 @@ ENV = with_devices(1)
 
 def _files(folder):
     """{relative path: sha256} of every file under `folder`."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in pathlib.Path(folder).rglob('*') if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in pathlib.Path(folder).rglob('*')
+        if p.is_file()
+    }
 
 
 def _run_mode(base, trained, mode, settings):
@@ -85,11 +118,16 @@ def _run_mode(base, trained, mode, settings):
     workdir = base / mode
     shutil.copytree(trained, workdir)
     before = _files(workdir)
-    command = [sys.executable, '-m', 'ihdm_jax.main', '--config=configs/tiny.py',
-               f'--workdir={workdir}', f'--mode={mode}']
+    command = [
+        sys.executable,
+        '-m',
+        'ihdm_jax.main',
+        '--config=configs/tiny.py',
+        f'--workdir={workdir}',
+        f'--mode={mode}',
+    ]
     command += [f'--config.{key}={value}' for key, value in {**TINY, **settings}.items()]
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     return result, workdir, before
 
 
@@ -103,18 +141,25 @@ def mode_runs(trained, inception_weights, tmp_path_factory):
     base = tmp_path_factory.mktemp('modes')
     stats = base / 'train_stats.npz'
     np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
-    fid_settings = {'evaluation.inception_weights': inception_weights,
-                    'evaluation.fid_train_stats': stats}
+    fid_settings = {
+        'evaluation.inception_weights': inception_weights,
+        'evaluation.fid_train_stats': stats,
+    }
 
     def fid_runs():
         return [_run_mode(base, trained, mode, fid_settings) for mode in FID_MODES]
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         fid = pool.submit(fid_runs)
-        others = {mode: pool.submit(_run_mode, base, trained, mode, {})
-                  for mode in MODES if mode not in FID_MODES}
-        return {**{mode: future.result() for mode, future in others.items()},
-                **dict(zip(FID_MODES, fid.result()))}
+        others = {
+            mode: pool.submit(_run_mode, base, trained, mode, {})
+            for mode in MODES
+            if mode not in FID_MODES
+        }
+        return {
+            **{mode: future.result() for mode, future in others.items()},
+            **dict(zip(FID_MODES, fid.result())),
+        }
 
 
 def test_every_mode_is_run_from_the_command_line():
@@ -125,11 +170,11 @@ def test_every_mode_is_run_from_the_command_line():
 def test_mode_runs_from_the_command_line_and_writes_only_its_results(mode_runs, mode):
     result, workdir, before = mode_runs[mode]
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'Traceback' not in result.stderr and 'Error' not in result.stderr, \
-        result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr and 'Error' not in result.stderr, result.stderr[-3000:]
     # orbax's INFO records (a few dozen per restore) are filtered out.
-    assert not re.search(r'^I\d{4} .* checkpoint_manager\.py:\d+\]', result.stderr,
-                         re.MULTILINE), result.stderr[-3000:]
+    assert not re.search(r'^I\d{4} .* checkpoint_manager\.py:\d+\]', result.stderr, re.MULTILINE), (
+        result.stderr[-3000:]
+    )
     after = _files(workdir)
     written = {path for path in after if before.get(path) != after[path]}
     assert set(MODES[mode]) <= written, sorted(written)
@@ -139,8 +184,9 @@ def test_mode_runs_from_the_command_line_and_writes_only_its_results(mode_runs, 
     assert set(before) <= set(after)
 
 
-@pytest.mark.parametrize('mode, name', [('eval', 'likelihood'), ('fid', 'fid'),
-                                        ('sweep_delta', 'sweep_delta')])
+@pytest.mark.parametrize(
+    'mode, name', [('eval', 'likelihood'), ('fid', 'fid'), ('sweep_delta', 'sweep_delta')]
+)
 def test_evaluations_use_the_newest_checkpoint_and_the_requested_amounts(mode_runs, mode, name):
     _, workdir, _ = mode_runs[mode]
     with open(workdir / 'eval' / f'{name}.json') as f:
@@ -155,8 +201,9 @@ def test_evaluations_use_the_newest_checkpoint_and_the_requested_amounts(mode_ru
     if mode == 'sweep_delta':
         assert saved['num_examples'] == TINY['evaluation.num_examples']
         assert [row['delta'] for row in saved['results']] == list(TINY['evaluation.deltas'])
-        assert all(np.isfinite(row['fid']) and np.isfinite(row['bits_per_dim'])
-                   for row in saved['results'])
+        assert all(
+            np.isfinite(row['fid']) and np.isfinite(row['bits_per_dim']) for row in saved['results']
+        )
 
 
 def test_summary_prints_the_parameter_count_of_the_model(mode_runs):
@@ -168,8 +215,9 @@ def test_summary_prints_the_parameter_count_of_the_model(mode_runs):
 
 
 def _shipped_configs():
-    return sorted(p.stem for p in (pathlib.Path(ROOT) / 'configs').glob('*.py')
-                  if p.stem != '__init__')
+    return sorted(
+        p.stem for p in (pathlib.Path(ROOT) / 'configs').glob('*.py') if p.stem != '__init__'
+    )
 
 
 @pytest.mark.parametrize('name', _shipped_configs())
@@ -178,20 +226,34 @@ def test_shipped_config_passes_validation(name):
 
 
 def test_help_shows_the_override_syntax_and_the_shipped_configs():
-    result = subprocess.run([sys.executable, '-m', 'ihdm_jax.main', '--help'], cwd=ROOT,
-                            env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, '-m', 'ihdm_jax.main', '--help'],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert '--config.KEY=VALUE' in result.stdout
     assert '--config.training.n_iters=500' in result.stdout
     for name in _shipped_configs():
         first_line = importlib.import_module(f'configs.{name}').__doc__.splitlines()[0]
-        assert re.search(rf'^  configs/{name}\.py +{re.escape(first_line)}$', result.stdout,
-                         re.MULTILINE), result.stdout
+        assert re.search(
+            rf'^  configs/{name}\.py +{re.escape(first_line)}$', result.stdout, re.MULTILINE
+        ), result.stdout
     assert '--workdir: Directory for checkpoints' in result.stdout
 
 
-@pytest.mark.parametrize('setting, platform, expected', [
-    ('auto', 'gpu', 'run/compilation_cache'), ('auto', 'tpu', 'run/compilation_cache'),
-    ('auto', 'cpu', None), ('', 'gpu', None), ('/cache', 'cpu', '/cache')])
+@pytest.mark.parametrize(
+    'setting, platform, expected',
+    [
+        ('auto', 'gpu', 'run/compilation_cache'),
+        ('auto', 'tpu', 'run/compilation_cache'),
+        ('auto', 'cpu', None),
+        ('', 'gpu', None),
+        ('/cache', 'cpu', '/cache'),
+    ],
+)
 def test_compilation_cache_is_on_by_default_on_gpu_and_tpu(setting, platform, expected):
     assert parallel.compilation_cache_dir(setting, 'run', platform) == expected

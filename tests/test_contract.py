@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import perturbed
+
 from ihdm_jax import checkpoint
 from ihdm_jax import data
 from ihdm_jax import diffusion
@@ -38,12 +38,17 @@ class LinearBetaInPixels(processes.Process):
 
     def __init__(self, config):
         super().__init__(config)
-        alpha_bar = np.cumprod(np.concatenate([[1.0], 1 - np.linspace(BETA_1, BETA_T, self.levels)]))
+        alpha_bar = np.cumprod(
+            np.concatenate([[1.0], 1 - np.linspace(BETA_1, BETA_T, self.levels)])
+        )
 
         def alpha_sigma(t):
             i = jnp.round(jnp.asarray(t, jnp.float32) * self.levels).astype(jnp.int32)
-            return (jnp.asarray(np.sqrt(alpha_bar), jnp.float32)[i],
-                    jnp.asarray(np.sqrt(1 - alpha_bar), jnp.float32)[i])
+            return (
+                jnp.asarray(np.sqrt(alpha_bar), jnp.float32)[i],
+                jnp.asarray(np.sqrt(1 - alpha_bar), jnp.float32)[i],
+            )
+
         self.gaussian = diffusion.Process(alpha_sigma, None, None, self.levels, continuous=False)
 
     def _net(self, f):
@@ -60,8 +65,9 @@ class LinearBetaInPixels(processes.Process):
 
     def reverse_step(self, f, u, t, s, delta, eps):
         full = lambda v: jnp.full((u.shape[0],), v, jnp.float32)  # noqa: E731
-        return diffusion.ancestral_step(self.gaussian, self._net(f), u, full(t), full(s), eps,
-                                        clip=True)
+        return diffusion.ancestral_step(
+            self.gaussian, self._net(f), u, full(t), full(s), eps, clip=True
+        )
 
     def mean(self, f, u, k):
         full = lambda v: jnp.full((u.shape[0],), v / self.levels, jnp.float32)  # noqa: E731
@@ -81,16 +87,24 @@ class LinearBetaInPixels(processes.Process):
         """Every level's term once (no Monte Carlo), and L_T."""
         u0 = x.astype(jnp.float32) / 127.5 - 1.0
         eps = jax.random.normal(key, u0.shape)
-        terms = jnp.stack([diffusion.level_term(self.gaussian, self._net(f), u0, jnp.array([i]),
-                                                eps)[0] for i in range(1, self.levels + 1)])
+        terms = jnp.stack(
+            [
+                diffusion.level_term(self.gaussian, self._net(f), u0, jnp.array([i]), eps)[0]
+                for i in range(1, self.levels + 1)
+            ]
+        )
         return terms, diffusion.prior_kl(self.gaussian, u0)[0]
 
     def elbo_terms(self, outputs, delta, kde_bound):
         terms, l_T = outputs
         means = terms.mean(axis=0)
         return likelihood.ElboTerms(
-            L_K=float(l_T.mean()), sum_L_k=float(means[1:].sum()), L_0=float(means[0]),
-            nats=float(l_T.mean() + means.sum()), level_nats=means.tolist())
+            L_K=float(l_T.mean()),
+            sum_L_k=float(means[1:].sum()),
+            L_0=float(means[0]),
+            nats=float(l_T.mean() + means.sum()),
+            level_nats=means.tolist(),
+        )
 
     def psd_curves(self, x, eps, levels):
         return []
@@ -111,8 +125,11 @@ def _workdir(config, path):
     """A workdir of `config` with a checkpoint far from the initialisation, as conftest.trained."""
     mesh = parallel.make_mesh()
     initial = jax.device_get(state_lib.init_state(config, mesh, rng.init_key(config.seed)))
-    state = initial.replace(step=np.int32(3), params=perturbed(initial.params, 1, 0.05),
-                            ema_params=perturbed(initial.params, 2, 0.05))
+    state = initial.replace(
+        step=np.int32(3),
+        params=perturbed(initial.params, 1, 0.05),
+        ema_params=perturbed(initial.params, 2, 0.05),
+    )
     workdir_lib.save_config(config, str(path))
     manager = checkpoint.make_manager(str(path))
     checkpoint.Saver(manager).save(3, jax.device_put(state, parallel.replicated(mesh)))
@@ -156,8 +173,9 @@ def test_a_new_process_evaluates_its_own_elbo(linear_beta):
             results.append(json.load(f))
     ours, builtin = results
     assert ours['offset'] == 0.0 and len(ours['level_nats']) == 10
-    assert ours['bits_per_dim'] == pytest.approx(ours['L_K'] + ours['sum_L_k'] + ours['L_0'],
-                                                 rel=1e-9)
+    assert ours['bits_per_dim'] == pytest.approx(
+        ours['L_K'] + ours['sum_L_k'] + ours['L_0'], rel=1e-9
+    )
     # L_T in closed form and L_0 of the same decoder draw (each example's own key): measured
     # equal. Σ L_k differs: every level here, a Monte-Carlo estimate in the built-in one.
     assert ours['L_K'] == pytest.approx(builtin['L_K'], rel=1e-6)
@@ -167,6 +185,7 @@ def test_a_new_process_evaluates_its_own_elbo(linear_beta):
 def test_a_new_sampler_runs_through_the_sample_job(trained, config, tmp_path):
     """--mode=sample with the test sampler is Alg. 2 at δ = 0 after the KDE prior's draw."""
     import shutil
+
     workdir = tmp_path / 'run'
     shutil.copytree(trained, workdir)
     mean_only = config.copy_and_resolve_references()
@@ -180,10 +199,13 @@ def test_a_new_sampler_runs_through_the_sample_job(trained, config, tmp_path):
     prior_key, _ = jax.random.split(jax.random.fold_in(rng.sample_key(config.seed), 0))
     u_K = sampler.prior_states(data.make_source(config), 0, config.sampling.batch_size, prior_key)
     f = programs.residual(state_lib.model_graphdef(config))
-    expected, _ = sampling.sample_with_noise(lambda u, k: f(params, u, k), u_K, config.model.K,
-                                             0.0, lambda k: jnp.zeros(u_K.shape))
+    expected, _ = sampling.sample_with_noise(
+        lambda u, k: f(params, u, k), u_K, config.model.K, 0.0, lambda k: jnp.zeros(u_K.shape)
+    )
     reference = np.round(np.clip(np.asarray(expected), 0, 1) * 255)
     assert np.abs(samples - reference).max() <= 1
     main.run(config, 'sample', str(workdir))  # the ancestral sampler: Alg. 2 with its δ noise
-    assert np.abs(np.load(workdir / 'samples' / 'samples.npz')['images'].astype(int)
-                  - samples).max() > 10
+    assert (
+        np.abs(np.load(workdir / 'samples' / 'samples.npz')['images'].astype(int) - samples).max()
+        > 10
+    )

@@ -39,8 +39,9 @@ def test_digits_images():
     assert images.shape == (1797, 16, 16, 1) and images.dtype == np.uint8
     assert images.min() == 0 and images.max() >= 250
     assert data.digits_images(8).max() == 255  # 16 levels map to 255 when not resized
-    np.testing.assert_array_equal(data.digits_images(8)[..., 0],
-                                  np.round(load_digits().images * (255 / 16)))
+    np.testing.assert_array_equal(
+        data.digits_images(8)[..., 0], np.round(load_digits().images * (255 / 16))
+    )
 
 
 def test_batches_are_a_function_of_seed_and_step(digits, sharding):
@@ -57,8 +58,8 @@ def test_every_epoch_visits_each_image_once(digits, sharding):
     steps = -(-2 * n // loader.batch_size) + 1
     stream = np.concatenate([loader.batch_indices(s) for s in range(steps)])
     for epoch in range(2):
-        np.testing.assert_array_equal(np.sort(stream[epoch * n:(epoch + 1) * n]), np.arange(n))
-    assert not np.array_equal(stream[:n], stream[n:2 * n])
+        np.testing.assert_array_equal(np.sort(stream[epoch * n : (epoch + 1) * n]), np.arange(n))
+    assert not np.array_equal(stream[:n], stream[n : 2 * n])
 
 
 def test_global_batch_is_sharded_over_all_devices(digits, sharding):
@@ -83,8 +84,9 @@ def test_random_flips_are_deterministic(digits, sharding):
     assert np.all(is_flipped | np.all(flipped == plain, axis=(1, 2, 3)))
     asymmetric = ~np.all(plain == mirrored, axis=(1, 2, 3))
     assert 0 < np.sum(is_flipped & asymmetric) < np.sum(asymmetric)
-    np.testing.assert_array_equal(flipped,
-                                  np.asarray(_loader(digits, sharding, random_flip=True).batch(3)))
+    np.testing.assert_array_equal(
+        flipped, np.asarray(_loader(digits, sharding, random_flip=True).batch(3))
+    )
 
 
 def test_prior_picks_are_fixed_per_seed_and_draw():
@@ -97,8 +99,11 @@ def test_prior_picks_are_fixed_per_seed_and_draw():
 
 
 def test_batch_size_must_split_over_devices(config):
-    with pytest.raises(errors.UserError, match=r'=12 must be a multiple of the number of '
-                                               r'devices \(8\)'):
+    with pytest.raises(
+        errors.UserError,
+        match=r'=12 must be a multiple of the number of '
+        r'devices \(8\)',
+    ):
         parallel.check_divisible(12, 'config.training.batch_size')
     parallel.check_divisible(config.training.batch_size, 'config.training.batch_size')
 
@@ -145,8 +150,7 @@ def test_folder_images_are_halved_resized_then_cropped_as_the_original_code_does
     np.testing.assert_array_equal(halved, _halve(_halve(square))[None])
     # Not the crop-then-resize of the tfds images: the 64 central columns of the wide image,
     # resized, differ.
-    assert not np.array_equal(source.load(np.array([0]))[0],
-                              data.center_crop_resize(wide, 10))
+    assert not np.array_equal(source.load(np.array([0]))[0], data.center_crop_resize(wide, 10))
 
 
 def test_folder_source_reads_every_image_file_below_its_folder(tmp_path):
@@ -195,8 +199,9 @@ def test_check_names_bad_data_settings(tmp_path):
         data.check(config)
     config = tiny.get_config()
     config.data.num_channels = 3
-    with pytest.raises(errors.UserError,
-                       match='num_channels=3 does not match digits, whose images have 1'):
+    with pytest.raises(
+        errors.UserError, match='num_channels=3 does not match digits, whose images have 1'
+    ):
         data.check(config)
     config = tiny.get_config()
     config.data.dataset = 'cifar10'
@@ -285,8 +290,7 @@ def test_unreadable_images_are_replaced_by_the_next_readable_one(damaged, caplog
     loader = data.make_loader(config, data.make_source(config), sharding)
     for step in (0, 1, 2):
         expected = in_place[loader.batch_indices(step)] / 255.0
-        np.testing.assert_allclose(np.asarray(loader.batch(step))[:, 0, 0, 0], expected,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(loader.batch(step))[:, 0, 0, 0], expected, rtol=1e-6)
     assert len(_messages(caplog, logging.WARNING, 'b.png')) == 2  # once per source
     data.report_skipped(source, loader.source)
     assert _messages(caplog, logging.WARNING, '4 unreadable image file(s) were skipped')
@@ -308,8 +312,10 @@ def test_gray_images_convert_to_rgb_with_one_log_line(tmp_path, caplog):
     source = data.FolderSource(str(tmp_path), 8, 3)
     images = source.load(np.arange(12))
     assert images.shape == (12, 8, 8, 3)
-    np.testing.assert_array_equal(images, np.broadcast_to(
-        (20 * np.arange(12, dtype=np.uint8))[:, None, None, None], images.shape))
+    np.testing.assert_array_equal(
+        images,
+        np.broadcast_to((20 * np.arange(12, dtype=np.uint8))[:, None, None, None], images.shape),
+    )
     source.load(np.arange(12))
     assert len(_messages(caplog, logging.INFO, 'Converting images of mode L')) == 1
 
@@ -337,8 +343,10 @@ class TinyPngImages(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-            {'image': tfds.features.Image(shape=(12, 10, 3))}))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict({'image': tfds.features.Image(shape=(12, 10, 3))}),
+        )
 
     def _split_generators(self, dl_manager):
         return {'train': self._generate_examples()}
@@ -368,9 +376,15 @@ class FakeMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     prepared = 0
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-            {'image': tfds.features.Image(shape=(28, 28, 1)), 'label': tfds.features.ClassLabel(
-                num_classes=10)}))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    'image': tfds.features.Image(shape=(28, 28, 1)),
+                    'label': tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
+        )
 
     def _split_generators(self, dl_manager):
         FakeMnist.prepared += 1
@@ -391,28 +405,36 @@ def _mnist_config(data_dir):
     return config
 
 
-def test_without_the_prepare_extra_an_unprepared_tfds_set_names_the_command(tmp_path,
-                                                                           monkeypatch):
+def test_without_the_prepare_extra_an_unprepared_tfds_set_names_the_command(tmp_path, monkeypatch):
     from ihdm_jax import main
+
     monkeypatch.setattr(data, 'PREPARE_PACKAGE', 'a_package_that_is_not_installed')
-    monkeypatch.setattr(data, 'tfds_builder', lambda name, data_dir: FakeMnist(
-        data_dir=data_dir, file_format='array_record'))
+    monkeypatch.setattr(
+        data,
+        'tfds_builder',
+        lambda name, data_dir: FakeMnist(data_dir=data_dir, file_format='array_record'),
+    )
     with pytest.raises(errors.UserError) as refused:
         main.run(_mnist_config(tmp_path / 'tfds'), 'train', str(tmp_path / 'run'))
     assert str(refused.value) == (
         f"The tfds data set 'mnist' is not prepared in {tmp_path / 'tfds' / 'mnist' / '3.0.1'}, "
-        "and preparing it needs a_package_that_is_not_installed. Install it in this repository "
+        'and preparing it needs a_package_that_is_not_installed. Install it in this repository '
         "with `python -m pip install -e '.[prepare]'`; the first run then downloads and prepares "
-        "the data set itself. (Or prepare it on another machine and set --config.data.data_dir "
-        "to its tfds data directory.)")
+        'the data set itself. (Or prepare it on another machine and set --config.data.data_dir '
+        'to its tfds data directory.)'
+    )
     assert not (tmp_path / 'run').exists() and not (tmp_path / 'tfds').exists()
 
 
 def test_with_the_prepare_extra_the_first_run_prepares_the_data_once(tmp_path, monkeypatch):
     from ihdm_jax import main
+
     monkeypatch.setattr(data, 'PREPARE_PACKAGE', 'numpy')  # stands in for TensorFlow
-    monkeypatch.setattr(data, 'tfds_builder', lambda name, data_dir: FakeMnist(
-        data_dir=data_dir, file_format='array_record'))
+    monkeypatch.setattr(
+        data,
+        'tfds_builder',
+        lambda name, data_dir: FakeMnist(data_dir=data_dir, file_format='array_record'),
+    )
     FakeMnist.prepared = 0
     config = _mnist_config(tmp_path / 'tfds')
     main.run(config, 'psd', str(tmp_path / 'run'))
@@ -422,6 +444,7 @@ def test_with_the_prepare_extra_the_first_run_prepares_the_data_once(tmp_path, m
     assert FakeMnist.prepared == 1
     train, test = data.make_source(config), data.make_source(config, 'test')
     assert (len(train), len(test)) == (16, 4)
-    np.testing.assert_array_equal(np.sort(train.load(np.arange(16))[:, 0, 0, 0]),
-                                  15 * np.arange(16))
+    np.testing.assert_array_equal(
+        np.sort(train.load(np.arange(16))[:, 0, 0, 0]), 15 * np.arange(16)
+    )
     assert 'tensorflow' not in sys.modules

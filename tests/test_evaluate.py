@@ -11,13 +11,13 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 import scipy.special
 import scipy.stats
+from conftest import TRAINED_STEP
 from PIL import Image
 
-import numpy_reference
-from conftest import TRAINED_STEP
 from ihdm_jax import checkpoint
 from ihdm_jax import data
 from ihdm_jax import elbo
@@ -59,8 +59,7 @@ def random_params(eval_config):
     """Random parameters (no initialiser to compile), so that the residual f shapes every term."""
     generator = np.random.default_rng(0)
     shapes = state_lib.abstract_params(eval_config, parallel.make_mesh())
-    return jax.tree.map(lambda s: 0.1 * generator.standard_normal(s.shape).astype(s.dtype),
-                        shapes)
+    return jax.tree.map(lambda s: 0.1 * generator.standard_normal(s.shape).astype(s.dtype), shapes)
 
 
 def _negative_elbo(config, digits_split, params, devices=None, batch_size=8):
@@ -76,15 +75,15 @@ def random_elbo(eval_config, digits_split, random_params):
     return _negative_elbo(eval_config, digits_split, random_params)
 
 
-def test_negative_elbo_matches_brute_force(eval_config, digits_split, random_params,
-                                           random_elbo):
+def test_negative_elbo_matches_brute_force(eval_config, digits_split, random_params, random_elbo):
     """Every level k = 1..K and L_K by the paper's formulas in float64, with the draws of the
     keys elbo.example_keys gives each example."""
     config, params, result = eval_config, random_params, random_elbo
     K, sigma, passes = config.model.K, config.model.sigma, config.evaluation.num_passes
     n = config.evaluation.num_examples
-    t = np.asarray(heat.heat_times(K, config.model.blur_sigma_min, config.model.blur_sigma_max),
-                   np.float64)
+    t = np.asarray(
+        heat.heat_times(K, config.model.blur_sigma_min, config.model.blur_sigma_max), np.float64
+    )
     test_source, train_source = digits_split
     test_bytes = test_source.images[:n].astype(np.float64)
     train_bytes = train_source.images.astype(np.float64)
@@ -104,8 +103,9 @@ def test_negative_elbo_matches_brute_force(eval_config, digits_split, random_par
     u_k = numpy_reference.heat(u0[example], t[level]) + sigma * np.stack(eps)
     graphdef = state_lib.model_graphdef(config)
     apply = jax.jit(lambda u, k: unet.apply(graphdef, params, u, k, train=False))
-    mu = u_k + np.asarray(apply(jnp.asarray(u_k, jnp.float32), jnp.asarray(level, jnp.int32)),
-                          np.float64)
+    mu = u_k + np.asarray(
+        apply(jnp.asarray(u_k, jnp.float32), jnp.asarray(level, jnp.int32)), np.float64
+    )
 
     level_means = []
     for k in range(1, K + 1):
@@ -116,8 +116,11 @@ def test_negative_elbo_matches_brute_force(eval_config, digits_split, random_par
             terms = -scipy.stats.norm.logpdf(u0_k, loc=mu[drawn], scale=DELTA).sum(axis=(1, 2, 3))
         else:  # L_{k−1} = D_KL[N(F(t_{k−1})u0, σ²I) ‖ N(μ(u_k, k), δ²I)], pixel by pixel, Eq. (10)
             mean_q = numpy_reference.heat(u0_k, t[k - 1])
-            kl = (np.log(DELTA / sigma) + (sigma**2 + (mean_q - mu[drawn]) ** 2) / (2 * DELTA**2)
-                  - 0.5)
+            kl = (
+                np.log(DELTA / sigma)
+                + (sigma**2 + (mean_q - mu[drawn]) ** 2) / (2 * DELTA**2)
+                - 0.5
+            )
             terms = kl.sum(axis=(1, 2, 3))
         level_means.append(terms.mean())
 
@@ -144,11 +147,13 @@ def test_negative_elbo_matches_brute_force(eval_config, digits_split, random_par
 
 @pytest.mark.parametrize('devices, batch_size', [(1, 8), (1, 5)])
 def test_negative_elbo_does_not_depend_on_batch_size_or_devices(
-        eval_config, digits_split, random_params, random_elbo, devices, batch_size):
+    eval_config, digits_split, random_params, random_elbo, devices, batch_size
+):
     """Against 8 devices with batches of 8: one device (per-device batch 8 instead of 1), and one
     device with batches of 5 (12 = 5 + 5 + 2, the last padded)."""
-    result = _negative_elbo(eval_config, digits_split, random_params,
-                            jax.devices()[:devices], batch_size)
+    result = _negative_elbo(
+        eval_config, digits_split, random_params, jax.devices()[:devices], batch_size
+    )
     # Not bitwise: XLA's convolutions round differently at other per-device batch sizes.
     # Measured relative differences: at most 2.7e-7, for the totals and for a level's mean.
     for name in ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0', 'nats_per_image'):
@@ -162,8 +167,7 @@ def test_merge_prior_bounds_equals_the_bound_of_the_whole_set():
     whole = np.log(7) - scipy.special.logsumexp(neg_kl, axis=1)
     parts = [neg_kl[:, :2], neg_kl[:, 2:3], neg_kl[:, 3:]]
     bounds = [np.log(p.shape[1]) - scipy.special.logsumexp(p, axis=1) for p in parts]
-    np.testing.assert_allclose(likelihood.merge_prior_bounds(bounds, [2, 1, 4]), whole,
-                               rtol=1e-12)
+    np.testing.assert_allclose(likelihood.merge_prior_bounds(bounds, [2, 1, 4]), whole, rtol=1e-12)
 
 
 @pytest.fixture(scope='module')
@@ -200,16 +204,25 @@ def likelihood_json(eval_config, workdir):
     return _read(workdir, 'likelihood.json')
 
 
-def test_eval_job_writes_the_elbo_of_the_ema_parameters(eval_config, workdir, trained,
-                                                         likelihood_json, ema_params):
+def test_eval_job_writes_the_elbo_of_the_ema_parameters(
+    eval_config, workdir, trained, likelihood_json, ema_params
+):
     saved, config = likelihood_json, eval_config
     mesh = parallel.make_mesh()
     test_source, train_source = data.make_source(config, 'test'), data.make_source(config)
     assert len(train_source) == TRAIN_IMAGES
     negative_elbo = elbo.NegativeElbo(config, mesh, test_source, train_source)
     expected = dataclasses.asdict(negative_elbo(ema_params, config.sampling.delta))
-    for name in ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0', 'nats_per_image', 'level_nats',
-                 'num_examples', 'num_train'):
+    for name in (
+        'bits_per_dim',
+        'L_K',
+        'sum_L_k',
+        'L_0',
+        'nats_per_image',
+        'level_nats',
+        'num_examples',
+        'num_train',
+    ):
         assert saved[name] == expected[name], name
     manager = checkpoint.make_manager(str(trained))
     raw = checkpoint.restore_latest(manager, state_lib.abstract_state(config, mesh)).params
@@ -221,8 +234,9 @@ def test_eval_job_writes_the_elbo_of_the_ema_parameters(eval_config, workdir, tr
     assert saved['step'] == TRAINED_STEP and saved['split'] == 'test' and saved['delta'] == DELTA
     assert saved['num_examples'] == 12 and saved['num_train'] == TRAIN_IMAGES
     assert saved['evaluation']['num_passes'] == 5 and len(saved['level_nats']) == config.model.K
-    np.testing.assert_allclose(saved['bits_per_dim'],
-                               8 + saved['L_K'] + saved['sum_L_k'] + saved['L_0'], rtol=1e-12)
+    np.testing.assert_allclose(
+        saved['bits_per_dim'], 8 + saved['L_K'] + saved['sum_L_k'] + saved['L_0'], rtol=1e-12
+    )
     assert Image.open(workdir / 'eval' / 'likelihood_levels.png').size[0] > 400
 
 
@@ -240,14 +254,19 @@ def fid_json(fid_config, workdir):
     return _read(workdir, 'fid.json')
 
 
-def test_fid_job_measures_the_ema_samples_against_the_training_set(fid_config, workdir, fid_json,
-                                                                    ema_params):
+def test_fid_job_measures_the_ema_samples_against_the_training_set(
+    fid_config, workdir, fid_json, ema_params
+):
     config, saved = fid_config, fid_json
     source = data.make_source(config)
-    samples = programs.Sampler(config, parallel.make_mesh()).draw(
-        ema_params, source, config.evaluation.fid_num_samples, rng.sample_key(config.seed)).images
-    features = frechet.InceptionFeatures(config.evaluation.inception_weights,
-                                         config.evaluation.batch_size)
+    samples = (
+        programs.Sampler(config, parallel.make_mesh())
+        .draw(ema_params, source, config.evaluation.fid_num_samples, rng.sample_key(config.seed))
+        .images
+    )
+    features = frechet.InceptionFeatures(
+        config.evaluation.inception_weights, config.evaluation.batch_size
+    )
     sample_features = features(samples)
     train_features = features(source.load(np.arange(len(source))))
     mu, sigma = frechet.load_statistics(saved['train_stats'])
@@ -264,8 +283,7 @@ def test_fid_job_measures_the_ema_samples_against_the_training_set(fid_config, w
     assert Image.open(workdir / 'eval' / 'fid_samples.png').size[0] > 64
 
 
-def test_sweep_repeats_eval_and_fid_at_their_delta(fid_config, workdir, likelihood_json,
-                                                    fid_json):
+def test_sweep_repeats_eval_and_fid_at_their_delta(fid_config, workdir, likelihood_json, fid_json):
     """At the configured δ the sweep gives the eval and fid jobs' numbers: the same keys and the
     cached training statistics."""
     elbo_saved, fid_value = likelihood_json, fid_json['fid']
@@ -279,9 +297,11 @@ def test_sweep_repeats_eval_and_fid_at_their_delta(fid_config, workdir, likeliho
     assert rows[0]['fid'] == fid_value
     table = (workdir / 'eval' / 'sweep_delta.md').read_text().splitlines()
     assert table[0].startswith('| δ | bits/dim') and len(table) == 3
-    assert table[2] == (f'| 0.0125 | {elbo_saved["bits_per_dim"]:.4f} | {elbo_saved["L_K"]:.4f} '
-                        f'| {elbo_saved["sum_L_k"]:.4f} | {elbo_saved["L_0"]:.4f} | '
-                        f'{fid_value:.2f} |')
+    assert table[2] == (
+        f'| 0.0125 | {elbo_saved["bits_per_dim"]:.4f} | {elbo_saved["L_K"]:.4f} '
+        f'| {elbo_saved["sum_L_k"]:.4f} | {elbo_saved["L_0"]:.4f} | '
+        f'{fid_value:.2f} |'
+    )
     assert Image.open(workdir / 'eval' / 'sweep_delta.png').size[0] > 400
 
 
@@ -305,12 +325,12 @@ class _PixelFeatures:
 
     def __call__(self, images, description=''):
         _PixelFeatures.calls += 1
-        return np.stack([np.asarray(images[i], np.float64).reshape(-1)
-                         for i in range(len(images))])
+        return np.stack([np.asarray(images[i], np.float64).reshape(-1) for i in range(len(images))])
 
 
 def test_fid_reference_statistics_are_those_of_the_named_images_once_each(
-        eval_config, tmp_path, monkeypatch):
+    eval_config, tmp_path, monkeypatch
+):
     monkeypatch.setattr(frechet, 'resolve_weights', lambda path, flag: path)
     monkeypatch.setattr(frechet, 'InceptionFeatures', _PixelFeatures)
     extra = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
@@ -320,8 +340,9 @@ def test_fid_reference_statistics_are_those_of_the_named_images_once_each(
     config.evaluation.fid_reference = ('train', 'test', str(tmp_path / 'extra'), 'train')
     evaluate.check_fid(config)
     run = tmp_path / 'run'
-    evaluator = evaluate.FidEvaluator(config, str(run), parallel.make_mesh(),
-                                      data.make_source(config))
+    evaluator = evaluate.FidEvaluator(
+        config, str(run), parallel.make_mesh(), data.make_source(config)
+    )
     # Both digit splits are all 1797 digits, wherever they are split; 'train' counts once.
     images = np.concatenate([data.digits_images(8), extra]).reshape(1800, -1).astype(np.float64)
     centred = images - images.mean(axis=0)
@@ -334,8 +355,7 @@ def test_fid_reference_statistics_are_those_of_the_named_images_once_each(
     assert evaluator.describe() == f'train + test + {tmp_path / "extra"}'
     # Read back, not computed again.
     calls = _PixelFeatures.calls
-    again = evaluate.FidEvaluator(config, str(run), parallel.make_mesh(),
-                                  data.make_source(config))
+    again = evaluate.FidEvaluator(config, str(run), parallel.make_mesh(), data.make_source(config))
     assert _PixelFeatures.calls == calls and again.stats_path == str(path)
     np.testing.assert_array_equal(again.train_stats[1], sigma)
 
@@ -349,11 +369,14 @@ def test_fid_reference_splits_of_one_folder_are_read_once(eval_config, tmp_path)
     config.evaluation.fid_reference = ('train', 'test')
     assert evaluate.reference_parts(config) == [('train', 'train', None)]
     assert evaluate.reference_stats_path(config, 'w') == os.path.join(
-        'w', 'eval', 'train_stats_ffhq_8.npz')
+        'w', 'eval', 'train_stats_ffhq_8.npz'
+    )
     config.data.test_dir = str(tmp_path / 'other')
     config.evaluation.fid_reference = ('train', str(tmp_path / 'missing'))
-    with pytest.raises(errors.UserError, match="'.*missing' is neither 'train', 'test' nor a "
-                       'folder holding image files'):
+    with pytest.raises(
+        errors.UserError,
+        match="'.*missing' is neither 'train', 'test' nor a folder holding image files",
+    ):
         evaluate.check_fid(config)
     config.evaluation.fid_reference = ('train', 'test')
     with pytest.raises(errors.UserError, match='test_dir=.*other.* does not exist'):

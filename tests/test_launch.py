@@ -12,10 +12,9 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import ROOT
 
-FAKE_GCLOUD = r'''#!/usr/bin/env bash
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
 printf '%q ' "$@" >>"$FAKE_RECORD"; echo >>"$FAKE_RECORD"
 [[ "$1 $2 $3" == 'compute tpus tpu-vm' ]] || exit 1
 case $4 in
@@ -34,9 +33,9 @@ case $4 in
         cd "$HOME" && bash -c "$command" ;;
     *) exit 1 ;;
 esac
-'''
+"""
 
-FAKE_UV = r'''#!/usr/bin/env bash
+FAKE_UV = r"""#!/usr/bin/env bash
 printf '%q ' uv "$@" >>"$FAKE_RECORD"; echo >>"$FAKE_RECORD"
 if [[ $1 == venv ]]; then
     mkdir -p "${@: -1}/bin"
@@ -49,7 +48,7 @@ wait $!
 PY
     chmod +x "${@: -1}/bin/python"
 fi
-'''
+"""
 
 
 @pytest.fixture
@@ -62,10 +61,12 @@ def fake_cloud(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     record = tmp_path / 'record'
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('ZONE', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'CREATE')}
-    env.update(PATH=f'{bin_dir}:{os.environ["PATH"]}', HOME=str(home),
-               FAKE_RECORD=str(record))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ('ZONE', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'CREATE')
+    }
+    env.update(PATH=f'{bin_dir}:{os.environ["PATH"]}', HOME=str(home), FAKE_RECORD=str(record))
     yield env, home, record
     pid_file = home / 'ihdm_jax_run' / 'pid'
     if pid_file.exists():  # the job the last launch left running
@@ -73,9 +74,13 @@ def fake_cloud(tmp_path):
 
 
 def _launch(env, *args, **extra_env):
-    result = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), *args],
-                            env={**env, **extra_env}, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        ['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), *args],
+        env={**env, **extra_env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -96,8 +101,16 @@ def test_tpu_pod_launch_and_relaunch_with_and_without_extra_flags(fake_cloud, tm
 
     _launch(env, 'tpu-a', 'configs/cifar10.py', str(workdir))
     gcloud = [call for call in _calls(record, 1) if call[0] != 'uv']
-    assert gcloud[0] == ['compute', 'tpus', 'tpu-vm', 'create', 'tpu-a', '--zone=us-central2-b',
-                         '--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base']
+    assert gcloud[0] == [
+        'compute',
+        'tpus',
+        'tpu-vm',
+        'create',
+        'tpu-a',
+        '--zone=us-central2-b',
+        '--accelerator-type=v4-32',
+        '--version=tpu-ubuntu2204-base',
+    ]
     assert gcloud[1][:4] == ['compute', 'tpus', 'tpu-vm', 'scp'] and '--worker=all' in gcloud[1]
     assert gcloud[2][:5] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'tpu-a']
     assert '--worker=all' in gcloud[2]
@@ -107,16 +120,31 @@ def test_tpu_pod_launch_and_relaunch_with_and_without_extra_flags(fake_cloud, tm
     assert (home / 'ihdm_jax' / 'ihdm_jax' / 'main.py').exists()
     assert not (home / 'ihdm_jax' / '.git').exists()
     first = _calls(home / 'python_calls', 1)[0]
-    assert first == ['-m', 'ihdm_jax.main', '--multihost', '--config=configs/cifar10.py',
-                     f'--workdir={workdir}']  # no empty argument for "no extra flags"
+    assert first == [
+        '-m',
+        'ihdm_jax.main',
+        '--multihost',
+        '--config=configs/cifar10.py',
+        f'--workdir={workdir}',
+    ]  # no empty argument for "no extra flags"
     log = workdir / 'logs' / f'{socket.gethostname()}.log'
     assert log.exists() and os.path.realpath(home / 'ihdm_jax_run' / 'log') == str(log)
     first_pid = (home / 'ihdm_jax_run' / 'pid').read_text().strip()
 
-    flags = ['--config.training.n_iters=50', '--config.model.channel_mult=(1, 2)',
-             "--config.data.data_dir=/data/it's here"]
-    _launch(env, 'tpu-a', 'configs/cifar10.py', str(workdir), *flags,
-            CREATE='0', ACCELERATOR_TYPE='v5litepod-16')
+    flags = [
+        '--config.training.n_iters=50',
+        '--config.model.channel_mult=(1, 2)',
+        "--config.data.data_dir=/data/it's here",
+    ]
+    _launch(
+        env,
+        'tpu-a',
+        'configs/cifar10.py',
+        str(workdir),
+        *flags,
+        CREATE='0',
+        ACCELERATOR_TYPE='v5litepod-16',
+    )
     gcloud = [call for call in _calls(record, 1) if call[0] != 'uv']
     assert [call[3] for call in gcloud] == ['create', 'scp', 'ssh', 'scp', 'ssh']  # no create
     assert (home / 'python_stops').read_text().split() == ['stopped', first_pid]
@@ -129,19 +157,27 @@ def test_tpu_pod_launch_and_relaunch_with_and_without_extra_flags(fake_cloud, tm
 
 def test_tpu_pod_default_runtime_follows_the_generation(fake_cloud, tmp_path):
     env, _, record = fake_cloud
-    expected = {'v4-8': 'tpu-ubuntu2204-base', 'v5litepod-8': 'v2-alpha-tpuv5-lite',
-                'v5p-8': 'v2-alpha-tpuv5', 'v6e-8': 'v2-alpha-tpuv6e'}
+    expected = {
+        'v4-8': 'tpu-ubuntu2204-base',
+        'v5litepod-8': 'v2-alpha-tpuv5-lite',
+        'v5p-8': 'v2-alpha-tpuv5',
+        'v6e-8': 'v2-alpha-tpuv6e',
+    }
     for accelerator, runtime in expected.items():
-        _launch(env, 'tpu-b', 'configs/cifar10.py', str(tmp_path / 'run'),
-                ACCELERATOR_TYPE=accelerator)
-        create = [call for call in _calls(record, 1) if call[:4] == ['compute', 'tpus', 'tpu-vm',
-                                                                     'create']][-1]
+        _launch(
+            env, 'tpu-b', 'configs/cifar10.py', str(tmp_path / 'run'), ACCELERATOR_TYPE=accelerator
+        )
+        create = [
+            call
+            for call in _calls(record, 1)
+            if call[:4] == ['compute', 'tpus', 'tpu-vm', 'create']
+        ][-1]
         assert f'--version={runtime}' in create and f'--accelerator-type={accelerator}' in create
 
 
 FAKE_SLURM = {
     # Ready for scancel's TERM before it records its call, which the test waits for.
-    'srun': r'''#!/usr/bin/env bash
+    'srun': r"""#!/usr/bin/env bash
 trap 'kill $sleeper 2>/dev/null; echo "srun stopped" >>"$FAKE_RECORD"; exit 0' TERM
 echo $$ >"$FAKE_SRUN_PID"
 printf '%q ' srun "$@" >>"$FAKE_RECORD"; echo >>"$FAKE_RECORD"
@@ -149,14 +185,14 @@ echo "OMP_NUM_THREADS=$OMP_NUM_THREADS ACTIVATED=${ACTIVATED:-}" >>"$FAKE_RECORD
 sleep 600 &
 sleeper=$!
 wait $sleeper
-''',
-    'scancel': r'''#!/usr/bin/env bash
+""",
+    'scancel': r"""#!/usr/bin/env bash
 printf '%q ' scancel "$@" >>"$FAKE_RECORD"; echo >>"$FAKE_RECORD"
 kill -TERM "$(<"$FAKE_SRUN_PID")"
-''',
-    'scontrol': r'''#!/usr/bin/env bash
+""",
+    'scontrol': r"""#!/usr/bin/env bash
 printf '%q ' scontrol "$@" >>"$FAKE_RECORD"; echo >>"$FAKE_RECORD"
-''',
+""",
 }
 
 
@@ -167,25 +203,52 @@ def test_slurm_job_saves_and_requeues_itself_on_the_time_limit_signal(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     record, srun_pid = tmp_path / 'record', tmp_path / 'srun_pid'
-    env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_RECORD=str(record),
-               FAKE_SRUN_PID=str(srun_pid), SLURM_JOB_ID='4242', SLURM_SUBMIT_DIR=ROOT,
-               SLURM_CPUS_PER_TASK='3', ACTIVATE='export ACTIVATED=yes')
-    job = subprocess.Popen(['bash', os.path.join(ROOT, 'launch', 'slurm_gpu.sbatch'),
-                            'configs/cifar10.py', '/shared/run', '--config.model.dtype=bfloat16'],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(
+        os.environ,
+        PATH=f'{bin_dir}:{os.environ["PATH"]}',
+        FAKE_RECORD=str(record),
+        FAKE_SRUN_PID=str(srun_pid),
+        SLURM_JOB_ID='4242',
+        SLURM_SUBMIT_DIR=ROOT,
+        SLURM_CPUS_PER_TASK='3',
+        ACTIVATE='export ACTIVATED=yes',
+    )
+    job = subprocess.Popen(
+        [
+            'bash',
+            os.path.join(ROOT, 'launch', 'slurm_gpu.sbatch'),
+            'configs/cifar10.py',
+            '/shared/run',
+            '--config.model.dtype=bfloat16',
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         calls = _calls(record, 2)
-        assert calls[0] == ['srun', '--kill-on-bad-exit=1', 'python3', '-m', 'ihdm_jax.main',
-                            '--config=configs/cifar10.py', '--workdir=/shared/run',
-                            '--config.model.dtype=bfloat16']
+        assert calls[0] == [
+            'srun',
+            '--kill-on-bad-exit=1',
+            'python3',
+            '-m',
+            'ihdm_jax.main',
+            '--config=configs/cifar10.py',
+            '--workdir=/shared/run',
+            '--config.model.dtype=bfloat16',
+        ]
         assert calls[1] == ['OMP_NUM_THREADS=3', 'ACTIVATED=yes']
         job.send_signal(signal.SIGUSR1)  # SLURM's warning before the time limit
         output, _ = job.communicate(timeout=30)
     finally:
         job.kill()
     assert job.returncode == 0, output
-    assert _calls(record, 5)[2:] == [['scancel', '--signal=TERM', '4242'], ['srun', 'stopped'],
-                                     ['scontrol', 'requeue', '4242']]
+    assert _calls(record, 5)[2:] == [
+        ['scancel', '--signal=TERM', '4242'],
+        ['srun', 'stopped'],
+        ['scontrol', 'requeue', '4242'],
+    ]
     with open(os.path.join(ROOT, 'launch', 'slurm_gpu.sbatch')) as f:
         directives = [line.split()[1] for line in f if line.startswith('#SBATCH')]
     assert '--requeue' in directives and '--signal=B:USR1@300' in directives

@@ -1,12 +1,13 @@
-"""The ELBO estimator against its closed-form expectation for a linear residual, in float64 numpy."""
+"""The ELBO estimator against its closed-form expectation for a linear residual, in float64
+numpy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 import scipy.special
 
-import numpy_reference
 from ihdm_jax import errors
 from ihdm_jax import heat
 from ihdm_jax import objective
@@ -36,7 +37,9 @@ def test_monte_carlo_elbo_matches_closed_form_expectation():
         if k == 1:
             term = e_sq / (2 * DELTA**2) + n * np.log(DELTA * np.sqrt(2 * np.pi))
         else:
-            term = 0.5 * (n * SIGMA**2 / DELTA**2 - n + e_sq / DELTA**2 + 2 * n * np.log(DELTA / SIGMA))
+            term = 0.5 * (
+                n * SIGMA**2 / DELTA**2 - n + e_sq / DELTA**2 + 2 * n * np.log(DELTA / SIGMA)
+            )
         expected_levels.append(term.mean())
     # L_K bound, Eq. (41) at the optimal φ, brute force.
     a_K, b_K = numpy_reference.heat(u0, t[K]), numpy_reference.heat(train, t[K])
@@ -45,7 +48,9 @@ def test_monte_carlo_elbo_matches_closed_form_expectation():
     l_K = np.log(len(train)) - scipy.special.logsumexp(-kl, axis=1)
     expected_nats = l_K.mean() + sum(expected_levels)
 
-    f = lambda u, k: -_c(k)[:, None, None, None].astype(jnp.float32) * u
+    def f(u, k):
+        return -_c(k)[:, None, None, None].astype(jnp.float32) * u
+
     t32 = jnp.asarray(t, jnp.float32)
     u32 = jnp.asarray(u0, jnp.float32)
 
@@ -54,12 +59,14 @@ def test_monte_carlo_elbo_matches_closed_form_expectation():
         def body(carry, key):
             s, c = likelihood.level_pass(f, u32, key, t32, SIGMA, DELTA)
             return (carry[0] + s, carry[1] + c), None
+
         zeros = jnp.zeros(K + 1)
         return jax.lax.scan(body, (zeros, zeros), jax.random.split(key, 4000))[0]
 
     sums, counts = passes(jax.random.key(0))
-    bound = objective.prior_kl_upper_bound(jnp.asarray(a_K, jnp.float32),
-                                           jnp.asarray(b_K, jnp.float32), SIGMA, DELTA)
+    bound = objective.prior_kl_upper_bound(
+        jnp.asarray(a_K, jnp.float32), jnp.asarray(b_K, jnp.float32), SIGMA, DELTA
+    )
     result = likelihood.assemble(bound, sums, counts)
     np.testing.assert_allclose(result.level_nats, expected_levels, rtol=1e-2)
     np.testing.assert_allclose(result.nats, expected_nats, rtol=1e-2)

@@ -5,9 +5,9 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import TRAINED_STEP
 
 import ihdm_jax
-from conftest import TRAINED_STEP
 from ihdm_jax import checkpoint
 from ihdm_jax import data
 from ihdm_jax import errors
@@ -55,8 +55,9 @@ def test_f_is_the_ema_residual(model, config, trained, inputs, ema_params):
     np.testing.assert_allclose(jax.jit(model.f)(u, k), expected, rtol=0, atol=1e-5)
     manager = checkpoint.make_manager(str(trained))
     try:
-        raw = checkpoint.restore_latest(manager, state_lib.abstract_state(
-            config, parallel.make_mesh())).params
+        raw = checkpoint.restore_latest(
+            manager, state_lib.abstract_state(config, parallel.make_mesh())
+        ).params
     finally:
         manager.close()
     # Not the raw parameters: their f differs by far more than the tolerance.
@@ -76,13 +77,21 @@ def test_sample_is_alg2_with_the_ema_parameters(model, config, ema_params):
     batch = config.sampling.batch_size
     prior_key, chain_key = jax.random.split(jax.random.fold_in(key, 0))
     u_K = programs.Sampler(config, parallel.make_mesh()).prior_states(
-        data.make_source(config), 0, batch, prior_key)
-    noise = sampling.example_noise(jax.random.wrap_key_data(rng.example_keys(chain_key, batch)),
-                                   u_K.shape[1:])
+        data.make_source(config), 0, batch, prior_key
+    )
+    noise = sampling.example_noise(
+        jax.random.wrap_key_data(rng.example_keys(chain_key, batch)), u_K.shape[1:]
+    )
     graphdef = state_lib.model_graphdef(config)
-    u_0, _ = jax.jit(lambda u: sampling.sample_with_noise(
-        lambda x, k: unet.apply(graphdef, ema_params, x, k, train=False), u, config.model.K,
-        config.sampling.delta, noise))(u_K)
+    u_0, _ = jax.jit(
+        lambda u: sampling.sample_with_noise(
+            lambda x, k: unet.apply(graphdef, ema_params, x, k, train=False),
+            u,
+            config.model.K,
+            config.sampling.delta,
+            noise,
+        )
+    )(u_K)
     # Not bit-identical: the sampler runs the chains split over the 8 devices, which orders
     # float sums differently (measured: 5.8e-5 after the 10 levels, samples up to 7.8 in size;
     # test_train.py's sharded-sampling test measured up to 7.4e-5).

@@ -12,9 +12,9 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
 from conftest import TRAINED_STEP
+
 from ihdm_jax import checkpoint
 from ihdm_jax import errors
 from ihdm_jax import lock
@@ -22,8 +22,15 @@ from ihdm_jax import parallel
 
 
 def _write_lock(workdir, **fields):
-    content = {'host': 'elsewhere', 'machine': 'elsewhere', 'pid': 1, 'token': 'other',
-               'started': 'earlier', 'heartbeat': time.time(), **fields}
+    content = {
+        'host': 'elsewhere',
+        'machine': 'elsewhere',
+        'pid': 1,
+        'token': 'other',
+        'started': 'earlier',
+        'heartbeat': time.time(),
+        **fields,
+    }
     (workdir / lock.LOCK_FILE).write_text(json.dumps(content))
 
 
@@ -31,9 +38,13 @@ def test_the_holder_is_named_and_the_lock_is_released(tmp_path):
     with lock.WorkdirLock(str(tmp_path)):
         held = json.loads((tmp_path / lock.LOCK_FILE).read_text())
         assert (held['host'], held['pid']) == (socket.gethostname(), os.getpid())
-        with pytest.raises(errors.UserError, match=(
+        with pytest.raises(
+            errors.UserError,
+            match=(
                 rf'--workdir={tmp_path} is in use by another job: pid {os.getpid()} on host '
-                rf'{socket.gethostname()}, started .*heartbeat 0 s ago')):
+                rf'{socket.gethostname()}, started .*heartbeat 0 s ago'
+            ),
+        ):
             with lock.WorkdirLock(str(tmp_path)):
                 pass
         assert json.loads((tmp_path / lock.LOCK_FILE).read_text()) == held
@@ -42,8 +53,7 @@ def test_the_holder_is_named_and_the_lock_is_released(tmp_path):
         assert (tmp_path / 'new' / 'run' / lock.LOCK_FILE).exists()
 
 
-def test_a_live_holder_elsewhere_blocks_until_its_heartbeat_is_stale(tmp_path, caplog,
-                                                                     monkeypatch):
+def test_a_live_holder_elsewhere_blocks_until_its_heartbeat_is_stale(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(lock, 'SETTLE_S', 0.01)
     _write_lock(tmp_path, heartbeat=time.time() - lock.STALE_S + 60)
     with pytest.raises(errors.UserError, match='pid 1 on host elsewhere'):
@@ -92,9 +102,15 @@ def test_only_the_lock_holder_removes_unfinished_saves(config, trained, tmp_path
 
 
 def _launch(workdir):
-    return [sys.executable, '-m', 'ihdm_jax.main', '--config=configs/tiny.py',
-            f'--workdir={workdir}', '--config.training.n_iters=4',
-            '--config.training.snapshot_freq=2']
+    return [
+        sys.executable,
+        '-m',
+        'ihdm_jax.main',
+        '--config=configs/tiny.py',
+        f'--workdir={workdir}',
+        '--config.training.n_iters=4',
+        '--config.training.snapshot_freq=2',
+    ]
 
 
 def test_a_second_launch_on_a_live_workdir_exits_with_one_line(tmp_path):
@@ -103,22 +119,26 @@ def test_a_second_launch_on_a_live_workdir_exits_with_one_line(tmp_path):
     is paused (SIGSTOP) from the moment it holds the lock until the second has ended, so that
     it surely runs meanwhile."""
     workdir = tmp_path / 'run'
-    first = subprocess.Popen(_launch(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        _launch(workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         while not (workdir / lock.LOCK_FILE).exists() and first.poll() is None:
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)
-        second = subprocess.run(_launch(workdir), cwd=ROOT, capture_output=True, text=True,
-                                timeout=600)
+        second = subprocess.run(
+            _launch(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
     finally:
         first.send_signal(signal.SIGCONT)
     _, first_err = first.communicate(timeout=600)
     assert second.returncode == 1
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1, second.stderr
-    assert lines[0].startswith(f'Error: --workdir={workdir} is in use by another job: pid '
-                               f'{first.pid} on host {socket.gethostname()}'), lines[0]
+    assert lines[0].startswith(
+        f'Error: --workdir={workdir} is in use by another job: pid '
+        f'{first.pid} on host {socket.gethostname()}'
+    ), lines[0]
     assert first.returncode == 0, first_err[-3000:]
     assert 'WARNING' not in first_err and 'Error' not in first_err, first_err[-3000:]
     assert checkpoint.steps_on_disk(str(workdir)) == [2, 4]

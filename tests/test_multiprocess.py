@@ -13,9 +13,9 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT
 from conftest import with_devices
+
 from configs import tiny
 from ihdm_jax import checkpoint
 from ihdm_jax import parallel
@@ -29,13 +29,28 @@ def _launch(workdir, n_iters, *flags):
 
     Its compilation cache is WORKDIR/compilation_cache, as on GPU and TPU: process 0 writes the
     programs of the first launch, and both processes load them on the relaunch."""
-    env = dict(os.environ, PYTHON=sys.executable, CONFIG='configs/tiny.py', NUM_PROCESSES='2',
-               DEVICES_PER_PROCESS='2',
-               JAX_COMPILATION_CACHE_DIR=str(workdir / 'compilation_cache'))
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        CONFIG='configs/tiny.py',
+        NUM_PROCESSES='2',
+        DEVICES_PER_PROCESS='2',
+        JAX_COMPILATION_CACHE_DIR=str(workdir / 'compilation_cache'),
+    )
     return subprocess.Popen(
-        ['bash', 'launch/local_multiprocess.sh', str(workdir),
-         f'--config.training.n_iters={n_iters}', *SETTINGS, *flags],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        [
+            'bash',
+            'launch/local_multiprocess.sh',
+            str(workdir),
+            f'--config.training.n_iters={n_iters}',
+            *SETTINGS,
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _logs(workdir):
@@ -52,17 +67,32 @@ def _one_process(workdir, n_iters):
     """One process with four devices: the same mesh, batches and shardings in one process."""
     env = with_devices(4)
     result = subprocess.run(
-        [sys.executable, '-m', 'ihdm_jax.main', '--config=configs/tiny.py',
-         f'--workdir={workdir}', f'--config.training.n_iters={n_iters}', *SETTINGS],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            '-m',
+            'ihdm_jax.main',
+            '--config=configs/tiny.py',
+            f'--workdir={workdir}',
+            f'--config.training.n_iters={n_iters}',
+            *SETTINGS,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _job_processes(launcher):
     """The pids of the launcher's ihdm_jax.main processes."""
     children = pathlib.Path(f'/proc/{launcher.pid}/task/{launcher.pid}/children')
-    return [int(pid) for pid in children.read_text().split()
-            if b'ihdm_jax.main' in pathlib.Path(f'/proc/{pid}/cmdline').read_bytes()]
+    return [
+        int(pid)
+        for pid in children.read_text().split()
+        if b'ihdm_jax.main' in pathlib.Path(f'/proc/{pid}/cmdline').read_bytes()
+    ]
 
 
 def _resume_and_sigterm_after_step(workdir, step):
@@ -70,8 +100,13 @@ def _resume_and_sigterm_after_step(workdir, step):
     at step 6, and sent SIGTERM (both processes) once process 0 has logged `step`; (launcher
     exit status, logs, pids signalled, steps on disk before)."""
     before = checkpoint.steps_on_disk(str(workdir))
-    launcher = _launch(workdir, 100, '--config.training.log_freq=1',
-                       '--config.training.sampling_freq=6', '--config.training.max_to_keep=100')
+    launcher = _launch(
+        workdir,
+        100,
+        '--config.training.log_freq=1',
+        '--config.training.sampling_freq=6',
+        '--config.training.max_to_keep=100',
+    )
     log = workdir / 'logs' / 'process_0.log'
     deadline = time.time() + 600
     while launcher.poll() is None and time.time() < deadline:
@@ -104,8 +139,9 @@ def test_two_processes_start_and_resume_on_four_devices(runs):
     base, (first_logs, first_steps), (_, resumed_logs, _, before) = runs
     assert 'Starting at step 0 of 4 on 4 devices (2 processes)' in first_logs[0]
     assert first_steps == before == [2, 4]
-    assert all('Resuming at step 4 of 100 on 4 devices (2 processes)' in log
-               for log in resumed_logs)
+    assert all(
+        'Resuming at step 4 of 100 on 4 devices (2 processes)' in log for log in resumed_logs
+    )
     assert {2, 4, 6} <= set(checkpoint.steps_on_disk(str(base / 'two')))
     assert (base / 'two' / 'samples' / 'step_00000006.png').exists()
 
@@ -122,8 +158,10 @@ def _state_at(workdir, step):
 def _max_difference(a, b):
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - y), initial=0))
-               for x, y in zip(leaves_a, leaves_b))
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - y), initial=0))
+        for x, y in zip(leaves_a, leaves_b)
+    )
 
 
 def test_two_processes_train_like_one_process_with_the_same_devices(runs):

@@ -3,11 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 import scipy.special
 import scipy.stats
 
-import numpy_reference
 from ihdm_jax import objective
 
 K, SIGMA, DELTA = 5, 0.01, 0.0125
@@ -40,9 +40,9 @@ def test_alg1_loss_equals_brute_force(data):
     t = _times()
     expected = []
     for b in range(u0.shape[0]):  # one example at a time, as Alg. 1 is written
-        x = u0[b:b + 1].astype(np.float64)
-        u_hat = numpy_reference.heat(x, t[k[b]]) + SIGMA * eps[b:b + 1]
-        mu = u_hat + _f_numpy(u_hat, k[b:b + 1])
+        x = u0[b : b + 1].astype(np.float64)
+        u_hat = numpy_reference.heat(x, t[k[b]]) + SIGMA * eps[b : b + 1]
+        mu = u_hat + _f_numpy(u_hat, k[b : b + 1])
         expected.append(np.sum((mu - numpy_reference.heat(x, t[k[b] - 1])) ** 2))
     got = objective.alg1_loss(_f_jax, u0, k, eps, jnp.asarray(t, jnp.float32), SIGMA)
     np.testing.assert_allclose(got, expected, rtol=1e-4)
@@ -88,8 +88,13 @@ def _kl_full_covariance(m0, s0, m1, s1):
     c0, c1 = s0**2 * np.eye(n), s1**2 * np.eye(n)
     c1_inv = np.linalg.inv(c1)
     d = (m1 - m0).ravel()
-    return 0.5 * (np.trace(c1_inv @ c0) - n + d @ c1_inv @ d
-                  + np.linalg.slogdet(c1)[1] - np.linalg.slogdet(c0)[1])
+    return 0.5 * (
+        np.trace(c1_inv @ c0)
+        - n
+        + d @ c1_inv @ d
+        + np.linalg.slogdet(c1)[1]
+        - np.linalg.slogdet(c0)[1]
+    )
 
 
 def test_level_kl_is_gaussian_kl(data):
@@ -105,8 +110,12 @@ def test_reconstruction_nll_is_gaussian_log_density(data):
     u0, _, eps = data
     mu = u0 + 0.01 * eps
     got = objective.reconstruction_nll(jnp.asarray(mu), jnp.asarray(u0), DELTA)
-    expected = [-scipy.stats.multivariate_normal(mu[b].ravel().astype(np.float64), DELTA**2)
-                .logpdf(u0[b].ravel().astype(np.float64)) for b in range(len(u0))]
+    expected = [
+        -scipy.stats.multivariate_normal(mu[b].ravel().astype(np.float64), DELTA**2).logpdf(
+            u0[b].ravel().astype(np.float64)
+        )
+        for b in range(len(u0))
+    ]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
@@ -115,9 +124,9 @@ def test_level_term_uses_eq10_above_level_one_and_eq11_at_level_one(data):
     t = _times()
     got = objective.level_term(_f_jax, u0, k, eps, jnp.asarray(t, jnp.float32), SIGMA, DELTA)
     for b in range(len(u0)):
-        x = u0[b:b + 1].astype(np.float64)
-        u_hat = numpy_reference.heat(x, t[k[b]]) + SIGMA * eps[b:b + 1]
-        mu = u_hat + _f_numpy(u_hat, k[b:b + 1])
+        x = u0[b : b + 1].astype(np.float64)
+        u_hat = numpy_reference.heat(x, t[k[b]]) + SIGMA * eps[b : b + 1]
+        mu = u_hat + _f_numpy(u_hat, k[b : b + 1])
         if k[b] == 1:
             expected = -scipy.stats.multivariate_normal(mu.ravel(), DELTA**2).logpdf(x.ravel())
         else:
@@ -142,9 +151,13 @@ def test_prior_bound_equals_brute_force_formula():
     test = base + 0.01 * rng.normal(size=(3, 4, 4, 1))
     expected = _bound_brute_force(test, train, SIGMA, DELTA)
     for chunk_size in (2, 3, 7, 100):  # uneven chunks exercise the padding
-        got = objective.prior_kl_upper_bound(jnp.asarray(test, jnp.float32),
-                                             jnp.asarray(train, jnp.float32), SIGMA, DELTA,
-                                             chunk_size=chunk_size)
+        got = objective.prior_kl_upper_bound(
+            jnp.asarray(test, jnp.float32),
+            jnp.asarray(train, jnp.float32),
+            SIGMA,
+            DELTA,
+            chunk_size=chunk_size,
+        )
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
 
 
@@ -155,15 +168,18 @@ def test_prior_bound_is_above_monte_carlo_kl_to_the_kde():
     sigma, delta = 0.01, 0.02
     train = rng.normal(scale=0.02, size=(5, d, 1, 1))
     test = rng.normal(scale=0.02, size=(4, d, 1, 1))
-    bound = np.asarray(objective.prior_kl_upper_bound(jnp.asarray(test, jnp.float32),
-                                                      jnp.asarray(train, jnp.float32),
-                                                      sigma, delta))
+    bound = np.asarray(
+        objective.prior_kl_upper_bound(
+            jnp.asarray(test, jnp.float32), jnp.asarray(train, jnp.float32), sigma, delta
+        )
+    )
     flat_train = train.reshape(len(train), d)
     for b, x in enumerate(test.reshape(len(test), d)):
         z = x + sigma * rng.normal(size=(200_000, d))
         log_q = scipy.stats.multivariate_normal(x, sigma**2).logpdf(z)
-        log_kernels = np.stack([scipy.stats.multivariate_normal(y, delta**2).logpdf(z)
-                                for y in flat_train])
+        log_kernels = np.stack(
+            [scipy.stats.multivariate_normal(y, delta**2).logpdf(z) for y in flat_train]
+        )
         log_p = scipy.special.logsumexp(log_kernels, axis=0) - np.log(len(flat_train))
         terms = log_q - log_p
         mc, stderr = terms.mean(), terms.std() / np.sqrt(len(terms))
@@ -182,7 +198,7 @@ def test_prior_bound_is_accurate_in_float32_at_cifar_scale():
     n = a.shape[1]
     kl = 0.5 * (n * (SIGMA / DELTA) ** 2 - n + d2 / DELTA**2 + 2 * n * np.log(DELTA / SIGMA))
     expected = np.log(50) - scipy.special.logsumexp(-kl, axis=1)
-    got = objective.prior_kl_upper_bound(jnp.asarray(test, jnp.float32),
-                                         jnp.asarray(train, jnp.float32), SIGMA, DELTA,
-                                         chunk_size=16)
+    got = objective.prior_kl_upper_bound(
+        jnp.asarray(test, jnp.float32), jnp.asarray(train, jnp.float32), SIGMA, DELTA, chunk_size=16
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-4)

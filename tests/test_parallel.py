@@ -7,19 +7,27 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
-_PROGRAM = ('from ihdm_jax import parallel; count = parallel.use_cpu_cores({sizes}); '
-            'import jax; print(count, jax.device_count())')
+_PROGRAM = (
+    'from ihdm_jax import parallel; count = parallel.use_cpu_cores({sizes}); '
+    'import jax; print(count, jax.device_count())'
+)
 
 
 def _devices(sizes, xla_flags):
     env = {key: value for key, value in os.environ.items() if key != 'XLA_FLAGS'}
     if xla_flags:
         env['XLA_FLAGS'] = xla_flags
-    result = subprocess.run([sys.executable, '-c', _PROGRAM.format(sizes=sizes)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, '-c', _PROGRAM.format(sizes=sizes)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return tuple(map(int, result.stdout.split()))
 
 

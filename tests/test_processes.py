@@ -92,8 +92,13 @@ def gaussian_conditional(mean_s, cov_s, A, cov_ts, u_t):
 def gaussian_kl(m1, c1, m2, c2):
     inv = np.linalg.inv(c2)
     d = m2 - m1
-    return 0.5 * (np.trace(inv @ c1) + d @ inv @ d - len(m1)
-                  + np.linalg.slogdet(c2)[1] - np.linalg.slogdet(c1)[1])
+    return 0.5 * (
+        np.trace(inv @ c1)
+        + d @ inv @ d
+        - len(m1)
+        + np.linalg.slogdet(c2)[1]
+        - np.linalg.slogdet(c1)[1]
+    )
 
 
 def coeffs(process, t):
@@ -122,11 +127,16 @@ def test_posterior_is_the_full_covariance_gaussian_conditional(kind):
     a_t, s_t = np_coefficients(kind, t)
     A = V @ np.diag(a_t / a_s) @ V.T
     cov_ts = V @ np.diag(s_t**2 - (a_t / a_s) ** 2 * s_s**2) @ V.T
-    mean_ref, cov_ref = gaussian_conditional(V @ (a_s * (V.T @ u0)), V @ np.diag(s_s**2) @ V.T,
-                                             A, cov_ts, u_t)
-    coef_t, coef_0, var = (np.asarray(x, np.float64).reshape(-1) for x in diffusion.posterior(
-        *diffusion.coefficients(PROCESSES[kind], jnp.full((1,), s), (1, H, W, 1)),
-        *diffusion.coefficients(PROCESSES[kind], jnp.full((1,), t), (1, H, W, 1))))
+    mean_ref, cov_ref = gaussian_conditional(
+        V @ (a_s * (V.T @ u0)), V @ np.diag(s_s**2) @ V.T, A, cov_ts, u_t
+    )
+    coef_t, coef_0, var = (
+        np.asarray(x, np.float64).reshape(-1)
+        for x in diffusion.posterior(
+            *diffusion.coefficients(PROCESSES[kind], jnp.full((1,), s), (1, H, W, 1)),
+            *diffusion.coefficients(PROCESSES[kind], jnp.full((1,), t), (1, H, W, 1)),
+        )
+    )
     mean = V @ (coef_t * (V.T @ u_t) + coef_0 * (V.T @ u0))
     np.testing.assert_allclose(mean, mean_ref, atol=2e-5)
     np.testing.assert_allclose(V @ np.diag(var) @ V.T, cov_ref, atol=2e-5)
@@ -146,11 +156,13 @@ def test_ddpm_posterior_is_ho_eq7():
         var_ref = (1 - ab_prev) / (1 - ab) * beta
         a_s, s_s = diffusion.coefficients(process, jnp.full((1,), (i - 1) / T), (1, 2, 2, 1))
         a_t, s_t = diffusion.coefficients(process, jnp.full((1,), i / T), (1, 2, 2, 1))
-        coef_t, coef_0, var = (float(np.asarray(x)[0, 0, 0, 0])
-                               for x in diffusion.posterior(a_s, s_s, a_t, s_t))
+        coef_t, coef_0, var = (
+            float(np.asarray(x)[0, 0, 0, 0]) for x in diffusion.posterior(a_s, s_s, a_t, s_t)
+        )
         # float32: σ²_{t|s} = s_t² − α² s_s² loses about 1e-7/β_t relative to cancellation.
-        np.testing.assert_allclose([coef_t, coef_0, var], [coef_t_ref, coef_0_ref, var_ref],
-                                   rtol=2e-3)
+        np.testing.assert_allclose(
+            [coef_t, coef_0, var], [coef_t_ref, coef_0_ref, var_ref], rtol=2e-3
+        )
 
 
 def _eps_net(seed=3):
@@ -163,6 +175,7 @@ def _eps_net(seed=3):
 
     def np_fn(u, t):
         return np.tanh((W_ @ u) * (1 + t))
+
     return jax_fn, np_fn
 
 
@@ -183,10 +196,12 @@ def test_clip_acts_on_the_blurred_prediction_of_the_data(kind):
 
     def mean_ref(u0_used):
         return V @ (alpha_ts * s_s**2 / s_t**2 * (V.T @ u_t) + a_s * sigma2_ts / s_t**2 * u0_used)
+
     clipped = mean_ref(V.T @ np.clip(V @ (d_s * u0), -1, 1) / d_s)
     ones = jnp.ones((1,))
-    mean = diffusion.model_mean(PROCESSES[kind], jax_net, pixel_image(u_t), t * ones, s * ones,
-                                clip=True)
+    mean = diffusion.model_mean(
+        PROCESSES[kind], jax_net, pixel_image(u_t), t * ones, s * ones, clip=True
+    )
     np.testing.assert_allclose(np.asarray(mean).reshape(-1), clipped, rtol=1e-4, atol=1e-4)
     assert np.abs(clipped - mean_ref(u0)).max() > 0.1  # the clip is active
     if kind == 'blurring':  # and differs from clipping ũ_0 itself
@@ -196,10 +211,12 @@ def test_clip_acts_on_the_blurred_prediction_of_the_data(kind):
 def test_blurring_with_d_one_is_ddpm():
     """d_t ≡ 1 (d_min = 1) turns blurring into plain diffusion: every output equals DDPM's."""
     ddpm = diffusion.ddpm(T_SMALL, *BETAS)
-    blur_one = dataclasses.replace(ddpm, blur=functools.partial(
-        diffusion.blur_factor, blur_sigma_max=SIGMA_B, d_min=1.0))
-    blur_real = dataclasses.replace(ddpm, blur=functools.partial(
-        diffusion.blur_factor, blur_sigma_max=SIGMA_B, d_min=D_MIN))
+    blur_one = dataclasses.replace(
+        ddpm, blur=functools.partial(diffusion.blur_factor, blur_sigma_max=SIGMA_B, d_min=1.0)
+    )
+    blur_real = dataclasses.replace(
+        ddpm, blur=functools.partial(diffusion.blur_factor, blur_sigma_max=SIGMA_B, d_min=D_MIN)
+    )
     net, _ = _eps_net()
     key = jax.random.key(0)
     u0 = jax.random.uniform(key, (2, H, W, 1), minval=-1, maxval=1)
@@ -207,9 +224,14 @@ def test_blurring_with_d_one_is_ddpm():
     t = jnp.array([0.5, 1.0])
 
     def outputs(p):
-        return [diffusion.q_sample(p, u0, t, eps), diffusion.epsilon_loss(p, net, u0, key),
-                diffusion.ancestral_step(p, net, u0, t, t - 0.25, eps),
-                diffusion.prior_kl(p, u0), diffusion.level_term(p, net, u0, jnp.array([1, 3]), eps)]
+        return [
+            diffusion.q_sample(p, u0, t, eps),
+            diffusion.epsilon_loss(p, net, u0, key),
+            diffusion.ancestral_step(p, net, u0, t, t - 0.25, eps),
+            diffusion.prior_kl(p, u0),
+            diffusion.level_term(p, net, u0, jnp.array([1, 3]), eps),
+        ]
+
     for x, y in zip(outputs(blur_one), outputs(ddpm)):
         np.testing.assert_array_equal(x, y)
     assert not np.allclose(outputs(blur_real)[0], outputs(ddpm)[0], atol=1e-3)
@@ -225,8 +247,9 @@ def test_fewer_sampling_steps_skip_levels():
         out, _ = diffusion.sample_with_noise(process, net, u, noise, num_steps=2)
         ones = jnp.ones((2,))
         half = diffusion.ancestral_step(process, net, u, ones, 0.5 * ones, noise(2), clip=True)
-        manual = diffusion.ancestral_step(process, net, half, 0.5 * ones, 0 * ones, noise(1),
-                                          clip=True)
+        manual = diffusion.ancestral_step(
+            process, net, half, 0.5 * ones, 0 * ones, noise(1), clip=True
+        )
         np.testing.assert_allclose(out, manual, rtol=1e-4, atol=1e-5)
         assert np.abs(np.asarray(out)).max() <= 1.0 + 1e-6  # the clipped model u_0
         unclipped = diffusion.ancestral_step(process, net, half, 0.5 * ones, 0 * ones, noise(1))
@@ -251,8 +274,12 @@ def test_non_isotropic_noise_has_the_requested_spectrum():
     np.testing.assert_allclose(var / c2, 1.0, atol=0.05)
     assert c2.max() / c2.min() > 10  # far from white
     t = 0.5
-    drawn = diffusion.q_sample(process, jnp.zeros((n, h, w, 1)), jnp.full((n,), t),
-                               jax.random.normal(jax.random.key(1), (n, h, w, 1)))
+    drawn = diffusion.q_sample(
+        process,
+        jnp.zeros((n, h, w, 1)),
+        jnp.full((n,), t),
+        jax.random.normal(jax.random.key(1), (n, h, w, 1)),
+    )
     var_t = np.var(scipy.fft.dctn(np.asarray(drawn)[..., 0], axes=(1, 2), norm='ortho'), axis=0)
     sigma2 = 1 - linear_np(100, 1e-4, 0.02)[50]
     np.testing.assert_allclose(var_t / (sigma2 * c2), 1.0, atol=0.05)
@@ -305,8 +332,9 @@ def test_elbo_is_the_brute_force_float64_sum(kind):
     u0 = pixel_image(x)
     total = float(diffusion.prior_kl(process, u0)[0])
     for i in range(1, T_SMALL + 1):
-        total += float(diffusion.level_term(process, net, u0, jnp.array([i]),
-                                            pixel_image(eps[i]))[0])
+        total += float(
+            diffusion.level_term(process, net, u0, jnp.array([i]), pixel_image(eps[i]))[0]
+        )
     reference = brute_force_elbo(kind, x, eps)
     assert reference > 10  # nats: every term is far from zero
     np.testing.assert_allclose(total, reference, rtol=1e-4)
@@ -314,7 +342,9 @@ def test_elbo_is_the_brute_force_float64_sum(kind):
 
 def test_heat_process_is_ihdm(config):
     """The default process is heat, and its loss is objective.training_loss itself."""
-    from ihdm_jax import objective, schedule
+    from ihdm_jax import objective
+    from ihdm_jax import schedule
+
     assert config.model.process == 'heat'
     process = processes.from_config(config)
     assert isinstance(process, processes.Heat)
@@ -322,8 +352,7 @@ def test_heat_process_is_ihdm(config):
     f = lambda u, k: 0.1 * u * k[:, None, None, None]  # noqa: E731
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
     key = jax.random.key(1)
-    assert float(process.loss(f, x, key)) == float(
-        objective.training_loss(f, x, key, s.t, s.sigma))
+    assert float(process.loss(f, x, key)) == float(objective.training_loss(f, x, key, s.t, s.sigma))
 
 
 def test_bad_process_and_heat_only_modes_are_refused(config):
@@ -341,17 +370,23 @@ def test_bad_process_and_heat_only_modes_are_refused(config):
     with pytest.raises(errors.UserError, match='a divisor of K = 10'):
         main.run(ddpm, 'sample', '/nonexistent')
     ddpm.sampling.steps = 0
-    for mode in ('sweep_delta', 'delta_grid', 'prior_overlap', 'hierarchical',
-                 'trajectory_gradients'):
-        with pytest.raises(errors.UserError, match=f"--mode={mode} is not defined for "
-                                                   "config.model.process='ddpm'"):
+    for mode in (
+        'sweep_delta',
+        'delta_grid',
+        'prior_overlap',
+        'hierarchical',
+        'trajectory_gradients',
+    ):
+        with pytest.raises(
+            errors.UserError, match=f"--mode={mode} is not defined for config.model.process='ddpm'"
+        ):
             main.run(ddpm, mode, '/nonexistent')
     sampler = config.copy_and_resolve_references()
     sampler.sampling.sampler = 'ddim'
-    with pytest.raises(errors.UserError, match="config.sampling.sampler='ddim'; expected one of "
-                                               "'ancestral'"):
+    with pytest.raises(
+        errors.UserError, match="config.sampling.sampler='ddim'; expected one of 'ancestral'"
+    ):
         main.run(sampler, 'sample', '/nonexistent')
-
 
 
 @pytest.fixture(scope='module')
@@ -373,12 +408,20 @@ def ddpm_workdir(ddpm_config, tmp_path_factory):
     """A DDPM workdir of configs/tiny.py (K = 10) whose checkpoint has parameters far from the
     zero-initialised output (ε̂ of order 1), written without training, as conftest.trained."""
     from conftest import perturbed
-    from ihdm_jax import checkpoint, parallel, rng, state as state_lib
+
+    from ihdm_jax import checkpoint
+    from ihdm_jax import parallel
+    from ihdm_jax import rng
+    from ihdm_jax import state as state_lib
+
     workdir = str(tmp_path_factory.mktemp('ddpm'))
     mesh = parallel.make_mesh()
     initial = jax.device_get(state_lib.init_state(ddpm_config, mesh, rng.init_key(0)))
-    state = initial.replace(step=np.int32(3), params=perturbed(initial.params, 1, 0.05),
-                            ema_params=perturbed(initial.params, 2, 0.05))
+    state = initial.replace(
+        step=np.int32(3),
+        params=perturbed(initial.params, 1, 0.05),
+        ema_params=perturbed(initial.params, 2, 0.05),
+    )
     workdir_lib.save_config(ddpm_config, workdir)
     manager = checkpoint.make_manager(workdir)
     checkpoint.Saver(manager).save(3, jax.device_put(state, parallel.replicated(mesh)))
@@ -413,7 +456,9 @@ def test_diffusion_training_loss_is_l_simple_on_scaled_data(ddpm_config):
 
 def test_ddpm_samples_like_heat(ddpm_config, ddpm_workdir):
     import os
+
     import PIL.Image
+
     main.run(ddpm_config, 'sample', ddpm_workdir)
     out = os.path.join(ddpm_workdir, 'samples')
     samples = np.load(os.path.join(out, 'samples.npz'))['images']
@@ -429,7 +474,9 @@ def test_ddpm_eval_prior_term_is_the_closed_form_kl(ddpm_config, ddpm_workdir):
     the same test images; the total is the sum of its terms, with no +8."""
     import json
     import os
+
     from ihdm_jax import data
+
     main.run(ddpm_config, 'eval', ddpm_workdir)
     with open(os.path.join(ddpm_workdir, 'eval', 'likelihood.json')) as f:
         result = json.load(f)
@@ -441,7 +488,8 @@ def test_ddpm_eval_prior_term_is_the_closed_form_kl(ddpm_config, ddpm_workdir):
     dims = x[0].size
     np.testing.assert_allclose(result['L_K'], kl.mean() / (dims * np.log(2)), rtol=1e-5)
     assert result['bits_per_dim'] == pytest.approx(
-        result['L_K'] + result['sum_L_k'] + result['L_0'], rel=1e-9)
+        result['L_K'] + result['sum_L_k'] + result['L_0'], rel=1e-9
+    )
     assert result['L_0'] > 0 and result['sum_L_k'] > 0
     assert os.path.exists(os.path.join(ddpm_workdir, 'eval', 'likelihood_levels.png'))
 
@@ -449,30 +497,39 @@ def test_ddpm_eval_prior_term_is_the_closed_form_kl(ddpm_config, ddpm_workdir):
 def test_ddpm_interpolation_ends_are_its_own_chains(ddpm_config, ddpm_workdir):
     """The end frames of --mode=interpolate are the sampler's chains from the end points."""
     import os
-    from ihdm_jax import checkpoint, images, parallel, programs
+
+    from ihdm_jax import checkpoint
+    from ihdm_jax import images
+    from ihdm_jax import parallel
+    from ihdm_jax import programs
+
     main.run(ddpm_config, 'interpolate', ddpm_workdir)
     out = np.load(os.path.join(ddpm_workdir, 'analysis', 'interpolate', 'interpolate.npz'))
     mesh = parallel.make_mesh()
     params, _ = checkpoint.restore_ema_params(ddpm_config, ddpm_workdir, mesh)
     sampler = programs.Sampler(ddpm_config, mesh)
     for end, name in ((0, 'a'), (-1, 'b')):
-        chains = images.to_uint8(sampler.chains(params, out[f'u_K_{name}'],
-                                                out[f'noise_keys_{name}']).final)
+        chains = images.to_uint8(
+            sampler.chains(params, out[f'u_K_{name}'], out[f'noise_keys_{name}']).final
+        )
         assert np.abs(chains.astype(int) - out['images'][:, end]).max() <= 1
     assert not np.array_equal(out['images'][:, 0], out['images'][:, 1])
 
 
 def test_ddpm_input_gradients_and_psd(ddpm_config, ddpm_workdir):
     import os
+
     main.run(ddpm_config, 'input_gradients', ddpm_workdir)
     main.run(ddpm_config, 'psd', ddpm_workdir)
-    grads = np.load(os.path.join(ddpm_workdir, 'analysis', 'input_gradients',
-                                 'input_gradients.npz'))['gradients']
+    grads = np.load(
+        os.path.join(ddpm_workdir, 'analysis', 'input_gradients', 'input_gradients.npz')
+    )['gradients']
     assert grads.shape == (1, 2, 8, 8, 1) and np.all(np.isfinite(grads))
     assert np.abs(grads).max() > 0.01
     psd = os.path.join(ddpm_workdir, 'analysis', 'psd')
     assert os.path.exists(os.path.join(psd, 'psd.png'))
     import json
+
     with open(os.path.join(psd, 'psd.json')) as f:
         levels = json.load(f)['levels']
     # At k = K the state is mostly noise: its power exceeds the data's at high frequencies.
@@ -483,6 +540,7 @@ def test_workdirs_from_before_the_process_keys_still_match(config, tmp_path):
     """A config.json written before config.model.process and its keys existed reads as the
     heat process with the defaults, not as a different run."""
     import json
+
     workdir_lib.save_config(config, str(tmp_path))
     path = tmp_path / 'config.json'
     saved = json.loads(path.read_text())
@@ -493,7 +551,8 @@ def test_workdirs_from_before_the_process_keys_still_match(config, tmp_path):
     ddpm = config.copy_and_resolve_references()
     ddpm.model.process = 'ddpm'
     assert workdir_lib.config_differences(ddpm, str(tmp_path), training=True) == [
-        ('model.process', 'heat', 'ddpm')]
+        ('model.process', 'heat', 'ddpm')
+    ]
 
 
 def test_eps_error_benchmark_reference_columns(ddpm_config, ddpm_workdir):
@@ -501,6 +560,7 @@ def test_eps_error_benchmark_reference_columns(ddpm_config, ddpm_workdir):
     a_t against Ho et al.'s ᾱ table and scipy's DCT of the test digits."""
     from benchmarks import eps_error
     from ihdm_jax import data
+
     step, rows = eps_error.errors_by_time(ddpm_config, ddpm_workdir, [0.5, 1.0], 8)
     assert step == 3 and [row[0] for row in rows] == [0.5, 1.0]
     x = 2.0 * data.make_source(ddpm_config, 'test').load(np.arange(8)) / 255.0 - 1.0

@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 from absl import flags
 from absl import logging as absl_logging
+from conftest import ROOT
+from conftest import TRAINED_STEP
 from orbax.checkpoint._src.serialization import serialization
 from PIL import Image
 
-from conftest import ROOT
-from conftest import TRAINED_STEP
 from configs import tiny
 from ihdm_jax import checkpoint
 from ihdm_jax import command_line
@@ -70,7 +70,8 @@ def _restore(workdir):
     manager = checkpoint.make_manager(str(workdir), remove_unfinished=True)
     try:
         state = checkpoint.restore_latest(
-            manager, state_lib.abstract_state(tiny.get_config(), parallel.make_mesh()))
+            manager, state_lib.abstract_state(tiny.get_config(), parallel.make_mesh())
+        )
     finally:
         manager.close()
     return jax.device_get(state)
@@ -78,10 +79,16 @@ def _restore(workdir):
 
 # --- Interrupted command-line runs -------------------------------------------------------------
 
+
 def _train_command(workdir, **overrides):
     settings = {'training.n_iters': N_ITERS, 'training.snapshot_freq': SNAPSHOT, **overrides}
-    return ([sys.executable, '-m', 'ihdm_jax.main', '--config=configs/tiny.py',
-             f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in settings.items()])
+    return [
+        sys.executable,
+        '-m',
+        'ihdm_jax.main',
+        '--config=configs/tiny.py',
+        f'--workdir={workdir}',
+    ] + [f'--config.{k}={v}' for k, v in settings.items()]
 
 
 def _interrupted(workdir, sig):
@@ -92,8 +99,12 @@ def _interrupted(workdir, sig):
     """
     log = workdir.parent / f'{workdir.name}_interrupted.log'
     with open(log, 'w') as err:
-        process = subprocess.Popen(_train_command(workdir, **{'training.sampling_freq': 1}),
-                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        process = subprocess.Popen(
+            _train_command(workdir, **{'training.sampling_freq': 1}),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         first = workdir / 'checkpoints' / str(SNAPSHOT)
         while not first.exists() and process.poll() is None:
             time.sleep(0.02)
@@ -118,8 +129,11 @@ def _train(workdir):
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        main.run(_tiny(**{'training.n_iters': N_ITERS, 'training.snapshot_freq': SNAPSHOT}),
-                 'train', str(workdir))
+        main.run(
+            _tiny(**{'training.n_iters': N_ITERS, 'training.snapshot_freq': SNAPSHOT}),
+            'train',
+            str(workdir),
+        )
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -137,8 +151,7 @@ def runs(tmp_path_factory):
     _train(base / 'straight')
     signals = {'kill': signal.SIGKILL, 'term': signal.SIGTERM, 'int': signal.SIGINT}
     with concurrent.futures.ThreadPoolExecutor(len(signals)) as pool:
-        firsts = dict(zip(signals, pool.map(lambda n: _interrupted(base / n, signals[n]),
-                                            signals)))
+        firsts = dict(zip(signals, pool.map(lambda n: _interrupted(base / n, signals[n]), signals)))
     results = {}
     for name in signals:
         results[f'{name}_first'] = firsts[name]
@@ -149,8 +162,9 @@ def runs(tmp_path_factory):
 def test_interrupted_runs_end_exactly_like_the_straight_run(runs):
     out, _ = runs
     reference = _restore(out['straight'])
-    reference_samples = np.asarray(Image.open(
-        out['straight'] / 'samples' / f'step_{N_ITERS:08d}.png'))
+    reference_samples = np.asarray(
+        Image.open(out['straight'] / 'samples' / f'step_{N_ITERS:08d}.png')
+    )
     assert int(reference.step) == N_ITERS
     for name in ('kill', 'term', 'int'):
         state = _restore(out[name])
@@ -175,8 +189,9 @@ def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(runs, name, s
     returncode, err, steps = results[f'{name}_first']
     assert returncode == 0, err[-3000:]
     assert SNAPSHOT < max(steps) < N_ITERS, steps
-    assert re.search(rf'Asked to stop \({sig}\): checkpoint {max(steps)} saved in ', err), \
-        err[-3000:]
+    assert re.search(rf'Asked to stop \({sig}\): checkpoint {max(steps)} saved in ', err), err[
+        -3000:
+    ]
     assert 'Traceback' not in err and 'Error' not in err
     assert f'Resuming at step {max(steps)} of {N_ITERS}' in results[name]
 
@@ -201,6 +216,7 @@ def test_unfinished_and_corrupt_checkpoints_are_skipped_with_a_warning(runs, tmp
 
 # --- Runs that fail midway, in-process ----------------------------------------------------------
 
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoints(trained, tmp_path):
     workdir = tmp_path / 'run'
     shutil.copytree(trained, workdir)
@@ -209,16 +225,24 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoints(trained
     # finite, that of step 10 is not (measured). The metrics are checked at step 8 (a log) and
     # 12 (a log, a sample grid and a checkpoint are due), which must name step 10 and write
     # neither the grid nor the checkpoint.
-    config = _tiny(**{'optim.lr': 1e30, 'training.n_iters': TRAINED_STEP + 8,
-                      'training.log_freq': 4, 'training.snapshot_freq': 6,
-                      'training.sampling_freq': 6})
+    config = _tiny(
+        **{
+            'optim.lr': 1e30,
+            'training.n_iters': TRAINED_STEP + 8,
+            'training.log_freq': 4,
+            'training.snapshot_freq': 6,
+            'training.sampling_freq': 6,
+        }
+    )
     with pytest.raises(errors.Diverged) as raised:
         main.run(config, 'train', str(workdir), allow_config_change=True)
     message = str(raised.value)
-    assert re.match(r'The loss \(nan\) or the gradients \(norm nan\) are not finite at step 10\. ',
-                    message), message
-    assert f'newest checkpoint (step {TRAINED_STEP}) in {workdir}/checkpoints is unchanged' \
-        in message
+    assert re.match(
+        r'The loss \(nan\) or the gradients \(norm nan\) are not finite at step 10\. ', message
+    ), message
+    assert (
+        f'newest checkpoint (step {TRAINED_STEP}) in {workdir}/checkpoints is unchanged' in message
+    )
     assert _digest(workdir / 'checkpoints') == before
     assert not list(workdir.rglob('step_*.png'))  # e.g. samples/step_00000012.png
 
@@ -232,8 +256,10 @@ def full_disk(monkeypatch):
     original = serialization.async_serialize_from_host
 
     async def write(rslices, tensorstore_spec, **kwargs):
-        workdir, step = re.search(r'"path": "([^"]*)/checkpoints/(\d+)\.orbax-checkpoint-tmp',
-                                  json.dumps(tensorstore_spec)).groups()
+        workdir, step = re.search(
+            r'"path": "([^"]*)/checkpoints/(\d+)\.orbax-checkpoint-tmp',
+            json.dumps(tensorstore_spec),
+        ).groups()
         steps = checkpoint.steps_on_disk(workdir)
         if steps:
             seen['first'] = seen['first'] or _digest(f'{workdir}/checkpoints/{steps[0]}')
@@ -245,16 +271,17 @@ def full_disk(monkeypatch):
     return seen
 
 
-def test_failed_save_stops_at_once_and_keeps_the_previous_checkpoint(full_disk, tmp_path,
-                                                                      caplog, capfd,
-                                                                      monkeypatch):
+def test_failed_save_stops_at_once_and_keeps_the_previous_checkpoint(
+    full_disk, tmp_path, caplog, capfd, monkeypatch
+):
     caplog.set_level(logging.INFO, logger='absl')
     # stderr as on the command line: absl's handler, quieted as main.run quiets it (orbax's
     # errors without tracebacks), in place of the plain handler absl adds before app.run.
     checkpoint.quiet_orbax()
     root, absl_handler = logging.getLogger(), absl_logging.get_absl_handler()
-    monkeypatch.setattr(root, 'handlers',
-                        [h for h in root.handlers if type(h) is not logging.StreamHandler])
+    monkeypatch.setattr(
+        root, 'handlers', [h for h in root.handlers if type(h) is not logging.StreamHandler]
+    )
     root.addHandler(absl_handler)
     # How many steps run while orbax's threads write depends on the machine's load. Each check
     # between steps first waits until the pending save is over, so that "at once" is exact:
@@ -263,15 +290,19 @@ def test_failed_save_stops_at_once_and_keeps_the_previous_checkpoint(full_disk, 
 
     def check_after_the_save(saver, wait=False):
         deadline = time.monotonic() + 60
-        while (saver.pending is not None and saver.manager.is_saving_in_progress()
-               and time.monotonic() < deadline):
+        while (
+            saver.pending is not None
+            and saver.manager.is_saving_in_progress()
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         return check(saver, wait)
 
     monkeypatch.setattr(checkpoint.Saver, 'check', check_after_the_save)
     workdir = tmp_path / 'run'
-    run_config = _tiny(**{'training.n_iters': 12, 'training.snapshot_freq': 3,
-                          'training.log_freq': 1})
+    run_config = _tiny(
+        **{'training.n_iters': 12, 'training.snapshot_freq': 3, 'training.log_freq': 1}
+    )
     try:
         with pytest.raises(errors.SaveFailed) as raised:
             train_job.train(run_config, str(workdir))
@@ -281,7 +312,8 @@ def test_failed_save_stops_at_once_and_keeps_the_previous_checkpoint(full_disk, 
     assert message == (
         f'Saving checkpoint 6 in {workdir}/checkpoints failed (OSError: [Errno 28] No space '
         'left on device). Training stopped; the checkpoints already there are intact '
-        '(newest: 3).')
+        '(newest: 3).'
+    )
     assert full_disk['failed'] == {6}
     logged = [int(s) for s in re.findall(r'step (\d+): loss', caplog.text)]
     assert logged == [1, 2, 3, 4, 5, 6], logged
@@ -296,11 +328,16 @@ def test_failed_save_stops_at_once_and_keeps_the_previous_checkpoint(full_disk, 
 def test_asyncio_reports_of_orbax_tasks_are_dropped():
     """After a failed restore, orbax's leftover tasks make asyncio log the same error with a
     traceback whenever they are garbage-collected (once seen in the next test's output)."""
+
     def record(message):
-        return logging.LogRecord('asyncio', logging.ERROR, f'{os.sep}asyncio{os.sep}base.py', 1,
-                                 message, None, None)
-    task = ("Task exception was never retrieved\nfuture: <Task finished coro=<async_deserialize()"
-            f" done, defined at {os.sep}site-packages{os.sep}orbax{os.sep}serialization.py:394>>")
+        return logging.LogRecord(
+            'asyncio', logging.ERROR, f'{os.sep}asyncio{os.sep}base.py', 1, message, None, None
+        )
+
+    task = (
+        'Task exception was never retrieved\nfuture: <Task finished coro=<async_deserialize()'
+        f' done, defined at {os.sep}site-packages{os.sep}orbax{os.sep}serialization.py:394>>'
+    )
     quiet = checkpoint._OrbaxInfoFilter()
     assert not quiet.filter(record(task))
     assert quiet.filter(record('Task exception was never retrieved\nfuture: <Task mine>'))
@@ -312,15 +349,22 @@ def test_corrupt_image_is_skipped_with_one_warning_and_training_ends(tmp_path, c
     generator = np.random.default_rng(0)
     for i in range(15):
         Image.fromarray(generator.integers(0, 256, (10, 12, 3), np.uint8)).save(
-            folder / f'{i:02d}.png')
+            folder / f'{i:02d}.png'
+        )
     corrupt = folder / '07b.png'  # sorted among the good ones
     corrupt.write_bytes(b'\x89PNG\r\n\x1a\n' + b'not an image' * 10)
     workdir = tmp_path / 'run'
     # tiny's model and data shapes (so its compiled programs are reused), read from a folder;
     # 2 steps of 8 images read each of the 16 files once.
-    config = _tiny(**{'data.dataset': 'afhq', 'data.data_dir': str(folder),
-                      'data.random_flip': True, 'training.n_iters': 2,
-                      'training.log_freq': 2})
+    config = _tiny(
+        **{
+            'data.dataset': 'afhq',
+            'data.data_dir': str(folder),
+            'data.random_flip': True,
+            'training.n_iters': 2,
+            'training.log_freq': 2,
+        }
+    )
     main.run(config, 'train', str(workdir))
     assert checkpoint.steps_on_disk(str(workdir)) == [2]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
@@ -331,6 +375,7 @@ def test_corrupt_image_is_skipped_with_one_warning_and_training_ends(tmp_path, c
 
 # --- Bad input, in-process ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def parse(monkeypatch):
     """command_line.parse_flags on a command line: (config, mode, workdir), or the exit message.
@@ -338,6 +383,7 @@ def parse(monkeypatch):
     ml_collections reads the --config.KEY overrides from sys.argv and defines a flag for each,
     so sys.argv is set and those flags are removed afterwards (absl's FLAGS are global). Parsing
     also sets the level of absl's logger (to warnings, outside app.run), which is put back."""
+
     def parse_flags(*args):
         argv = ['ihdm_jax.main', *map(str, args)]
         monkeypatch.setattr(sys, 'argv', argv)
@@ -352,6 +398,7 @@ def parse(monkeypatch):
                 delattr(flags.FLAGS, name)
             flags.FLAGS.unparse_flags()
             absl_logging.get_absl_logger().setLevel(level)
+
     return parse_flags
 
 
@@ -362,20 +409,29 @@ def _config_file(tmp_path, body):
 
 
 CONFIG_FILE_ERRORS = {
-    'missing': (None, r'Error: --config=.*/no_such.py: no such file; the shipped configs are in '
-                      r'configs/\.$'),
-    'syntax_error': ('from configs import tiny\n\ndef get_config(:\n    return tiny.get_config()\n',
-                     r'Error: --config=.*/my_config.py has a syntax error at line 3: '
-                     r'invalid syntax\.$'),
-    'no_get_config': ('from configs import tiny\n\nconfig = tiny.get_config()\n',
-                      r'Error: --config=.*/my_config.py defines no get_config\(\); a config file '
-                      r'returns its ConfigDict from get_config\(\) \(see configs/digits.py\)\.$'),
-    'wrong_type_in_file': ("from configs import tiny\n\ndef get_config():\n    config = "
-                           "tiny.get_config()\n    config.model.K = '200'\n    return config\n",
-                           r"Error: flag --config=.*/my_config.py: Error whilst parsing config "
-                           r"file: TypeError: Could not override field 'K' \(reference\)\. 200 is "
-                           r"of original type <class 'str'> and cannot be casted to type "
-                           r"<class 'int'>"),
+    'missing': (
+        None,
+        r'Error: --config=.*/no_such.py: no such file; the shipped configs are in '
+        r'configs/\.$',
+    ),
+    'syntax_error': (
+        'from configs import tiny\n\ndef get_config(:\n    return tiny.get_config()\n',
+        r'Error: --config=.*/my_config.py has a syntax error at line 3: '
+        r'invalid syntax\.$',
+    ),
+    'no_get_config': (
+        'from configs import tiny\n\nconfig = tiny.get_config()\n',
+        r'Error: --config=.*/my_config.py defines no get_config\(\); a config file '
+        r'returns its ConfigDict from get_config\(\) \(see configs/digits.py\)\.$',
+    ),
+    'wrong_type_in_file': (
+        'from configs import tiny\n\ndef get_config():\n    config = '
+        "tiny.get_config()\n    config.model.K = '200'\n    return config\n",
+        r'Error: flag --config=.*/my_config.py: Error whilst parsing config '
+        r"file: TypeError: Could not override field 'K' \(reference\)\. 200 is "
+        r"of original type <class 'str'> and cannot be casted to type "
+        r"<class 'int'>",
+    ),
 }
 
 
@@ -390,11 +446,16 @@ def test_bad_config_file_ends_in_one_line(parse, tmp_path, name):
 
 
 FLAG_ERRORS = {
-    'misspelt_section': ('--config.modle.K=5', 'Error: config.modle.K is not a config key (the '
-                         'keys are those of ihdm_jax/defaults.py). Did you mean config.model.K? '
-                         '(in --config.modle.K=5)'),
-    'wrong_type': ('--config.model.K=2.5', "Error: flag --config.model.K=2.5: invalid literal "
-                   "for int() with base 10: '2.5'"),
+    'misspelt_section': (
+        '--config.modle.K=5',
+        'Error: config.modle.K is not a config key (the '
+        'keys are those of ihdm_jax/defaults.py). Did you mean config.model.K? '
+        '(in --config.modle.K=5)',
+    ),
+    'wrong_type': (
+        '--config.model.K=2.5',
+        "Error: flag --config.model.K=2.5: invalid literal for int() with base 10: '2.5'",
+    ),
     'unknown_mode': ('--mode=smaple', 'Error: flag --mode=smaple: value should be one of <train|'),
 }
 
@@ -410,14 +471,21 @@ def test_bad_flag_ends_in_one_line(parse, tmp_path, name):
 
 # Settings that parse but that main.run refuses; name -> (command-line arguments, message).
 PARSED_ERRORS = {
-    'non_tuple': ('--config.model.channel_mult=abc',
-                  "config.model.channel_mult=('abc',) must be a tuple like the default "
-                  '(1, 2, 2, 2) (on the command line: '
-                  '--config.model.channel_mult="(1, 2, 2, 2)").'),
-    'float_elements': ('--config.model.channel_mult=(1.5, 2)',
-                       'config.model.channel_mult=(1.5, 2) must be a tuple like the default'),
-    'unknown_key_in_file': ('FILE', 'config.model.sigmma is not a config key (the keys are those '
-                            'of ihdm_jax/defaults.py). Did you mean config.model.sigma?'),
+    'non_tuple': (
+        '--config.model.channel_mult=abc',
+        "config.model.channel_mult=('abc',) must be a tuple like the default "
+        '(1, 2, 2, 2) (on the command line: '
+        '--config.model.channel_mult="(1, 2, 2, 2)").',
+    ),
+    'float_elements': (
+        '--config.model.channel_mult=(1.5, 2)',
+        'config.model.channel_mult=(1.5, 2) must be a tuple like the default',
+    ),
+    'unknown_key_in_file': (
+        'FILE',
+        'config.model.sigmma is not a config key (the keys are those '
+        'of ihdm_jax/defaults.py). Did you mean config.model.sigma?',
+    ),
 }
 
 
@@ -426,11 +494,17 @@ def test_bad_setting_on_the_command_line_is_refused_before_any_write(parse, tmp_
     arg, expected = PARSED_ERRORS[name]
     config_path = 'configs/tiny.py'
     if arg == 'FILE':
-        config_path = _config_file(tmp_path, 'from configs import tiny\n\ndef get_config():\n'
-                                   '    config = tiny.get_config()\n'
-                                   '    config.model.sigmma = 0.02\n    return config\n')
-    parsed = parse(f'--config={config_path}', f'--workdir={tmp_path / "run"}',
-                   *([] if arg == 'FILE' else [arg]))
+        config_path = _config_file(
+            tmp_path,
+            'from configs import tiny\n\ndef get_config():\n'
+            '    config = tiny.get_config()\n'
+            '    config.model.sigmma = 0.02\n    return config\n',
+        )
+    parsed = parse(
+        f'--config={config_path}',
+        f'--workdir={tmp_path / "run"}',
+        *([] if arg == 'FILE' else [arg]),
+    )
     assert isinstance(parsed, tuple), parsed
     with pytest.raises(errors.UserError) as raised:
         main.run(*parsed)
@@ -445,94 +519,211 @@ WEIGHTS_HINT = '--config.evaluation.inception_weights=PATH'
 # change; 'under_file' lies under a regular file. Overrides naming EMPTY get an empty folder,
 # ZERO_BYTES / NOT_NPZ a file of that kind.
 BAD_INPUTS = {
-    'K_below_1': ('tiny', {'model.K': 0}, 'train', 'new',
-                  r'config\.model\.K=0 must be at least 1 \(the number of blur levels\)\.$'),
-    'negative_sigma': ('tiny', {'model.sigma': -0.01}, 'train', 'new',
-                       r'config\.model\.sigma=-0\.01 is negative; expected σ ≥ 0\.$'),
-    'negative_delta': ('tiny', {'sampling.delta': -0.01}, 'sample', 'trained',
-                       r'config\.sampling\.delta=-0\.01 is negative; expected δ ≥ 0\.$'),
-    'blur_range': ('tiny', {'model.blur_sigma_min': 5.0}, 'train', 'new',
-                   r'config\.model\.blur_sigma_min=5\.0 must be smaller than '
-                   r'config\.model\.blur_sigma_max=4\.0\.$'),
-    'batch_not_divisible': ('tiny', {'training.batch_size': 12}, 'train', 'new',
-                            r'config\.training\.batch_size=12 must be a multiple of the number '
-                            r'of devices \(8\), since each batch is split over them\.$'),
-    'sampling_batch_not_divisible': ('tiny', {'sampling.batch_size': 4}, 'sample', 'trained',
-                                     r'config\.sampling\.batch_size=4 must be a multiple of the '
-                                     r'number of devices \(8\)'),
-    'image_size_vs_data': ('mnist', {'data.image_size': 32}, 'train', 'new',
-                           r'config\.data\.image_size=32 does not match mnist, whose images are '
-                           r'28x28; set --config\.data\.image_size=28\.$'),
-    'channels_vs_data': ('tiny', {'data.num_channels': 3}, 'train', 'new',
-                         r'config\.data\.num_channels=3 does not match digits, whose images have '
-                         r'1 channel\(s\)\.$'),
-    'missing_image_folder': ('afhq64', {'data.data_dir': '/no/such/afhq'}, 'train', 'new',
-                             r"config\.data\.data_dir='/no/such/afhq' does not exist\. Download "
-                             r'afhq and point --config\.data\.data_dir at its folder'),
-    'empty_image_folder': ('afhq64', {'data.data_dir': 'EMPTY'}, 'train', 'new',
-                           r"config\.data\.data_dir='.*/empty' holds no image files \(\.bmp, "),
-    'missing_tfds_dataset': ('cifar10', {'data.data_dir': 'EMPTY'}, 'train', 'new',
-                             r"The tfds data set 'cifar10' is not prepared in "
-                             r".*/empty/cifar10/[0-9.]+, and preparing it needs tensorflow\. "
-                             r"Install it in this repository with `python -m pip install -e "
-                             r"'\.\[prepare\]'`"),
-    'another_runs_config': ('tiny', {'model.K': 20}, 'train', 'trained',
-                            r'--workdir=.* holds a run of a different config:\n  config\.model\.K: '
-                            r'10 in .*/config\.json, 20 now\nUse a new --workdir, or pass '
-                            r'--allow_config_change to continue this run with the new values\.$'),
-    'another_models_checkpoint': ('tiny', {'model.K': 20}, 'sample', 'trained',
-                                  r'--workdir=.* holds a run of a different config:\n  '
-                                  r'config\.model\.K: 10 in .*/config\.json, 20 now\nPass the '
-                                  r'config that trained this run'),
-    'unwritable_workdir': ('tiny', {}, 'train', 'under_file',
-                           r'--workdir=(.*)/a_file/run cannot be written \(\1/a_file is not a '
-                           r'directory\); choose a directory you can write to\.$'),
-    'unwritable_results_workdir': ('tiny', {}, 'psd', 'under_file',
-                                   r'--workdir=.*/a_file/run cannot be written'),
-    'sample_mistyped_workdir': ('tiny', {}, 'sample', 'new',
-                                r'--workdir=.*/run does not exist: train first \(--mode=train\), '
-                                r'or point --workdir at a trained run\.$'),
-    'interpolate_one_point': ('tiny', {'analysis.num_points': 1}, 'interpolate', 'trained',
-                              r'config\.analysis\.num_points=1 must be at least 2 \(both '
-                              r'endpoints\)\.$'),
-    'hierarchical_split_order': ('tiny', {'analysis.split_fractions': (0.25, 0.5)},
-                                 'hierarchical', 'trained',
-                                 r'config\.analysis\.split_fractions=\(0\.25, 0\.5\) must give '
-                                 r'distinct levels in 1\.\.9, descending '
-                                 r'\(with K=10: \[2, 5\]\)\.$'),
-    'level_fractions': ('tiny', {'analysis.level_fractions': (0.0, 1.0)}, 'input_gradients',
-                        'trained', r'config\.analysis\.level_fractions=\(0\.0, 1\.0\) must be '
-                                   r'fractions of K in \(0, 1\]\.$'),
-    'eval_no_passes': ('tiny', {'evaluation.num_passes': 0}, 'eval', 'trained',
-                       r'config\.evaluation\.num_passes=0 must be at least 1\.$'),
-    'missing_inception_weights': ('tiny', {'evaluation.inception_weights': '/no/such/w.npz'},
-                                  'fid', 'trained',
-                                  r'FID Inception weights not found at /no/such/w\.npz\.\n(.|\n)*'
-                                  + re.escape(WEIGHTS_HINT)),
-    'zero_byte_inception_weights': ('tiny', {'evaluation.inception_weights': 'ZERO_BYTES'},
-                                    'fid', 'trained',
-                                    r'.*/zero\.npz is not a file of converted FID Inception '
-                                    r'weights \(an empty file\)\. Make one in one of two ways:\n'
-                                    r'(.|\n)*' + re.escape(WEIGHTS_HINT)),
-    'not_npz_inception_weights': ('tiny', {'evaluation.inception_weights': 'NOT_NPZ'},
-                                  'sweep_delta', 'trained',
-                                  r'.*/weights\.txt is not a file of converted FID Inception '
-                                  r'weights \(not an \.npz archive\)\.'),
+    'K_below_1': (
+        'tiny',
+        {'model.K': 0},
+        'train',
+        'new',
+        r'config\.model\.K=0 must be at least 1 \(the number of blur levels\)\.$',
+    ),
+    'negative_sigma': (
+        'tiny',
+        {'model.sigma': -0.01},
+        'train',
+        'new',
+        r'config\.model\.sigma=-0\.01 is negative; expected σ ≥ 0\.$',
+    ),
+    'negative_delta': (
+        'tiny',
+        {'sampling.delta': -0.01},
+        'sample',
+        'trained',
+        r'config\.sampling\.delta=-0\.01 is negative; expected δ ≥ 0\.$',
+    ),
+    'blur_range': (
+        'tiny',
+        {'model.blur_sigma_min': 5.0},
+        'train',
+        'new',
+        r'config\.model\.blur_sigma_min=5\.0 must be smaller than '
+        r'config\.model\.blur_sigma_max=4\.0\.$',
+    ),
+    'batch_not_divisible': (
+        'tiny',
+        {'training.batch_size': 12},
+        'train',
+        'new',
+        r'config\.training\.batch_size=12 must be a multiple of the number '
+        r'of devices \(8\), since each batch is split over them\.$',
+    ),
+    'sampling_batch_not_divisible': (
+        'tiny',
+        {'sampling.batch_size': 4},
+        'sample',
+        'trained',
+        r'config\.sampling\.batch_size=4 must be a multiple of the '
+        r'number of devices \(8\)',
+    ),
+    'image_size_vs_data': (
+        'mnist',
+        {'data.image_size': 32},
+        'train',
+        'new',
+        r'config\.data\.image_size=32 does not match mnist, whose images are '
+        r'28x28; set --config\.data\.image_size=28\.$',
+    ),
+    'channels_vs_data': (
+        'tiny',
+        {'data.num_channels': 3},
+        'train',
+        'new',
+        r'config\.data\.num_channels=3 does not match digits, whose images have '
+        r'1 channel\(s\)\.$',
+    ),
+    'missing_image_folder': (
+        'afhq64',
+        {'data.data_dir': '/no/such/afhq'},
+        'train',
+        'new',
+        r"config\.data\.data_dir='/no/such/afhq' does not exist\. Download "
+        r'afhq and point --config\.data\.data_dir at its folder',
+    ),
+    'empty_image_folder': (
+        'afhq64',
+        {'data.data_dir': 'EMPTY'},
+        'train',
+        'new',
+        r"config\.data\.data_dir='.*/empty' holds no image files \(\.bmp, ",
+    ),
+    'missing_tfds_dataset': (
+        'cifar10',
+        {'data.data_dir': 'EMPTY'},
+        'train',
+        'new',
+        r"The tfds data set 'cifar10' is not prepared in "
+        r'.*/empty/cifar10/[0-9.]+, and preparing it needs tensorflow\. '
+        r'Install it in this repository with `python -m pip install -e '
+        r"'\.\[prepare\]'`",
+    ),
+    'another_runs_config': (
+        'tiny',
+        {'model.K': 20},
+        'train',
+        'trained',
+        r'--workdir=.* holds a run of a different config:\n  config\.model\.K: '
+        r'10 in .*/config\.json, 20 now\nUse a new --workdir, or pass '
+        r'--allow_config_change to continue this run with the new values\.$',
+    ),
+    'another_models_checkpoint': (
+        'tiny',
+        {'model.K': 20},
+        'sample',
+        'trained',
+        r'--workdir=.* holds a run of a different config:\n  '
+        r'config\.model\.K: 10 in .*/config\.json, 20 now\nPass the '
+        r'config that trained this run',
+    ),
+    'unwritable_workdir': (
+        'tiny',
+        {},
+        'train',
+        'under_file',
+        r'--workdir=(.*)/a_file/run cannot be written \(\1/a_file is not a '
+        r'directory\); choose a directory you can write to\.$',
+    ),
+    'unwritable_results_workdir': (
+        'tiny',
+        {},
+        'psd',
+        'under_file',
+        r'--workdir=.*/a_file/run cannot be written',
+    ),
+    'sample_mistyped_workdir': (
+        'tiny',
+        {},
+        'sample',
+        'new',
+        r'--workdir=.*/run does not exist: train first \(--mode=train\), '
+        r'or point --workdir at a trained run\.$',
+    ),
+    'interpolate_one_point': (
+        'tiny',
+        {'analysis.num_points': 1},
+        'interpolate',
+        'trained',
+        r'config\.analysis\.num_points=1 must be at least 2 \(both '
+        r'endpoints\)\.$',
+    ),
+    'hierarchical_split_order': (
+        'tiny',
+        {'analysis.split_fractions': (0.25, 0.5)},
+        'hierarchical',
+        'trained',
+        r'config\.analysis\.split_fractions=\(0\.25, 0\.5\) must give '
+        r'distinct levels in 1\.\.9, descending '
+        r'\(with K=10: \[2, 5\]\)\.$',
+    ),
+    'level_fractions': (
+        'tiny',
+        {'analysis.level_fractions': (0.0, 1.0)},
+        'input_gradients',
+        'trained',
+        r'config\.analysis\.level_fractions=\(0\.0, 1\.0\) must be '
+        r'fractions of K in \(0, 1\]\.$',
+    ),
+    'eval_no_passes': (
+        'tiny',
+        {'evaluation.num_passes': 0},
+        'eval',
+        'trained',
+        r'config\.evaluation\.num_passes=0 must be at least 1\.$',
+    ),
+    'missing_inception_weights': (
+        'tiny',
+        {'evaluation.inception_weights': '/no/such/w.npz'},
+        'fid',
+        'trained',
+        r'FID Inception weights not found at /no/such/w\.npz\.\n(.|\n)*' + re.escape(WEIGHTS_HINT),
+    ),
+    'zero_byte_inception_weights': (
+        'tiny',
+        {'evaluation.inception_weights': 'ZERO_BYTES'},
+        'fid',
+        'trained',
+        r'.*/zero\.npz is not a file of converted FID Inception '
+        r'weights \(an empty file\)\. Make one in one of two ways:\n'
+        r'(.|\n)*' + re.escape(WEIGHTS_HINT),
+    ),
+    'not_npz_inception_weights': (
+        'tiny',
+        {'evaluation.inception_weights': 'NOT_NPZ'},
+        'sweep_delta',
+        'trained',
+        r'.*/weights\.txt is not a file of converted FID Inception '
+        r'weights \(not an \.npz archive\)\.',
+    ),
 }
 
 
 def _make_input(tmp_path, trained, name):
     """(config, mode, workdir) of BAD_INPUTS[name]."""
     config_name, overrides, mode, workdir_kind, _ = BAD_INPUTS[name]
-    files = {'EMPTY': tmp_path / 'empty', 'ZERO_BYTES': tmp_path / 'zero.npz',
-             'NOT_NPZ': tmp_path / 'weights.txt'}
+    files = {
+        'EMPTY': tmp_path / 'empty',
+        'ZERO_BYTES': tmp_path / 'zero.npz',
+        'NOT_NPZ': tmp_path / 'weights.txt',
+    }
     files['EMPTY'].mkdir()
     files['ZERO_BYTES'].write_bytes(b'')
     files['NOT_NPZ'].write_text('converted weights, honest\n')
-    overrides = {k: str(files[v]) if isinstance(v, str) and v in files else v
-                 for k, v in overrides.items()}
-    workdir = {'new': tmp_path / 'run', 'trained': tmp_path / 'trained',
-               'under_file': tmp_path / 'a_file' / 'run'}[workdir_kind]
+    overrides = {
+        k: str(files[v]) if isinstance(v, str) and v in files else v for k, v in overrides.items()
+    }
+    workdir = {
+        'new': tmp_path / 'run',
+        'trained': tmp_path / 'trained',
+        'under_file': tmp_path / 'a_file' / 'run',
+    }[workdir_kind]
     if workdir_kind == 'trained':
         shutil.copytree(trained, workdir)
     if workdir_kind == 'under_file':
@@ -547,6 +738,7 @@ def test_bad_input_is_refused_before_any_write(trained, tmp_path, monkeypatch, n
 
     def no_restore(*args, **kwargs):
         raise AssertionError('a checkpoint was restored before the checks ended')
+
     monkeypatch.setattr(checkpoint, 'restore_ema_params', no_restore)
     monkeypatch.setattr(checkpoint, 'restore_latest', no_restore)
     with pytest.raises(errors.UserError) as raised:
@@ -556,6 +748,7 @@ def test_bad_input_is_refused_before_any_write(trained, tmp_path, monkeypatch, n
 
 
 # --- Bad input on the command line -------------------------------------------------------------
+
 
 @pytest.fixture(scope='module')
 def cli_errors(trained, tmp_path_factory):
@@ -567,31 +760,57 @@ def cli_errors(trained, tmp_path_factory):
     shutil.copytree(trained, scratch / 'trained')
     config = ['--config=configs/tiny.py']
     commands = {
-        'missing_config': (['--config=configs/no_such.py', f'--workdir={scratch / "a"}'],
-                           scratch / 'a'),
-        'misspelt_section': (config + [f'--workdir={scratch / "b"}', '--config.modle.K=5'],
-                             scratch / 'b'),
-        'empty_image_folder': (['--config=configs/afhq64.py', f'--workdir={scratch / "c"}',
-                                f'--config.data.data_dir={scratch / "empty"}'], scratch / 'c'),
-        'zero_byte_weights': (config + [f'--workdir={scratch / "trained"}', '--mode=fid',
-                                        f'--config.evaluation.inception_weights='
-                                        f'{scratch / "zero.npz"}'], scratch / 'trained'),
+        'missing_config': (
+            ['--config=configs/no_such.py', f'--workdir={scratch / "a"}'],
+            scratch / 'a',
+        ),
+        'misspelt_section': (
+            config + [f'--workdir={scratch / "b"}', '--config.modle.K=5'],
+            scratch / 'b',
+        ),
+        'empty_image_folder': (
+            [
+                '--config=configs/afhq64.py',
+                f'--workdir={scratch / "c"}',
+                f'--config.data.data_dir={scratch / "empty"}',
+            ],
+            scratch / 'c',
+        ),
+        'zero_byte_weights': (
+            config
+            + [
+                f'--workdir={scratch / "trained"}',
+                '--mode=fid',
+                f'--config.evaluation.inception_weights={scratch / "zero.npz"}',
+            ],
+            scratch / 'trained',
+        ),
     }
     before = _digest(scratch)
 
     def run(args):
-        return subprocess.run([sys.executable, '-m', 'ihdm_jax.main', *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, '-m', 'ihdm_jax.main', *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
     with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
         results = dict(zip(commands, pool.map(run, [args for args, _ in commands.values()])))
-    return results, {name: workdir for name, (_, workdir) in commands.items()}, before, \
-        _digest(scratch)
+    return (
+        results,
+        {name: workdir for name, (_, workdir) in commands.items()},
+        before,
+        _digest(scratch),
+    )
 
 
 CLI_MESSAGES = {
     'missing_config': r'Error: --config=configs/no_such.py: no such file',
     'misspelt_section': r'Error: config\.modle\.K is not a config key .* Did you mean '
-                        r'config\.model\.K\? \(in --config\.modle\.K=5\)$',
+    r'config\.model\.K\? \(in --config\.modle\.K=5\)$',
     'empty_image_folder': r"Error: config\.data\.data_dir='.*/empty' holds no image files",
     'zero_byte_weights': r'Error: .*/zero\.npz is not a file of converted FID Inception weights',
 }

@@ -17,8 +17,9 @@ def _images(shape, seed=0):
 
 def test_zero_residual_and_zero_noise_return_the_input():
     u = _images((3, 8, 8, 2))
-    out, trajectory = jax.jit(lambda u, key: sampling.sample(lambda x, k: jnp.zeros_like(x), u, K,
-                                                             0.0, key))(u, jax.random.key(0))
+    out, trajectory = jax.jit(
+        lambda u, key: sampling.sample(lambda x, k: jnp.zeros_like(x), u, K, 0.0, key)
+    )(u, jax.random.key(0))
     np.testing.assert_array_equal(out, u)
     assert trajectory.shape == (0,) + u.shape
 
@@ -61,7 +62,10 @@ def test_noise_is_per_example_and_shared_by_equal_keys():
 
 def test_sample_is_reproducible_and_keyed():
     u_K = _images((2, 4, 4, 1), seed=3)
-    f = lambda u, k: -0.1 * u
+
+    def f(u, k):
+        return -0.1 * u
+
     a, _ = sampling.sample(f, u_K, K, 0.1, jax.random.key(4))
     b, _ = sampling.sample(f, u_K, K, 0.1, jax.random.key(4))
     c, _ = sampling.sample(f, u_K, K, 0.1, jax.random.key(5))
@@ -80,8 +84,9 @@ def test_prior_sample_is_blurred_data_plus_delta_noise():
 
 def test_trajectory_steps_out_of_range_are_refused():
     with pytest.raises(ValueError, match='0..6'):
-        sampling.sample(lambda u, k: u, np.zeros((1, 2, 2, 1)), K, 0.0, jax.random.key(0),
-                        trajectory_steps=(7,))
+        sampling.sample(
+            lambda u, k: u, np.zeros((1, 2, 2, 1)), K, 0.0, jax.random.key(0), trajectory_steps=(7,)
+        )
 
 
 def _linear_f(u, k):
@@ -99,8 +104,7 @@ def test_stop_runs_part_of_the_chain_and_composes():
 
 def test_same_init_and_share_noise():
     u_K = _images((1, 4, 4, 1), seed=8)
-    same_init, _ = sampling.sample(_linear_f, np.repeat(u_K, 3, axis=0), K, 0.1,
-                                   jax.random.key(8))
+    same_init, _ = sampling.sample(_linear_f, np.repeat(u_K, 3, axis=0), K, 0.1, jax.random.key(8))
     assert not np.allclose(same_init[0], same_init[1])  # one u_K, different noise sequences
     u_Ks = np.concatenate([u_K, u_K, _images((1, 4, 4, 1), seed=9)])
     shared = sampling.example_noise(jnp.stack([jax.random.key(9)] * 3), (4, 4, 1))
@@ -120,8 +124,11 @@ def test_slerp_keeps_norm_and_hits_endpoints():
     np.testing.assert_allclose(norms, np.linalg.norm(a), rtol=1e-5)
     np.testing.assert_allclose(path[0], a[0], atol=1e-5)
     np.testing.assert_allclose(path[-1], b[0], atol=1e-5)
+
     # The midpoint lies on the great circle: equal angles to both endpoints.
-    cos = lambda x, y: np.sum(x * y) / np.linalg.norm(x) / np.linalg.norm(y)
+    def cos(x, y):
+        return np.sum(x * y) / np.linalg.norm(x) / np.linalg.norm(y)
+
     np.testing.assert_allclose(cos(path[4], a[0]), cos(path[4], b[0]), atol=1e-5)
 
 
@@ -131,14 +138,22 @@ def test_interpolation_endpoints_are_the_two_samples():
     frames = sampling.interpolate(_alg2(K), jnp.asarray(u_a), jnp.asarray(u_b), ka, kb, 5)
     assert frames.shape == (5, 4, 4, 1)
     for frame, u, key in ((frames[0], u_a, ka), (frames[-1], u_b, kb)):
-        alone, _ = sampling.sample_with_noise(_linear_f, u[None], K, 0.1,
-                                              sampling.example_noise(key[None], u.shape))
+        alone, _ = sampling.sample_with_noise(
+            _linear_f, u[None], K, 0.1, sampling.example_noise(key[None], u.shape)
+        )
         np.testing.assert_allclose(frame, alone[0], atol=1e-5)
     # The start states linearly: the middle frame starts halfway between them.
     middle, _ = sampling.sample_with_noise(
-        _linear_f, (u_a[None] + u_b[None]) / 2, K, 0.1,
-        lambda k: sampling.slerp(sampling.example_noise(ka[None], u_a.shape)(k),
-                                 sampling.example_noise(kb[None], u_a.shape)(k), 0.5))
+        _linear_f,
+        (u_a[None] + u_b[None]) / 2,
+        K,
+        0.1,
+        lambda k: sampling.slerp(
+            sampling.example_noise(ka[None], u_a.shape)(k),
+            sampling.example_noise(kb[None], u_a.shape)(k),
+            0.5,
+        ),
+    )
     np.testing.assert_allclose(frames[2], middle[0], atol=1e-5)
 
 
@@ -157,14 +172,20 @@ def test_hierarchical_branches_continue_from_their_parent():
     states = sampling.hierarchical(_segment, u_K, K, key, splits=(4, 2), branches=2)
     assert [s.shape[0] for s in states] == [1, 2, 4]
     # The parent's state at the first split is the unbranched chain stopped there.
-    parent, _ = sampling.sample_with_noise(_linear_f, u_K[None], K, 0.1,
-                                           sampling.example_noise(key[None], (4, 4, 1)), stop=4)
+    parent, _ = sampling.sample_with_noise(
+        _linear_f, u_K[None], K, 0.1, sampling.example_noise(key[None], (4, 4, 1)), stop=4
+    )
     np.testing.assert_allclose(states[0], parent, atol=1e-6)
     # Every branch starts from its parent's state: children of one parent differ only after it.
     child_keys = jnp.stack([jax.random.fold_in(key, i) for i in range(2)])
-    children, _ = sampling.sample_with_noise(_linear_f, jnp.repeat(parent, 2, axis=0), 4, 0.1,
-                                             sampling.example_noise(child_keys, (4, 4, 1)),
-                                             stop=2)
+    children, _ = sampling.sample_with_noise(
+        _linear_f,
+        jnp.repeat(parent, 2, axis=0),
+        4,
+        0.1,
+        sampling.example_noise(child_keys, (4, 4, 1)),
+        stop=2,
+    )
     np.testing.assert_allclose(states[1], children, atol=1e-6)
     assert not np.allclose(states[2][0], states[2][1])
     with pytest.raises(ValueError, match='descending'):

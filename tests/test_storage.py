@@ -9,10 +9,10 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from conftest import ROOT
 from ihdm_jax import data
 from ihdm_jax import errors
 from ihdm_jax import images
@@ -38,7 +38,8 @@ def test_local_and_gs_paths_take_the_same_functions(tmp_path, fake_gcs):
             np.testing.assert_array_equal(npz['images'], np.arange(3))
         assert storage.isfile(storage.join(root, 'a', 'y.npz'))
         assert storage.isdir(storage.join(root, 'a')) and not storage.isfile(
-            storage.join(root, 'a'))
+            storage.join(root, 'a')
+        )
     assert set(fake_gcs) == {f'{RUN}/a/b/x.json', f'{RUN}/a/y.npz'}
     assert not os.path.exists(os.path.join(ROOT, 'gs:'))
 
@@ -47,12 +48,19 @@ def test_an_analysis_job_writes_its_results_on_gs(config, fake_gcs):
     main.run(config, 'frequency_partition', RUN)
     main.run(config, 'psd', RUN)
     out = f'{RUN}/analysis'
-    assert {f'{out}/frequency_partition/frequency_partition.png',
-            f'{out}/frequency_partition/frequency_partition.npz', f'{out}/psd/psd.json',
-            f'{out}/psd/psd.png', f'{out}/psd/energy_vs_blur.png'} <= set(fake_gcs)
+    assert {
+        f'{out}/frequency_partition/frequency_partition.png',
+        f'{out}/frequency_partition/frequency_partition.npz',
+        f'{out}/psd/psd.json',
+        f'{out}/psd/psd.png',
+        f'{out}/psd/energy_vs_blur.png',
+    } <= set(fake_gcs)
     png = Image.open(io.BytesIO(storage.read_bytes(f'{out}/psd/psd.png')))
     assert png.format == 'PNG' and min(png.size) > 100
-    assert json.loads(storage.read_text(f'{out}/psd/psd.json'))['num_images'] == config.analysis.num_images
+    assert (
+        json.loads(storage.read_text(f'{out}/psd/psd.json'))['num_images']
+        == config.analysis.num_images
+    )
     assert not os.path.exists(os.path.join(ROOT, 'gs:'))
 
 
@@ -63,8 +71,11 @@ def test_config_json_and_the_lock_on_gs(config, fake_gcs, monkeypatch):
     assert workdir_lib.read_config(RUN).to_dict() == config.to_dict()
     other = config.copy_and_resolve_references()
     other.model.K = config.model.K + 1
-    with pytest.raises(errors.UserError, match=rf'config.model.K: {config.model.K} in '
-                                               rf'{RUN}/config.json, {config.model.K + 1} now'):
+    with pytest.raises(
+        errors.UserError,
+        match=rf'config.model.K: {config.model.K} in '
+        rf'{RUN}/config.json, {config.model.K + 1} now',
+    ):
         workdir_lib.check(other, RUN, 'train')
     with pytest.raises(errors.UserError, match=f'--workdir={RUN} holds no checkpoint'):
         workdir_lib.check(config, RUN, 'trained')
@@ -82,8 +93,8 @@ def _events(content: bytes):
     """The events of a TensorBoard event file (records: length, crc, data, crc)."""
     events, offset = [], 0
     while offset < len(content):
-        (length,) = struct.unpack('Q', content[offset:offset + 8])
-        events.append(event_pb2.Event.FromString(content[offset + 12:offset + 12 + length]))
+        (length,) = struct.unpack('Q', content[offset : offset + 8])
+        events.append(event_pb2.Event.FromString(content[offset + 12 : offset + 12 + length]))
         offset += 12 + length + 4
     return events
 
@@ -93,7 +104,8 @@ def test_samples_tensorboard_and_fid_statistics_on_gs(fake_gcs):
     images.save_grid(f'{RUN}/samples/step_00000010.png', pictures)
     np.testing.assert_array_equal(
         np.asarray(Image.open(io.BytesIO(storage.read_bytes(f'{RUN}/samples/step_00000010.png')))),
-        images.grid(pictures))
+        images.grid(pictures),
+    )
 
     writer = storage.summary_writer(f'{RUN}/tensorboard')
     writer.add_scalar('train/loss', 0.25, 10)
@@ -101,8 +113,12 @@ def test_samples_tensorboard_and_fid_statistics_on_gs(fake_gcs):
     writer.close()
     (name,) = [k for k in fake_gcs if k.startswith(f'{RUN}/tensorboard/events.out.tfevents.')]
     events = _events(fake_gcs[name].getvalue())
-    scalars = [(v.tag, v.simple_value, e.step) for e in events for v in e.summary.value
-               if v.HasField('simple_value')]
+    scalars = [
+        (v.tag, v.simple_value, e.step)
+        for e in events
+        for v in e.summary.value
+        if v.HasField('simple_value')
+    ]
     assert scalars == [('train/loss', 0.25, 10)]
     assert any(v.tag == 'samples' for e in events for v in e.summary.value)
 
@@ -130,26 +146,34 @@ def test_an_image_folder_on_gs_reads_as_its_local_copy(config, tmp_path, fake_gc
     data.check(config)
     remote = data.make_source(config)
     local = data.FolderSource(str(tmp_path), config.data.image_size, 3)
-    assert [p.name for p in remote.paths] == [p.name for p in local.paths] == [
-        'a.jpg', 'b.png', 'c.png']
+    assert (
+        [p.name for p in remote.paths]
+        == [p.name for p in local.paths]
+        == ['a.jpg', 'b.png', 'c.png']
+    )
     np.testing.assert_array_equal(remote.load(np.arange(3)), local.load(np.arange(3)))
     config.data.data_dir = 'gs://bucket/none'
     with pytest.raises(errors.UserError, match="data_dir='gs://bucket/none' does not exist"):
         data.check(config)
 
 
-def test_an_unprepared_tfds_data_dir_on_gs_names_the_prepare_command(config, fake_gcs,
-                                                                    monkeypatch):
+def test_an_unprepared_tfds_data_dir_on_gs_names_the_prepare_command(config, fake_gcs, monkeypatch):
     monkeypatch.setattr(data, 'PREPARE_PACKAGE', 'a_package_that_is_not_installed')
     config = config.copy_and_resolve_references()
     config.data.dataset, config.data.image_size = 'mnist', 28
     config.data.data_dir = 'gs://bucket/tfds'
-    with pytest.raises(errors.UserError, match=r"not prepared in gs://bucket/tfds.*"
-                                               r"python -m pip install -e '\.\[prepare\]'"):
+    with pytest.raises(
+        errors.UserError,
+        match=r'not prepared in gs://bucket/tfds.*'
+        r"python -m pip install -e '\.\[prepare\]'",
+    ):
         data.check(config)
 
 
 def test_storage_without_its_package_names_it():
-    with pytest.raises(errors.UserError, match=r'--workdir=s3://bucket/run is on s3:// storage, '
-                                               r'which needs the package s3fs: pip install s3fs'):
+    with pytest.raises(
+        errors.UserError,
+        match=r'--workdir=s3://bucket/run is on s3:// storage, '
+        r'which needs the package s3fs: pip install s3fs',
+    ):
         storage.check_reachable('s3://bucket/run', '--workdir')

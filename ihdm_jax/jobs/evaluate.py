@@ -32,36 +32,51 @@ WEIGHTS_FLAG = '--config.evaluation.inception_weights'
 
 def _check_elbo(config, deltas):
     e = config.evaluation
-    validation.require(e.num_passes >= 1,
-                       f'config.evaluation.num_passes={e.num_passes} must be at least 1.')
-    validation.require(e.num_examples >= 0, f'config.evaluation.num_examples={e.num_examples} '
-                       'must be ≥ 0 (0 = the whole test split).')
-    validation.require(e.train_chunk >= 1,
-                       f'config.evaluation.train_chunk={e.train_chunk} must be at least 1.')
-    validation.require(e.batch_size >= 1,
-                       f'config.evaluation.batch_size={e.batch_size} must be at least 1.')
-    validation.require(all(d > 0 for d in deltas),
-                       f'The ELBO needs δ > 0 (the std of p(u_{{k−1}} | u_k)), got {deltas}.')
+    validation.require(
+        e.num_passes >= 1, f'config.evaluation.num_passes={e.num_passes} must be at least 1.'
+    )
+    validation.require(
+        e.num_examples >= 0,
+        f'config.evaluation.num_examples={e.num_examples} must be ≥ 0 (0 = the whole test split).',
+    )
+    validation.require(
+        e.train_chunk >= 1, f'config.evaluation.train_chunk={e.train_chunk} must be at least 1.'
+    )
+    validation.require(
+        e.batch_size >= 1, f'config.evaluation.batch_size={e.batch_size} must be at least 1.'
+    )
+    validation.require(
+        all(d > 0 for d in deltas),
+        f'The ELBO needs δ > 0 (the std of p(u_{{k−1}} | u_k)), got {deltas}.',
+    )
     data.check(config, 'test')
 
 
 def _check_fid(config):
     e = config.evaluation
-    validation.require(e.fid_num_samples >= 2, f'config.evaluation.fid_num_samples='
-                       f'{e.fid_num_samples} must be at least 2 (FID needs a covariance).')
+    validation.require(
+        e.fid_num_samples >= 2,
+        f'config.evaluation.fid_num_samples='
+        f'{e.fid_num_samples} must be at least 2 (FID needs a covariance).',
+    )
     reference = tuple(e.fid_reference)
-    validation.require(reference and all(isinstance(r, str) and r for r in reference),
-                       f'config.evaluation.fid_reference={reference!r} must name the reference '
-                       "images: 'train', 'test' or folders of image files.")
+    validation.require(
+        reference and all(isinstance(r, str) and r for r in reference),
+        f'config.evaluation.fid_reference={reference!r} must name the reference '
+        "images: 'train', 'test' or folders of image files.",
+    )
     for entry in reference:
         if entry in data.SPLITS:
             data.check(config, entry)
         else:
-            validation.require(storage.isdir(entry) and data.image_files(entry),
-                               f'config.evaluation.fid_reference: {entry!r} is neither '
-                               "'train', 'test' nor a folder holding image files.")
-    validation.require(e.batch_size >= 1,
-                       f'config.evaluation.batch_size={e.batch_size} must be at least 1.')
+            validation.require(
+                storage.isdir(entry) and data.image_files(entry),
+                f'config.evaluation.fid_reference: {entry!r} is neither '
+                "'train', 'test' nor a folder holding image files.",
+            )
+    validation.require(
+        e.batch_size >= 1, f'config.evaluation.batch_size={e.batch_size} must be at least 1.'
+    )
     parallel.check_divisible(config.sampling.batch_size, 'config.sampling.batch_size')
     frechet.resolve_weights(e.inception_weights or None, WEIGHTS_FLAG)
 
@@ -103,16 +118,25 @@ def reference_parts(config) -> list:
     parts, seen = [], set()
     for entry in config.evaluation.fid_reference:
         split = entry if entry in data.SPLITS else None
-        folder = entry if split is None else (
-            config.data[data.folder_key(split)] if config.data.dataset in data.FOLDER_DATASETS
-            else None)
-        identity = (folder if storage.is_remote(folder) else os.path.realpath(folder)) if folder \
-            else split
+        folder = (
+            entry
+            if split is None
+            else (
+                config.data[data.folder_key(split)]
+                if config.data.dataset in data.FOLDER_DATASETS
+                else None
+            )
+        )
+        identity = (
+            (folder if storage.is_remote(folder) else os.path.realpath(folder)) if folder else split
+        )
         if identity in seen:
             continue
         seen.add(identity)
-        label = split or (f'{os.path.basename(os.path.normpath(folder))}-'
-                          f'{hashlib.sha1(identity.encode()).hexdigest()[:8]}')
+        label = split or (
+            f'{os.path.basename(os.path.normpath(folder))}-'
+            f'{hashlib.sha1(identity.encode()).hexdigest()[:8]}'
+        )
         parts.append((label, split, folder if split is None else None))
     return parts
 
@@ -146,8 +170,9 @@ class FidEvaluator:
         self.features = self.train_stats = None
         self.reference_sources = []
         if parallel.is_main_process():
-            weights = frechet.resolve_weights(config.evaluation.inception_weights or None,
-                                              WEIGHTS_FLAG)
+            weights = frechet.resolve_weights(
+                config.evaluation.inception_weights or None, WEIGHTS_FLAG
+            )
             self.features = frechet.InceptionFeatures(weights, config.evaluation.batch_size)
             self.train_stats = self._reference_statistics()
 
@@ -156,28 +181,40 @@ class FidEvaluator:
 
     def _reference_statistics(self):
         if storage.exists(self.stats_path):
-            logging.info('FID: reference statistics (%s) from %s', self.describe(),
-                         self.stats_path)
+            logging.info('FID: reference statistics (%s) from %s', self.describe(), self.stats_path)
             return frechet.load_statistics(self.stats_path)
         c = self.config
         self.reference_sources = [
-            self.source if split == 'train' else data.make_source(c, split) if split else
-            data.FolderSource(folder, c.data.image_size, c.data.num_channels)
-            for _, split, folder in self.parts]
+            self.source
+            if split == 'train'
+            else data.make_source(c, split)
+            if split
+            else data.FolderSource(folder, c.data.image_size, c.data.num_channels)
+            for _, split, folder in self.parts
+        ]
         images = _ReferenceImages(self.reference_sources)
         stats = frechet.statistics(self.features(images, description='FID reference images'))
         storage.makedirs(storage.parent(self.stats_path))
         frechet.save_statistics(self.stats_path, *stats)
-        logging.info('FID: statistics of %d reference images (%s) written to %s', len(images),
-                     self.describe(), self.stats_path)
+        logging.info(
+            'FID: statistics of %d reference images (%s) written to %s',
+            len(images),
+            self.describe(),
+            self.stats_path,
+        )
         return stats
 
     def samples(self, params, delta: float) -> np.ndarray:
         """fid_num_samples uint8 EMA samples at δ, on every process; they begin with
         --mode=sample's samples (the same keys)."""
-        return self.sampler.draw(params, self.source, self.config.evaluation.fid_num_samples,
-                                 rng.sample_key(self.config.seed), delta,
-                                 progress=f'FID samples (δ = {delta})').images
+        return self.sampler.draw(
+            params,
+            self.source,
+            self.config.evaluation.fid_num_samples,
+            rng.sample_key(self.config.seed),
+            delta,
+            progress=f'FID samples (δ = {delta})',
+        ).images
 
     def __call__(self, samples: np.ndarray):
         """FID of uint8 samples against the reference; None on processes other than 0."""
@@ -188,16 +225,23 @@ class FidEvaluator:
 
 
 def _describe(config, step):
-    return {'step': step, 'dataset': config.data.dataset, 'image_size': config.data.image_size,
-            'process': config.model.process, 'K': config.model.K,
-            'sampler': config.sampling.sampler, 'sampling_steps': config.sampling.steps,
-            'sigma': config.model.sigma,
-            'evaluation': config.evaluation.to_dict()}
+    return {
+        'step': step,
+        'dataset': config.data.dataset,
+        'image_size': config.data.image_size,
+        'process': config.model.process,
+        'K': config.model.K,
+        'sampler': config.sampling.sampler,
+        'sampling_steps': config.sampling.steps,
+        'sigma': config.model.sigma,
+        'evaluation': config.evaluation.to_dict(),
+    }
 
 
 def _negative_elbo(config, mesh):
-    return elbo.NegativeElbo(config, mesh, data.make_source(config, 'test'),
-                             data.make_source(config))
+    return elbo.NegativeElbo(
+        config, mesh, data.make_source(config, 'test'), data.make_source(config)
+    )
 
 
 def likelihood(config, workdir: str):
@@ -207,20 +251,31 @@ def likelihood(config, workdir: str):
     negative_elbo = _negative_elbo(config, model.mesh)
     result = negative_elbo(model.params, config.sampling.delta)
     data.report_skipped(negative_elbo.test, negative_elbo.train)
-    setting = (f'checkpoint {model.step}, {config.data.dataset} test split '
-               f'({result.num_examples} images, {config.evaluation.num_passes} passes, '
-               f'δ = {config.sampling.delta})')
-    terms = (f'{result.bits_per_dim:.4f} bits/dim = {result.offset:g} + L_K {result.L_K:.4f} '
-             f'+ Σ L_k {result.sum_L_k:.4f} + L_0 {result.L_0:.4f}')
+    setting = (
+        f'checkpoint {model.step}, {config.data.dataset} test split '
+        f'({result.num_examples} images, {config.evaluation.num_passes} passes, '
+        f'δ = {config.sampling.delta})'
+    )
+    terms = (
+        f'{result.bits_per_dim:.4f} bits/dim = {result.offset:g} + L_K {result.L_K:.4f} '
+        f'+ Σ L_k {result.sum_L_k:.4f} + L_0 {result.L_0:.4f}'
+    )
     logging.info('Negative ELBO, %s: %s', setting, terms)
     if not parallel.is_main_process():
         return result
     out = outputs.folder(workdir, 'eval')
-    outputs.write_json(os.path.join(out, 'likelihood.json'),
-                       {**_describe(config, model.step), 'split': 'test',
-                        'delta': config.sampling.delta, **dataclasses.asdict(result)})
-    plots.likelihood_levels(os.path.join(out, 'likelihood_levels.png'), result,
-                            f'{setting}\n{terms}')
+    outputs.write_json(
+        os.path.join(out, 'likelihood.json'),
+        {
+            **_describe(config, model.step),
+            'split': 'test',
+            'delta': config.sampling.delta,
+            **dataclasses.asdict(result),
+        },
+    )
+    plots.likelihood_levels(
+        os.path.join(out, 'likelihood_levels.png'), result, f'{setting}\n{terms}'
+    )
     logging.info('Written to %s (likelihood.json, likelihood_levels.png).', out)
     return result
 
@@ -235,13 +290,26 @@ def fid(config, workdir: str):
     data.report_skipped(evaluator.source, *evaluator.reference_sources)
     if not parallel.is_main_process():
         return value
-    logging.info('FID of %d samples of checkpoint %d (δ = %g) against %s: %.4f',
-                 len(samples), model.step, config.sampling.delta, evaluator.describe(), value)
+    logging.info(
+        'FID of %d samples of checkpoint %d (δ = %g) against %s: %.4f',
+        len(samples),
+        model.step,
+        config.sampling.delta,
+        evaluator.describe(),
+        value,
+    )
     out = outputs.folder(workdir, 'eval')
-    outputs.write_json(os.path.join(out, 'fid.json'),
-                {**_describe(config, model.step), 'delta': config.sampling.delta, 'fid': value,
-                 'num_samples': len(samples), 'reference': evaluator.describe(),
-                 'train_stats': evaluator.stats_path})
+    outputs.write_json(
+        os.path.join(out, 'fid.json'),
+        {
+            **_describe(config, model.step),
+            'delta': config.sampling.delta,
+            'fid': value,
+            'num_samples': len(samples),
+            'reference': evaluator.describe(),
+            'train_stats': evaluator.stats_path,
+        },
+    )
     images.save_grid(os.path.join(out, 'fid_samples.png'), samples[:GRID_SAMPLES])
     logging.info('Written to %s (fid.json, fid_samples.png).', out)
     return value
@@ -256,26 +324,41 @@ def sweep_delta(config, workdir: str):
     rows = []
     for delta in config.evaluation.deltas:
         result = negative_elbo(model.params, delta)
-        row = {'delta': delta, **{name: getattr(result, name) for name in
-                                  ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0')}}
+        row = {
+            'delta': delta,
+            **{name: getattr(result, name) for name in ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0')},
+        }
         row['fid'] = evaluator(evaluator.samples(model.params, delta))
         rows.append(row)
         logging.info('δ = %g: %.4f bits/dim, FID %s', delta, row['bits_per_dim'], row['fid'])
-    data.report_skipped(evaluator.source, *evaluator.reference_sources, negative_elbo.test,
-                        negative_elbo.train)
+    data.report_skipped(
+        evaluator.source, *evaluator.reference_sources, negative_elbo.test, negative_elbo.train
+    )
     if not parallel.is_main_process():
         return rows
     out = outputs.folder(workdir, 'eval')
-    outputs.write_json(os.path.join(out, 'sweep_delta.json'),
-                {**_describe(config, model.step), 'split': 'test',
-                 'num_examples': negative_elbo.num_examples, 'results': rows})
+    outputs.write_json(
+        os.path.join(out, 'sweep_delta.json'),
+        {
+            **_describe(config, model.step),
+            'split': 'test',
+            'num_examples': negative_elbo.num_examples,
+            'results': rows,
+        },
+    )
     lines = ['| δ | bits/dim | L_K | Σ L_k | L_0 | FID |', '|---|---|---|---|---|---|']
-    lines += [f'| {row["delta"]:g} | {row["bits_per_dim"]:.4f} | {row["L_K"]:.4f} | '
-              f'{row["sum_L_k"]:.4f} | {row["L_0"]:.4f} | {row["fid"]:.2f} |' for row in rows]
+    lines += [
+        f'| {row["delta"]:g} | {row["bits_per_dim"]:.4f} | {row["L_K"]:.4f} | '
+        f'{row["sum_L_k"]:.4f} | {row["L_0"]:.4f} | {row["fid"]:.2f} |'
+        for row in rows
+    ]
     storage.write_text(storage.join(out, 'sweep_delta.md'), '\n'.join(lines) + '\n')
-    title = (f'{config.data.dataset}, checkpoint {model.step}: ELBO on {negative_elbo.num_examples} '
-             f'test images, FID of {config.evaluation.fid_num_samples} samples')
+    title = (
+        f'{config.data.dataset}, checkpoint {model.step}: ELBO on {negative_elbo.num_examples} '
+        f'test images, FID of {config.evaluation.fid_num_samples} samples'
+    )
     plots.sweep_delta(os.path.join(out, 'sweep_delta.png'), rows, title)
-    logging.info('Sweep over δ written to %s (sweep_delta.json, .md, .png):\n%s', out,
-                 '\n'.join(lines))
+    logging.info(
+        'Sweep over δ written to %s (sweep_delta.json, .md, .png):\n%s', out, '\n'.join(lines)
+    )
     return rows

@@ -23,23 +23,30 @@ from ihdm_jax.analysis import spectra
 
 
 def check_psd(config):
-    validation.require(config.analysis.num_images >= 1, f'config.analysis.num_images='
-                       f'{config.analysis.num_images} must be at least 1.')
+    validation.require(
+        config.analysis.num_images >= 1,
+        f'config.analysis.num_images={config.analysis.num_images} must be at least 1.',
+    )
     schedule_lib.analysis_levels(config)
 
 
 def check_frequency_partition(config):
-    validation.require(config.data.image_size >= 2, f'config.data.image_size='
-                       f'{config.data.image_size}: the partition needs at least 2 px.')
+    validation.require(
+        config.data.image_size >= 2,
+        f'config.data.image_size={config.data.image_size}: the partition needs at least 2 px.',
+    )
 
 
 def check_prior_overlap(config):
     maxes = tuple(config.analysis.blur_sigma_maxes)
-    validation.require(maxes and all(s > 0 for s in maxes),
-                       f'config.analysis.blur_sigma_maxes={maxes} must be positive blur widths '
-                       'in pixels.')
-    validation.require(config.evaluation.train_chunk >= 1, f'config.evaluation.train_chunk='
-                       f'{config.evaluation.train_chunk} must be at least 1.')
+    validation.require(
+        maxes and all(s > 0 for s in maxes),
+        f'config.analysis.blur_sigma_maxes={maxes} must be positive blur widths in pixels.',
+    )
+    validation.require(
+        config.evaluation.train_chunk >= 1,
+        f'config.evaluation.train_chunk={config.evaluation.train_chunk} must be at least 1.',
+    )
     data.check(config, 'test')
 
 
@@ -75,23 +82,52 @@ def psd(config, workdir):
         return
     out = outputs.folder(workdir, 'analysis', 'psd')
     listed = lambda a: [float(v) for v in a]  # noqa: E731
-    outputs.write_json(os.path.join(out, 'psd.json'), {
-        'process': config.model.process, 'num_images': n, 'sigma': sigma,
-        'power_law_exponent': alpha, 'frequencies': listed(frequencies),
-        'data_psd': listed(data_psd),
-        'levels': [{key: listed(v) if isinstance(v, np.ndarray) else v for key, v in c.items()}
-                   for c in curves],
-        **({} if blur_sigmas is None else {'blur_sigmas': listed(blur_sigmas),
-                                           'energy_by_blur': [listed(e) for e in energy]})})
-    plots.psd(os.path.join(out, 'psd.png'), frequencies, data_psd, curves, config.model.process,
-              sigma, n)
+    outputs.write_json(
+        os.path.join(out, 'psd.json'),
+        {
+            'process': config.model.process,
+            'num_images': n,
+            'sigma': sigma,
+            'power_law_exponent': alpha,
+            'frequencies': listed(frequencies),
+            'data_psd': listed(data_psd),
+            'levels': [
+                {key: listed(v) if isinstance(v, np.ndarray) else v for key, v in c.items()}
+                for c in curves
+            ],
+            **(
+                {}
+                if blur_sigmas is None
+                else {
+                    'blur_sigmas': listed(blur_sigmas),
+                    'energy_by_blur': [listed(e) for e in energy],
+                }
+            ),
+        },
+    )
+    plots.psd(
+        os.path.join(out, 'psd.png'), frequencies, data_psd, curves, config.model.process, sigma, n
+    )
     written = 'psd.png, psd.json'
     if blur_sigmas is not None:
-        plots.energy_vs_blur(os.path.join(out, 'energy_vs_blur.png'), frequencies, data_psd,
-                             alpha, blur_sigmas, energy, sigma, n)
+        plots.energy_vs_blur(
+            os.path.join(out, 'energy_vs_blur.png'),
+            frequencies,
+            data_psd,
+            alpha,
+            blur_sigmas,
+            energy,
+            sigma,
+            n,
+        )
         written += ', energy_vs_blur.png'
-    logging.info('psd: power-law exponent of the data PSD (psd ∝ 1/f^α, f ≤ 0.25 cycles/px) '
-                 'α = %.3f; %s written to %s.', alpha, written, out)
+    logging.info(
+        'psd: power-law exponent of the data PSD (psd ∝ 1/f^α, f ≤ 0.25 cycles/px) '
+        'α = %.3f; %s written to %s.',
+        alpha,
+        written,
+        out,
+    )
 
 
 def frequency_partition(config, workdir):
@@ -118,12 +154,24 @@ def frequency_partition(config, workdir):
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'frequency_partition')
-    storage.save_npz(os.path.join(out, 'frequency_partition.npz'), rings=rings,
-                     frequencies=frequencies, image=image[0], power=power, psd=psd)
-    plots.frequency_partition(os.path.join(out, 'frequency_partition.png'), rings, power,
-                              frequencies, psd, image[0])
-    logging.info('frequency_partition: %d contours of the %dx%d DCT written to %s.', size - 1,
-                 size, size, out)
+    storage.save_npz(
+        os.path.join(out, 'frequency_partition.npz'),
+        rings=rings,
+        frequencies=frequencies,
+        image=image[0],
+        power=power,
+        psd=psd,
+    )
+    plots.frequency_partition(
+        os.path.join(out, 'frequency_partition.png'), rings, power, frequencies, psd, image[0]
+    )
+    logging.info(
+        'frequency_partition: %d contours of the %dx%d DCT written to %s.',
+        size - 1,
+        size,
+        size,
+        out,
+    )
 
 
 def prior_overlap(config, workdir):
@@ -149,20 +197,48 @@ def prior_overlap(config, workdir):
     results = []
     for s in maxes:
         t_K = s**2 / 2
-        bounds = elbo.prior_bounds(mesh, np.asarray(blur(test_x, t_K)), source, t_K, sigma, delta,
-                                   config.evaluation.train_chunk, f'prior overlap σ_B,max={s:g}')
+        bounds = elbo.prior_bounds(
+            mesh,
+            np.asarray(blur(test_x, t_K)),
+            source,
+            t_K,
+            sigma,
+            delta,
+            config.evaluation.train_chunk,
+            f'prior overlap σ_B,max={s:g}',
+        )
         nats = float(np.mean(bounds))
-        results.append({'blur_sigma_max': s, 'L_K_nats': nats,
-                        'L_K_bits_per_dim': nats / (dims * np.log(2.0))})
+        results.append(
+            {'blur_sigma_max': s, 'L_K_nats': nats, 'L_K_bits_per_dim': nats / (dims * np.log(2.0))}
+        )
     data.report_skipped(source, test_source)
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'prior_overlap')
-    outputs.write_json(os.path.join(out, 'prior_overlap.json'), {
-        'num_train': len(source), 'num_test': len(test_source), 'sigma': sigma, 'delta': delta,
-        'results': results})
-    plots.prior_overlap(os.path.join(out, 'prior_overlap.png'), maxes, results,
-                        config.model.blur_sigma_max, len(test_source), sigma, delta)
-    logging.info('prior_overlap: %s written to %s.',
-                 ', '.join(f'σ_B,max={r["blur_sigma_max"]:g}: {r["L_K_bits_per_dim"]:.4f} bits/dim'
-                           for r in results), out)
+    outputs.write_json(
+        os.path.join(out, 'prior_overlap.json'),
+        {
+            'num_train': len(source),
+            'num_test': len(test_source),
+            'sigma': sigma,
+            'delta': delta,
+            'results': results,
+        },
+    )
+    plots.prior_overlap(
+        os.path.join(out, 'prior_overlap.png'),
+        maxes,
+        results,
+        config.model.blur_sigma_max,
+        len(test_source),
+        sigma,
+        delta,
+    )
+    logging.info(
+        'prior_overlap: %s written to %s.',
+        ', '.join(
+            f'σ_B,max={r["blur_sigma_max"]:g}: {r["L_K_bits_per_dim"]:.4f} bits/dim'
+            for r in results
+        ),
+        out,
+    )

@@ -28,22 +28,27 @@ from ihdm_jax.analysis import probes
 def check_input_gradients(config):
     schedule_lib.analysis_levels(config)
     fractions = [tuple(p) for p in config.analysis.gradient_pixels]
-    validation.require(fractions and all(len(p) == 2 and all(0 <= v < 1 for v in p)
-                                         for p in fractions),
-                       f'config.analysis.gradient_pixels={tuple(fractions)} must be (row, column) '
-                       'pairs of fractions of the image size in [0, 1).')
-    validation.require(config.analysis.gradient_linthresh > 0,
-                       f'config.analysis.gradient_linthresh={config.analysis.gradient_linthresh} '
-                       'must be > 0.')
+    validation.require(
+        fractions and all(len(p) == 2 and all(0 <= v < 1 for v in p) for p in fractions),
+        f'config.analysis.gradient_pixels={tuple(fractions)} must be (row, column) '
+        'pairs of fractions of the image size in [0, 1).',
+    )
+    validation.require(
+        config.analysis.gradient_linthresh > 0,
+        f'config.analysis.gradient_linthresh={config.analysis.gradient_linthresh} must be > 0.',
+    )
 
 
 def check_trajectory_gradients(config):
     schedule_lib.analysis_levels(config)
-    validation.require(config.analysis.num_rows >= 1, f'config.analysis.num_rows='
-                       f'{config.analysis.num_rows} must be at least 1.')
-    validation.require(config.analysis.gradient_linthresh > 0,
-                       f'config.analysis.gradient_linthresh={config.analysis.gradient_linthresh} '
-                       'must be > 0.')
+    validation.require(
+        config.analysis.num_rows >= 1,
+        f'config.analysis.num_rows={config.analysis.num_rows} must be at least 1.',
+    )
+    validation.require(
+        config.analysis.gradient_linthresh > 0,
+        f'config.analysis.gradient_linthresh={config.analysis.gradient_linthresh} must be > 0.',
+    )
 
 
 def check_nearest_neighbours(config):
@@ -72,23 +77,48 @@ def input_gradients(config, workdir):
     process = processes.from_config(config)
     gradient = _gradient_program(config, process)
     noise_key = rng.analysis_key(config.seed, rng.ANALYSIS_NOISE)
-    inputs = np.stack([np.asarray(process.level_state(x.astype(np.float32) / 255.0, k,
-                                                      jax.random.fold_in(noise_key, k)))[0]
-                       for k in levels])
-    grads = np.stack([[np.asarray(gradient(model.params, u[None], k, i, j))
-                       for k, u in zip(levels, inputs)] for i, j in tqdm.tqdm(
-                           pixels, desc='input gradients', disable=not parallel.is_main_process())])
+    inputs = np.stack(
+        [
+            np.asarray(
+                process.level_state(
+                    x.astype(np.float32) / 255.0, k, jax.random.fold_in(noise_key, k)
+                )
+            )[0]
+            for k in levels
+        ]
+    )
+    grads = np.stack(
+        [
+            [np.asarray(gradient(model.params, u[None], k, i, j)) for k, u in zip(levels, inputs)]
+            for i, j in tqdm.tqdm(
+                pixels, desc='input gradients', disable=not parallel.is_main_process()
+            )
+        ]
+    )
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'input_gradients')
-    storage.save_npz(os.path.join(out, 'input_gradients.npz'), gradients=grads, inputs=inputs,
-                     levels=np.array(levels), pixels=np.array(pixels))
-    plots.input_gradients(os.path.join(out, 'input_gradients.png'), grads[..., 0],
-                          np.asarray(process.to_image(inputs)), levels, pixels,
-                          [process.level_label(k) for k in levels],
-                          config.analysis.gradient_linthresh, model.step, config.model.process)
-    logging.info('input_gradients: %d pixels x %d levels written to %s.', len(pixels),
-                 len(levels), out)
+    storage.save_npz(
+        os.path.join(out, 'input_gradients.npz'),
+        gradients=grads,
+        inputs=inputs,
+        levels=np.array(levels),
+        pixels=np.array(pixels),
+    )
+    plots.input_gradients(
+        os.path.join(out, 'input_gradients.png'),
+        grads[..., 0],
+        np.asarray(process.to_image(inputs)),
+        levels,
+        pixels,
+        [process.level_label(k) for k in levels],
+        config.analysis.gradient_linthresh,
+        model.step,
+        config.model.process,
+    )
+    logging.info(
+        'input_gradients: %d pixels x %d levels written to %s.', len(pixels), len(levels), out
+    )
 
 
 def _gradient_program(config, process):
@@ -99,6 +129,7 @@ def _gradient_program(config, process):
     def gradient(params, u, k, i, j):
         mu = lambda v: process.mean(functools.partial(f, params), v, k)  # noqa: E731
         return probes.input_gradient(mu, u, (i, j, 0))
+
     return gradient
 
 
@@ -120,27 +151,53 @@ def trajectory_gradients(config, workdir):
     pixel = (size // 2, size // 2)
     model = loading.restore(config, workdir)
     sampler = programs.Sampler(config, model.mesh)
-    u_K = sampler.prior_states(data.make_source(config), rng.ANALYSIS_DRAW, rows,
-                               rng.analysis_key(config.seed, rng.ANALYSIS_PRIOR))
+    u_K = sampler.prior_states(
+        data.make_source(config),
+        rng.ANALYSIS_DRAW,
+        rows,
+        rng.analysis_key(config.seed, rng.ANALYSIS_PRIOR),
+    )
     noise_keys = rng.example_keys(rng.analysis_key(config.seed, rng.ANALYSIS_NOISE), rows)
     states = sampler.chains(model.params, u_K, noise_keys, record=tuple(levels)).trajectory
     gradient = _gradient_program(config, sampler.process)
-    grads = np.stack([[np.asarray(gradient(model.params, u[None], k, *pixel))
-                       for k, u in zip(levels, chain)] for chain in tqdm.tqdm(
-                           states, desc='trajectory gradients',
-                           disable=not parallel.is_main_process())])
+    grads = np.stack(
+        [
+            [np.asarray(gradient(model.params, u[None], k, *pixel)) for k, u in zip(levels, chain)]
+            for chain in tqdm.tqdm(
+                states, desc='trajectory gradients', disable=not parallel.is_main_process()
+            )
+        ]
+    )
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'trajectory_gradients')
-    storage.save_npz(os.path.join(out, 'trajectory_gradients.npz'), gradients=grads,
-                     states=states, levels=np.array(levels), pixel=np.array(pixel), u_K=u_K,
-                     noise_keys=noise_keys, delta=delta, sigma=config.model.sigma)
+    storage.save_npz(
+        os.path.join(out, 'trajectory_gradients.npz'),
+        gradients=grads,
+        states=states,
+        levels=np.array(levels),
+        pixel=np.array(pixel),
+        u_K=u_K,
+        noise_keys=noise_keys,
+        delta=delta,
+        sigma=config.model.sigma,
+    )
     t = np.asarray(schedule_lib.from_config(config).t)
-    plots.trajectory_gradients(os.path.join(out, 'trajectory_gradients.png'), grads[..., 0],
-                               states, levels, pixel, t, config.analysis.gradient_linthresh,
-                               model.step, config.model.sigma, delta)
-    logging.info('trajectory_gradients: %d chains x %d levels written to %s.', rows, len(levels),
-                 out)
+    plots.trajectory_gradients(
+        os.path.join(out, 'trajectory_gradients.png'),
+        grads[..., 0],
+        states,
+        levels,
+        pixel,
+        t,
+        config.analysis.gradient_linthresh,
+        model.step,
+        config.model.sigma,
+        delta,
+    )
+    logging.info(
+        'trajectory_gradients: %d chains x %d levels written to %s.', rows, len(levels), out
+    )
 
 
 class _ScaledImages:
@@ -168,20 +225,32 @@ def nearest_neighbours(config, workdir):
     rows, num = config.analysis.num_rows, config.analysis.num_neighbours
     model = loading.restore(config, workdir)
     source = data.make_source(config)
-    samples = programs.Sampler(config, model.mesh).draw(model.params, source, rows,
-                                                        rng.sample_key(config.seed)).images
+    samples = (
+        programs.Sampler(config, model.mesh)
+        .draw(model.params, source, rows, rng.sample_key(config.seed))
+        .images
+    )
     if not parallel.is_main_process():
         return
-    indices = probes.nearest_neighbours(samples / 255.0, _ScaledImages(source), num,
-                                        chunk_size=1024)
+    indices = probes.nearest_neighbours(
+        samples / 255.0, _ScaledImages(source), num, chunk_size=1024
+    )
     neighbours = source.load(indices.reshape(-1)).reshape((rows, num) + samples.shape[1:])
-    distances = np.sqrt(np.sum(np.square(samples[:, None] / 255.0 - neighbours / 255.0),
-                               axis=(2, 3, 4)))
+    distances = np.sqrt(
+        np.sum(np.square(samples[:, None] / 255.0 - neighbours / 255.0), axis=(2, 3, 4))
+    )
     out = outputs.folder(workdir, 'analysis', 'nearest_neighbours')
-    storage.save_npz(os.path.join(out, 'nearest_neighbours.npz'), images=samples,
-                     neighbours=neighbours, indices=indices, distances=distances)
-    plots.save_table(os.path.join(out, 'nearest_neighbours.png'),
-                     np.concatenate([samples[:, None], neighbours], axis=1),
-                     f'Samples (checkpoint {model.step}) and their nearest training images',
-                     column_labels=['sample'] + [str(i + 1) for i in range(num)])
+    storage.save_npz(
+        os.path.join(out, 'nearest_neighbours.npz'),
+        images=samples,
+        neighbours=neighbours,
+        indices=indices,
+        distances=distances,
+    )
+    plots.save_table(
+        os.path.join(out, 'nearest_neighbours.png'),
+        np.concatenate([samples[:, None], neighbours], axis=1),
+        f'Samples (checkpoint {model.step}) and their nearest training images',
+        column_labels=['sample'] + [str(i + 1) for i in range(num)],
+    )
     logging.info('nearest_neighbours: %d samples written to %s.', rows, out)

@@ -27,8 +27,13 @@ def sample(config, workdir: str):
     source = data.make_source(config)
     sampler = programs.Sampler(config, model.mesh)
     samples, trajectory = sampler.draw(
-        model.params, source, config.sampling.num_samples, rng.sample_key(config.seed),
-        trajectory=True, progress='samples')
+        model.params,
+        source,
+        config.sampling.num_samples,
+        rng.sample_key(config.seed),
+        trajectory=True,
+        progress='samples',
+    )
     data.report_skipped(source)
     if not parallel.is_main_process():
         return
@@ -37,8 +42,16 @@ def sample(config, workdir: str):
     storage.save_npz(os.path.join(out_dir, 'samples.npz'), images=samples)
     images.save_grid(os.path.join(out_dir, 'samples.png'), samples)
     shown = trajectory[:GIF_EXAMPLES]
-    images.save_gif(os.path.join(out_dir, 'trajectory.gif'),
-                    [images.grid(shown[:, i]) for i in range(shown.shape[1])])
-    logging.info('%d samples of checkpoint %d written to %s (samples.npz, samples.png, '
-                 'trajectory.gif: %d steps of the %s sampler).', len(samples), model.step, out_dir,
-                 sampler.steps, config.sampling.sampler)
+    images.save_gif(
+        os.path.join(out_dir, 'trajectory.gif'),
+        [images.grid(shown[:, i]) for i in range(shown.shape[1])],
+    )
+    logging.info(
+        '%d samples of checkpoint %d written to %s (samples.npz, samples.png, '
+        'trajectory.gif: %d steps of the %s sampler).',
+        len(samples),
+        model.step,
+        out_dir,
+        sampler.steps,
+        config.sampling.sampler,
+    )

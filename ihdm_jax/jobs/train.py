@@ -75,21 +75,30 @@ class _Logger:
             storage.makedirs(self.sample_dir)
             # TensorBoard hides the events at steps > start_step that a previous launch logged
             # after its last checkpoint: this run logs those steps again.
-            self.writer = storage.summary_writer(os.path.join(workdir, 'tensorboard'),
-                                                 purge_step=start_step + 1)
+            self.writer = storage.summary_writer(
+                os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1
+            )
         self.start_step = start_step
         self.started = time.perf_counter()
         self.mark(start_step)
 
     def mark(self, step):
         """Starts the interval of training steps that the next `metrics` measures."""
-        self.last_step, self.last_time, self.last_other = (step, time.perf_counter(),
-                                                           self.phases.total())
+        self.last_step, self.last_time, self.last_other = (
+            step,
+            time.perf_counter(),
+            self.phases.total(),
+        )
 
     def start_bar(self):
         if self.main and sys.stderr.isatty():
-            self.bar = tqdm.tqdm(total=self.n_iters, initial=self.last_step, desc='train',
-                                 unit='step', dynamic_ncols=True)
+            self.bar = tqdm.tqdm(
+                total=self.n_iters,
+                initial=self.last_step,
+                desc='train',
+                unit='step',
+                dynamic_ncols=True,
+            )
 
     def resume_bar(self):
         """Leaves the time of the phase that just ended out of the bar's rate and ETA."""
@@ -113,12 +122,21 @@ class _Logger:
         steps_per_s = (step - self.last_step) / seconds
         self.mark(step)
         collected = jax.device_get(collected)
-        means = {name: float(np.mean([m[name] for m in collected])) for name in collected[0]
-                 if name != 'finite'}
+        means = {
+            name: float(np.mean([m[name] for m in collected]))
+            for name in collected[0]
+            if name != 'finite'
+        }
         means['steps_per_s'] = steps_per_s
-        self.info('step %d: loss %.6f  grad_norm %.4f  lr %.3g  steps/s %.2f  ETA %s', step,
-                  means['loss'], means['grad_norm'], means['lr'], steps_per_s,
-                  _duration((self.n_iters - step) / steps_per_s))
+        self.info(
+            'step %d: loss %.6f  grad_norm %.4f  lr %.3g  steps/s %.2f  ETA %s',
+            step,
+            means['loss'],
+            means['grad_norm'],
+            means['lr'],
+            steps_per_s,
+            _duration((self.n_iters - step) / steps_per_s),
+        )
         if self.writer is not None:
             for name, value in means.items():
                 self.writer.add_scalar(f'train/{name}', value, step)
@@ -135,8 +153,12 @@ class _Logger:
                 images.save_grid(path, samples)
                 self.writer.add_image('samples', images.grid(samples), step, dataformats='HWC')
                 self.writer.flush()
-                self.info('step %d: EMA samples written to %s (sampling: %.1f s)', step, path,
-                          time.perf_counter() - start)
+                self.info(
+                    'step %d: EMA samples written to %s (sampling: %.1f s)',
+                    step,
+                    path,
+                    time.perf_counter() - start,
+                )
         self.resume_bar()
 
     def summary(self, step, checkpoints):
@@ -146,14 +168,26 @@ class _Logger:
         training = total - self.phases.total()
         trained = step - self.start_step
         rate = f' ({trained / training:.2f} steps/s)' if trained and training > 0 else ''
-        logging.info('Steps %d to %d in %s: training steps %.1f s%s, compilation %.1f s, '
-                     'sampling %.1f s, checkpoints %.1f s.', self.start_step, step,
-                     _duration(total), training, rate, seconds['compilation'],
-                     seconds['sampling'], seconds['checkpoint'])
+        logging.info(
+            'Steps %d to %d in %s: training steps %.1f s%s, compilation %.1f s, '
+            'sampling %.1f s, checkpoints %.1f s.',
+            self.start_step,
+            step,
+            _duration(total),
+            training,
+            rate,
+            seconds['compilation'],
+            seconds['sampling'],
+            seconds['checkpoint'],
+        )
         workdir = self.workdir if storage.is_remote(self.workdir) else os.path.abspath(self.workdir)
-        logging.info('Outputs in %s: checkpoints/ (steps %s), samples/ (sample grids), '
-                     'tensorboard/ (tensorboard --logdir %s).', workdir, checkpoints,
-                     os.path.join(workdir, 'tensorboard'))
+        logging.info(
+            'Outputs in %s: checkpoints/ (steps %s), samples/ (sample grids), '
+            'tensorboard/ (tensorboard --logdir %s).',
+            workdir,
+            checkpoints,
+            os.path.join(workdir, 'tensorboard'),
+        )
 
     def close(self):
         if self.bar is not None:
@@ -175,8 +209,9 @@ class _StopRequest:
         self.signal = None
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM,
-                                                                        signal.SIGINT)
+            signals = (
+                (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+            )
             self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
@@ -201,7 +236,8 @@ def _check_finite(unchecked, manager):
                 f'The loss ({metrics["loss"]}) or the gradients (norm {metrics["grad_norm"]}) '
                 f'are not finite at step {step}. Training stopped without saving; the newest '
                 f'checkpoint (step {manager.latest_step()}) in {manager.directory} is unchanged. '
-                'A lower config.optim.lr or config.optim.grad_clip may help.')
+                'A lower config.optim.lr or config.optim.grad_clip may help.'
+            )
     unchecked.clear()
 
 
@@ -219,8 +255,9 @@ def train(config, workdir: str):
     workdir_lib.save_config(config, workdir)
     graphdef = state_lib.model_graphdef(config)
 
-    manager = checkpoint.make_manager(workdir, config.training.max_to_keep,
-                                      config.training.keep_period, remove_unfinished=True)
+    manager = checkpoint.make_manager(
+        workdir, config.training.max_to_keep, config.training.keep_period, remove_unfinished=True
+    )
     saver = checkpoint.Saver(manager)
     stop = _StopRequest(manager)
     state = checkpoint.restore_latest(manager, state_lib.abstract_state(config, mesh))
@@ -228,9 +265,15 @@ def train(config, workdir: str):
         state = state_lib.init_state(config, mesh, rng.init_key(config.seed))
     start_step = int(state.step)
     n_iters = config.training.n_iters
-    logging.info('%s at step %d of %d on %d devices (%d processes); %d training images.',
-                 'Resuming' if start_step else 'Starting', start_step, n_iters, mesh.size,
-                 jax.process_count(), len(source))
+    logging.info(
+        '%s at step %d of %d on %d devices (%d processes); %d training images.',
+        'Resuming' if start_step else 'Starting',
+        start_step,
+        n_iters,
+        mesh.size,
+        jax.process_count(),
+        len(source),
+    )
 
     train_step = programs.make_train_step(config, graphdef, mesh)
     sampler = programs.Sampler(config, mesh)
@@ -265,9 +308,14 @@ def train(config, workdir: str):
                 logger.metrics(step, collected)
                 collected = []
             if samples and not stopping:
-                logger.samples(step, lambda: sampler.draw(state.ema_params, source,
-                                                          config.sampling.num_samples,
-                                                          sample_key).images)
+                logger.samples(
+                    step,
+                    lambda: (
+                        sampler.draw(
+                            state.ema_params, source, config.sampling.num_samples, sample_key
+                        ).images
+                    ),
+                )
             if save:
                 with phases('checkpoint'):
                     saver.save(step, state)
@@ -275,8 +323,13 @@ def train(config, workdir: str):
             if stopping:
                 with phases('checkpoint'):
                     saver.check(wait=True)
-                logging.warning('Asked to stop (%s): checkpoint %d saved in %s. Run the same '
-                                'command to resume.', stop.signal, step, manager.directory)
+                logging.warning(
+                    'Asked to stop (%s): checkpoint %d saved in %s. Run the same '
+                    'command to resume.',
+                    stop.signal,
+                    step,
+                    manager.directory,
+                )
                 break
         with phases('checkpoint'):
             saver.check(wait=True)

@@ -35,17 +35,29 @@ def _torch_bias_init(fan_in):
 def _conv(in_ch, out_ch, kernel, *, dtype, rngs, stride=1, zero=False):
     pad = kernel // 2
     return nnx.Conv(
-        in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-        dtype=dtype, param_dtype=jnp.float32,
+        in_ch,
+        out_ch,
+        (kernel, kernel),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
         kernel_init=nnx.initializers.zeros_init() if zero else _torch_kernel_init,
         bias_init=nnx.initializers.zeros_init() if zero else _torch_bias_init(in_ch * kernel**2),
-        rngs=rngs)
+        rngs=rngs,
+    )
 
 
 def _dense(in_features, out_features, *, dtype, rngs):
     return nnx.Linear(
-        in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(in_features), rngs=rngs)
+        in_features,
+        out_features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_torch_kernel_init,
+        bias_init=_torch_bias_init(in_features),
+        rngs=rngs,
+    )
 
 
 class GroupNorm(nnx.Module):
@@ -68,8 +80,9 @@ class GroupNorm(nnx.Module):
         group_mean = np.kron(np.eye(_GROUPS), np.full((size, size), 1.0 / (height * width * size)))
 
         def per_channel(pixel_sums):  # (B, C) sums over pixels -> (B, 1, 1, C) group means
-            return jnp.dot(pixel_sums, group_mean.astype(np.float32),
-                           precision=jax.lax.Precision.HIGHEST)[:, None, None, :]
+            return jnp.dot(
+                pixel_sums, group_mean.astype(np.float32), precision=jax.lax.Precision.HIGHEST
+            )[:, None, None, :]
 
         x = x.astype(jnp.float32)
         centred = x - per_channel(jnp.sum(x, axis=(1, 2)))
@@ -204,8 +217,19 @@ class UNet(nnx.Module):
     convolution (always float32); parameters are always float32.
     """
 
-    def __init__(self, *, num_channels, model_channels, channel_mult, num_res_blocks,
-                 attention_levels, dropout, downsample, dtype, rngs):
+    def __init__(
+        self,
+        *,
+        num_channels,
+        model_channels,
+        channel_mult,
+        num_res_blocks,
+        attention_levels,
+        dropout,
+        downsample,
+        dtype,
+        rngs,
+    ):
         if dtype not in _DTYPES:
             raise ValueError(f'dtype must be one of {sorted(_DTYPES)}, got {dtype!r}')
         num_levels = len(channel_mult)
@@ -218,8 +242,15 @@ class UNet(nnx.Module):
         level_ch = [model_channels * mult for mult in channel_mult]
 
         def block(in_ch, level):
-            return ResAttnBlock(in_ch, level_ch[level], temb_ch, dropout,
-                                level in attention_levels, dtype=dtype, rngs=rngs)
+            return ResAttnBlock(
+                in_ch,
+                level_ch[level],
+                temb_ch,
+                dropout,
+                level in attention_levels,
+                dtype=dtype,
+                rngs=rngs,
+            )
 
         self.temb_dense1 = _dense(model_channels, temb_ch, dtype=dtype, rngs=rngs)
         self.temb_dense2 = _dense(temb_ch, temb_ch, dtype=dtype, rngs=rngs)
@@ -306,10 +337,17 @@ class UNet(nnx.Module):
 def from_config(config, rngs):
     """Builds the UNet of config.model for config.data.num_channels channels."""
     m = config.model
-    return UNet(num_channels=config.data.num_channels, model_channels=m.model_channels,
-                channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
-                attention_levels=tuple(m.attention_levels), dropout=m.dropout,
-                downsample=m.downsample, dtype=m.dtype, rngs=rngs)
+    return UNet(
+        num_channels=config.data.num_channels,
+        model_channels=m.model_channels,
+        channel_mult=tuple(m.channel_mult),
+        num_res_blocks=m.num_res_blocks,
+        attention_levels=tuple(m.attention_levels),
+        dropout=m.dropout,
+        downsample=m.downsample,
+        dtype=m.dtype,
+        rngs=rngs,
+    )
 
 
 def init(config, key):
@@ -326,10 +364,35 @@ def apply(graphdef, params, x, k, *, train, key=None):
     return model(x, k, train=train, rngs=rngs)
 
 
-_TOP_ORDER = ('temb_dense1', 'temb_dense2', 'stem', 'encoder', 'mid_res1', 'mid_attn', 'mid_res2',
-              'decoder', 'out_norm', 'out_conv')
-_INNER_ORDER = ('res', 'attn', 'norm1', 'conv1', 'temb_proj', 'norm2', 'conv2', 'skip', 'norm',
-                'qkv', 'proj', 'conv', 'kernel', 'scale', 'bias')
+_TOP_ORDER = (
+    'temb_dense1',
+    'temb_dense2',
+    'stem',
+    'encoder',
+    'mid_res1',
+    'mid_attn',
+    'mid_res2',
+    'decoder',
+    'out_norm',
+    'out_conv',
+)
+_INNER_ORDER = (
+    'res',
+    'attn',
+    'norm1',
+    'conv1',
+    'temb_proj',
+    'norm2',
+    'conv2',
+    'skip',
+    'norm',
+    'qkv',
+    'proj',
+    'conv',
+    'kernel',
+    'scale',
+    'bias',
+)
 
 
 def _forward_key(path):
@@ -358,17 +421,27 @@ def summary(config):
     modules = {}
     for path, value in sorted(nnx.to_flat_state(params), key=lambda item: _forward_key(item[0])):
         modules.setdefault('.'.join(map(str, path[:-1])), []).append((path[-1], value.shape))
-    rows = [(name, '  '.join(f'{leaf} {shape}' for leaf, shape in leaves),
-             sum(math.prod(shape) for _, shape in leaves))
-            for name, leaves in modules.items()]
+    rows = [
+        (
+            name,
+            '  '.join(f'{leaf} {shape}' for leaf, shape in leaves),
+            sum(math.prod(shape) for _, shape in leaves),
+        )
+        for name, leaves in modules.items()
+    ]
     total = sum(count for _, _, count in rows)
 
     width_name = max(len('module'), *(len(r[0]) for r in rows))
     width_shapes = max(len('parameter shapes'), *(len(r[1]) for r in rows))
-    lines = [f'UNet: input {x.shape} {x.dtype}, k {k.shape} {k.dtype} -> f {out.shape} {out.dtype}',
-             f'compute dtype {config.model.dtype}, parameters float32', '',
-             f'{"module":<{width_name}}  {"parameter shapes":<{width_shapes}}  {"count":>12}']
-    lines += [f'{name:<{width_name}}  {shapes:<{width_shapes}}  {count:>12,}'
-              for name, shapes, count in rows]
+    lines = [
+        f'UNet: input {x.shape} {x.dtype}, k {k.shape} {k.dtype} -> f {out.shape} {out.dtype}',
+        f'compute dtype {config.model.dtype}, parameters float32',
+        '',
+        f'{"module":<{width_name}}  {"parameter shapes":<{width_shapes}}  {"count":>12}',
+    ]
+    lines += [
+        f'{name:<{width_name}}  {shapes:<{width_shapes}}  {count:>12,}'
+        for name, shapes, count in rows
+    ]
     lines.append(f'parameters: {total}')
     return '\n'.join(lines)
