@@ -9,8 +9,7 @@ and writes OUT.png (the curves and their relative difference from the first run)
 the first over their common steps, and the last values).
 """
 
-import glob
-import os
+import io
 import struct
 
 import matplotlib
@@ -20,6 +19,7 @@ from absl import flags
 from tensorboardX.proto import event_pb2
 
 from benchmarks import measure
+from ihdm_jax import storage
 
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -33,21 +33,22 @@ flags.mark_flags_as_required(['runs', 'labels', 'out'])
 
 def read_scalars(workdir, tag):
     """{step: value} of one scalar from the TensorBoard event files in workdir/tensorboard."""
-    files = sorted(glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*')))
-    if not files:
-        raise FileNotFoundError(f'No TensorBoard events in {workdir}/tensorboard.')
+    folder = storage.join(workdir, 'tensorboard')
+    names = [n for n in storage.listdir(folder) if n.startswith('events.out.tfevents.')]
+    if not names:
+        raise FileNotFoundError(f'No TensorBoard events in {folder}.')
     values = {}
-    for path in files:
-        with open(path, 'rb') as fp:
-            while header := fp.read(12):  # length (uint64) and its CRC (uint32)
-                (length,) = struct.unpack('<Q', header[:8])
-                event = event_pb2.Event.FromString(fp.read(length))
-                fp.read(4)  # the record's CRC
-                for value in event.summary.value:
-                    if value.tag == tag and value.HasField('simple_value'):
-                        values[event.step] = value.simple_value
+    for name in names:
+        fp = io.BytesIO(storage.read_bytes(storage.join(folder, name)))
+        while header := fp.read(12):  # length (uint64) and its CRC (uint32)
+            (length,) = struct.unpack('<Q', header[:8])
+            event = event_pb2.Event.FromString(fp.read(length))
+            fp.read(4)  # the record's CRC
+            for value in event.summary.value:
+                if value.tag == tag and value.HasField('simple_value'):
+                    values[event.step] = value.simple_value
     if not values:
-        raise ValueError(f'No {tag!r} scalars in {workdir}/tensorboard.')
+        raise ValueError(f'No {tag!r} scalars in {folder}.')
     return values
 
 
@@ -106,7 +107,7 @@ def main(argv):
     bottom.set_xlabel('step')
     bottom.legend(fontsize='small')
     fig.tight_layout()
-    fig.savefig(_OUT.value + '.png', dpi=120)
+    storage.write_with(_OUT.value + '.png', fig.savefig, format='png', dpi=120)
     measure.write_json(
         _OUT.value + '.json',
         dict(

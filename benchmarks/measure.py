@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from ihdm_jax import parallel
+from ihdm_jax import storage
 
 # Dense peak TFLOP/s per device by compute dtype, from the vendors' spec sheets, matched in order
 # against jax's device_kind. 'float32' is the rate of f32 convolutions and matmuls at JAX's default
@@ -128,11 +129,9 @@ def _cpu_name():
 
 def check_new_file(path):
     """Refuses to overwrite results: raises if `path` already exists."""
-    if path and os.path.exists(path):
+    if path and storage.exists(path):
         raise ValueError(f'{path} already exists: give a new file name.')
 
 
 def write_json(path, payload):
-    with open(path, 'w') as fp:
-        json.dump(payload, fp, indent=2)
-        fp.write('\n')
+    storage.write_text(path, json.dumps(payload, indent=2) + '\n')

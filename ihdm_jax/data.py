@@ -161,9 +161,11 @@ class TfdsSource:
 
 
 def image_files(folder: str) -> list:
-    """The image files under `folder` (a local path or gs://...), searched recursively, in
-    sorted order, as etils.epath paths."""
-    return sorted(p for p in storage.walk_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The image files under `folder` (a local path or gs://...), searched recursively, sorted
+    by folder and name."""
+    return [
+        f for f in storage.walk_files(folder) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+    ]
 
 
 def open_image(path) -> Image.Image:
@@ -184,6 +186,7 @@ class FolderSource:
     """
 
     def __init__(self, folder: str, size: int, channels: int, cache_mb: float = 0):
+        self.folder = folder
         self.paths = image_files(folder)
         self.cache, self._cache_left = {}, int(cache_mb * 2**20)
         self.size = size
@@ -234,8 +237,8 @@ class FolderSource:
                         error,
                     )
         raise errors.UserError(
-            f'None of the {len(self.paths)} image files under '
-            f'{self.paths[0].parent} can be read as an image.'
+            f'None of the {len(self.paths)} image files under {self.folder} can be read as an '
+            'image.'
         )
 
     def load(self, indices: np.ndarray) -> np.ndarray:

@@ -114,7 +114,7 @@ class WorkdirLock:
             return
         tmp = f'{self.location}.{self.content["token"]}'
         storage.write_text(tmp, self._payload())
-        os.replace(tmp, self.location)
+        storage.rename(tmp, self.location)
 
     def _create_local(self) -> bool:
         """Creates the lock with its content if there is none (a hard link fails if the name
@@ -126,7 +126,7 @@ class WorkdirLock:
         except FileExistsError:
             return False
         finally:
-            os.unlink(tmp)
+            storage.remove(tmp)
         return True
 
     def _holds(self) -> bool:

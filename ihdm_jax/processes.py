@@ -65,8 +65,8 @@ class Process(abc.ABC):
     @abc.abstractmethod
     def grid(self, steps: int) -> np.ndarray:
         """The points of the reverse chain, (steps + 1,) ascending from the data (0) to the
-        prior, in the units `reverse_step` takes; steps = 0: every level. errors.UserError
-        where `steps` does not suit the process."""
+        prior, in the units `reverse_step` takes; steps = 0: every level (`check` refuses the
+        steps that do not suit the process)."""
 
     @abc.abstractmethod
     def reverse_step(self, f, u, t, s, delta, eps):

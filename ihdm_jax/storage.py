@@ -20,43 +20,38 @@ REMOTE_PREFIXES = ('gs://', 's3://', 'az://')
 _PACKAGES = {'gs://': 'gcsfs', 's3://': 's3fs', 'az://': 'adlfs'}
 
 
-def path(location) -> epath.Path:
-    """`location` (a local path or a gs:// ... URI) as an etils.epath.Path."""
-    return epath.Path(location)
-
-
 def is_remote(location) -> bool:
     return os.fspath(location).startswith(REMOTE_PREFIXES)
 
 
 def join(location, *parts) -> str:
-    return os.fspath(path(location).joinpath(*parts))
+    return os.fspath(epath.Path(location).joinpath(*parts))
 
 
 def parent(location) -> str:
-    return os.fspath(path(location).parent)
+    return os.fspath(epath.Path(location).parent)
 
 
 def rename(location, target):
     """Moves `location` to `target`, replacing a file there."""
-    path(location).replace(target)
+    epath.Path(location).replace(target)
 
 
 def remove(location):
     """Deletes the file `location` if it exists."""
-    path(location).unlink(missing_ok=True)
+    epath.Path(location).unlink(missing_ok=True)
 
 
 def makedirs(location):
-    path(location).mkdir(parents=True, exist_ok=True)
+    epath.Path(location).mkdir(parents=True, exist_ok=True)
 
 
 def write_bytes(location, data: bytes):
-    path(location).write_bytes(data)
+    epath.Path(location).write_bytes(data)
 
 
 def write_text(location, text: str):
-    path(location).write_text(text)
+    epath.Path(location).write_text(text)
 
 
 def write_with(location, save, **kwargs):
@@ -73,34 +68,35 @@ def save_npz(location, **arrays):
 
 
 def read_bytes(location) -> bytes:
-    return path(location).read_bytes()
+    return epath.Path(location).read_bytes()
 
 
 def read_text(location) -> str:
-    return path(location).read_text()
+    return epath.Path(location).read_text()
 
 
 def exists(location) -> bool:
-    return path(location).exists()
+    return epath.Path(location).exists()
 
 
 def isdir(location) -> bool:
-    return path(location).is_dir()
+    return epath.Path(location).is_dir()
 
 
 def isfile(location) -> bool:
-    return path(location).exists() and not path(location).is_dir()
+    return epath.Path(location).exists() and not epath.Path(location).is_dir()
 
 
 def listdir(location) -> list:
     """The names in the folder `location`; [] if it does not exist."""
-    folder = path(location)
+    folder = epath.Path(location)
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 def walk_files(location) -> list:
-    """Every file under the folder `location`, searched recursively, as epath.Paths."""
-    return [root / name for root, _, names in path(location).walk() for name in names]
+    """Every file under the folder `location`, searched recursively, sorted by folder and name."""
+    files = sorted(root / name for root, _, names in epath.Path(location).walk() for name in names)
+    return [os.fspath(f) for f in files]
 
 
 def check_reachable(location, what: str):
@@ -111,7 +107,7 @@ def check_reachable(location, what: str):
         return
     prefix = next(p for p in REMOTE_PREFIXES if location.startswith(p))
     try:
-        path(location).exists()
+        epath.Path(location).exists()
     except ImportError:
         raise errors.UserError(
             f'{what}={location} is on {prefix} storage, which needs the package '

@@ -32,7 +32,10 @@ def test_local_and_gs_paths_take_the_same_functions(tmp_path, fake_gcs):
         storage.save_npz(storage.join(root, 'a', 'y.npz'), images=np.arange(3))
         assert storage.listdir(storage.join(root, 'a')) == ['b', 'y.npz']
         assert storage.listdir(storage.join(root, 'missing')) == []
-        assert sorted(p.name for p in storage.walk_files(root)) == ['x.json', 'y.npz']
+        assert storage.walk_files(root) == [
+            storage.join(root, 'a', 'b', 'x.json'),
+            storage.join(root, 'a', 'y.npz'),
+        ]
         assert json.loads(storage.read_text(storage.join(root, 'a', 'b', 'x.json'))) == {'k': 1}
         with np.load(io.BytesIO(storage.read_bytes(storage.join(root, 'a', 'y.npz')))) as npz:
             np.testing.assert_array_equal(npz['images'], np.arange(3))
@@ -147,9 +150,9 @@ def test_an_image_folder_on_gs_reads_as_its_local_copy(config, tmp_path, fake_gc
     remote = data.make_source(config)
     local = data.FolderSource(str(tmp_path), config.data.image_size, 3)
     assert (
-        [p.name for p in remote.paths]
-        == [p.name for p in local.paths]
-        == ['a.jpg', 'b.png', 'c.png']
+        [p.removeprefix('gs://bucket/images/') for p in remote.paths]
+        == [os.path.relpath(p, tmp_path) for p in local.paths]
+        == ['cats/a.jpg', 'cats/b.png', 'dogs/c.png']
     )
     np.testing.assert_array_equal(remote.load(np.arange(3)), local.load(np.arange(3)))
     config.data.data_dir = 'gs://bucket/none'
