@@ -39,6 +39,10 @@ def get_default_config():
     model.noise_gamma = 1.0  # non_isotropic: c(λ) ∝ (λ + c0)^(−γ/2)
     model.noise_c0 = 1.0  # non_isotropic: c0
     model.model_channels = 128
+    # Groups of every GroupNorm (32: the original code's). A residual block adds the time
+    # embedding as one constant per channel before its second GroupNorm, so with one channel
+    # per group the network cannot depend on the level at all (docs/processes.md).
+    model.num_groups = 32
     model.channel_mult = (1, 2, 2, 2)
     model.num_res_blocks = 4
     model.attention_levels = (2, 3)  # U-Net levels (0 = full resolution) with self-attention

@@ -121,11 +121,13 @@ def check_values(config):
         f'in 0..{levels - 1}.',
     )
     require(
-        m.model_channels >= 32
-        and m.model_channels % 32 == 0
+        m.num_groups >= 1
+        and m.model_channels >= m.num_groups
+        and m.model_channels % m.num_groups == 0
         and all(c >= 1 for c in m.channel_mult),
-        f'config.model.model_channels={m.model_channels} must be a multiple of 32 (the '
-        'GroupNorm groups), and every channel multiplier ≥ 1.',
+        f'config.model.model_channels={m.model_channels} must be a multiple of '
+        f'config.model.num_groups={m.num_groups} (the GroupNorm groups, ≥ 1), and every channel '
+        'multiplier ≥ 1.',
     )
     require(
         m.num_res_blocks >= 1, f'config.model.num_res_blocks={m.num_res_blocks} must be at least 1.'

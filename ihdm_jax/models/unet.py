@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-_GROUPS = 32
 _EPS = 1e-5
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -61,7 +60,7 @@ def _dense(in_features, out_features, *, dtype, rngs):
 
 
 class GroupNorm(nnx.Module):
-    """GroupNorm with 32 groups, float32 statistics, the two-pass variance and PyTorch's ε.
+    """GroupNorm of `groups` groups, float32 statistics, the two-pass variance and PyTorch's ε.
 
     The same function and parameters (scale, bias) as nnx.GroupNorm(use_fast_variance=False),
     computed by reducing over the pixels per channel first and then averaging the channels of
@@ -69,15 +68,18 @@ class GroupNorm(nnx.Module):
     over groups of (pixels, channels) at once (docs/benchmarks.md).
     """
 
-    def __init__(self, ch, *, dtype):
+    def __init__(self, ch, groups, *, dtype):
+        self.groups = groups
         self.scale = nnx.Param(jnp.ones((ch,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((ch,), jnp.float32))
         self.dtype = dtype
 
     def __call__(self, x):
         b, height, width, ch = x.shape
-        size = ch // _GROUPS
-        group_mean = np.kron(np.eye(_GROUPS), np.full((size, size), 1.0 / (height * width * size)))
+        size = ch // self.groups
+        group_mean = np.kron(
+            np.eye(self.groups), np.full((size, size), 1.0 / (height * width * size))
+        )
 
         def per_channel(pixel_sums):  # (B, C) sums over pixels -> (B, 1, 1, C) group means
             return jnp.dot(
@@ -91,9 +93,9 @@ class GroupNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
-def _group_norm(ch, *, dtype, rngs):
+def _group_norm(ch, groups, *, dtype, rngs):
     del rngs  # no random initialisation
-    return GroupNorm(ch, dtype=dtype)
+    return GroupNorm(ch, groups, dtype=dtype)
 
 
 class _ParamKeys:
@@ -135,11 +137,11 @@ def dropout(x, rate: float, key):
 class ResBlock(nnx.Module):
     """GN-SiLU-conv, + Dense(SiLU(temb)), GN-SiLU-Dropout-conv(zero); identity or 1x1 skip."""
 
-    def __init__(self, in_ch, out_ch, temb_ch, dropout, *, dtype, rngs):
-        self.norm1 = _group_norm(in_ch, dtype=dtype, rngs=rngs)
+    def __init__(self, in_ch, out_ch, temb_ch, dropout, *, groups, dtype, rngs):
+        self.norm1 = _group_norm(in_ch, groups, dtype=dtype, rngs=rngs)
         self.conv1 = _conv(in_ch, out_ch, 3, dtype=dtype, rngs=rngs)
         self.temb_proj = _dense(temb_ch, out_ch, dtype=dtype, rngs=rngs)
-        self.norm2 = _group_norm(out_ch, dtype=dtype, rngs=rngs)
+        self.norm2 = _group_norm(out_ch, groups, dtype=dtype, rngs=rngs)
         self.dropout_rate = dropout
         self.conv2 = _conv(out_ch, out_ch, 3, dtype=dtype, rngs=rngs, zero=True)
         self.skip = _conv(in_ch, out_ch, 1, dtype=dtype, rngs=rngs) if in_ch != out_ch else None
@@ -156,8 +158,8 @@ class ResBlock(nnx.Module):
 class Attention(nnx.Module):
     """Single-head self-attention over all positions: GN, 1x1 qkv, softmax (f32), 1x1 proj."""
 
-    def __init__(self, ch, *, dtype, rngs):
-        self.norm = _group_norm(ch, dtype=dtype, rngs=rngs)
+    def __init__(self, ch, *, groups, dtype, rngs):
+        self.norm = _group_norm(ch, groups, dtype=dtype, rngs=rngs)
         self.qkv = _conv(ch, 3 * ch, 1, dtype=dtype, rngs=rngs)
         self.proj = _conv(ch, ch, 1, dtype=dtype, rngs=rngs, zero=True)
 
@@ -172,9 +174,9 @@ class Attention(nnx.Module):
 class ResAttnBlock(nnx.Module):
     """A ResBlock, followed by self-attention at attention levels."""
 
-    def __init__(self, in_ch, out_ch, temb_ch, dropout, attention, *, dtype, rngs):
-        self.res = ResBlock(in_ch, out_ch, temb_ch, dropout, dtype=dtype, rngs=rngs)
-        self.attn = Attention(out_ch, dtype=dtype, rngs=rngs) if attention else None
+    def __init__(self, in_ch, out_ch, temb_ch, dropout, attention, *, groups, dtype, rngs):
+        self.res = ResBlock(in_ch, out_ch, temb_ch, dropout, groups=groups, dtype=dtype, rngs=rngs)
+        self.attn = Attention(out_ch, groups=groups, dtype=dtype, rngs=rngs) if attention else None
 
     def __call__(self, x, temb, *, train, key):
         h = self.res(x, temb, train=train, key=key)
@@ -212,9 +214,9 @@ class UNet(nnx.Module):
     """f(u, k): NHWC images and int32 levels (B,) -> float32 array shaped like u.
 
     Level i of the U-Net works at resolution image_size / 2**i with
-    model_channels * channel_mult[i] channels; attention_levels lists level indices.
-    dtype ('float32' | 'bfloat16') is the compute dtype of every layer but the input
-    convolution (always float32); parameters are always float32.
+    model_channels * channel_mult[i] channels; attention_levels lists level indices; every
+    GroupNorm has num_groups groups. dtype ('float32' | 'bfloat16') is the compute dtype of
+    every layer but the input convolution (always float32); parameters are always float32.
     """
 
     def __init__(
@@ -227,6 +229,7 @@ class UNet(nnx.Module):
         attention_levels,
         dropout,
         downsample,
+        num_groups,
         dtype,
         rngs,
     ):
@@ -248,6 +251,7 @@ class UNet(nnx.Module):
                 temb_ch,
                 dropout,
                 level in attention_levels,
+                groups=num_groups,
                 dtype=dtype,
                 rngs=rngs,
             )
@@ -276,9 +280,13 @@ class UNet(nnx.Module):
         self.encoder = nnx.List(encoder)
         self.downsample = nnx.List(downsamplers)
 
-        self.mid_res1 = ResBlock(ch, ch, temb_ch, dropout, dtype=dtype, rngs=rngs)
-        self.mid_attn = Attention(ch, dtype=dtype, rngs=rngs)
-        self.mid_res2 = ResBlock(ch, ch, temb_ch, dropout, dtype=dtype, rngs=rngs)
+        self.mid_res1 = ResBlock(
+            ch, ch, temb_ch, dropout, groups=num_groups, dtype=dtype, rngs=rngs
+        )
+        self.mid_attn = Attention(ch, groups=num_groups, dtype=dtype, rngs=rngs)
+        self.mid_res2 = ResBlock(
+            ch, ch, temb_ch, dropout, groups=num_groups, dtype=dtype, rngs=rngs
+        )
 
         decoder, upsamplers = {}, {}
         for level in reversed(range(num_levels)):
@@ -293,7 +301,7 @@ class UNet(nnx.Module):
         self.decoder = nnx.List([decoder[level] for level in range(num_levels)])
         self.upsample = nnx.List([upsamplers[level] for level in range(1, num_levels)])
 
-        self.out_norm = _group_norm(ch, dtype=dtype, rngs=rngs)
+        self.out_norm = _group_norm(ch, num_groups, dtype=dtype, rngs=rngs)
         self.out_conv = _conv(ch, num_channels, 3, dtype=dtype, rngs=rngs, zero=True)
 
     def __call__(self, x, k, *, train=False, rngs=None):
@@ -345,6 +353,7 @@ def from_config(config, rngs):
         attention_levels=tuple(m.attention_levels),
         dropout=m.dropout,
         downsample=m.downsample,
+        num_groups=m.num_groups,
         dtype=m.dtype,
         rngs=rngs,
     )
