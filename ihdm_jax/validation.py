@@ -6,6 +6,7 @@ code that reads them (data.check, workdir.check, each job's `check`).
 """
 
 import difflib
+import math
 
 from ihdm_jax import defaults
 from ihdm_jax import errors
@@ -47,8 +48,9 @@ def _element_types_match(value, default) -> bool:
 
 
 def check_keys(config):
-    """Every key of ihdm_jax/defaults.py is in `config` and no other, and tuple settings hold
-    elements of the defaults' kind (ml_collections checks the other types)."""
+    """Every key of ihdm_jax/defaults.py is in `config` and no other, tuple settings hold
+    elements of the defaults' kind (ml_collections checks the other types), and no float is
+    infinite or NaN."""
     given, known = flatten(config), flatten(defaults.get_default_config())
     for key, value in given.items():
         message = unknown_key(key, known)
@@ -59,12 +61,25 @@ def check_keys(config):
             f'config.{key}={value!r} must be a tuple like the default {known[key]!r} (on the '
             f'command line: --config.{key}="{known[key]!r}").',
         )
+    for key, value in given.items():
+        floats = [v for v in _leaves(value) if isinstance(v, float)]
+        require(
+            all(math.isfinite(v) for v in floats),
+            f'config.{key}={value!r} must be finite.',
+        )
     missing = sorted(set(known) - set(given))
     if missing:
         raise errors.UserError(
             f'The config lacks config.{missing[0]}: build configs on '
             'ihdm_jax.defaults.get_default_config().'
         )
+
+
+def _leaves(value):
+    """The numbers of a setting, inside tuples (of tuples) too."""
+    if isinstance(value, tuple):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
 
 
 def require(ok, message):

@@ -247,6 +247,15 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoints(trained
     assert not list(workdir.rglob('step_*.png'))  # e.g. samples/step_00000012.png
 
 
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
+    config = _tiny(**{'optim.lr': 1e30, 'training.n_iters': 12, 'training.log_freq': 4})
+    with pytest.raises(errors.Diverged) as raised:
+        main.run(config, 'train', str(tmp_path / 'run'))
+    message = str(raised.value)
+    assert f'no checkpoint was written in {tmp_path}/run/checkpoints. ' in message, message
+    assert 'None' not in message
+
+
 @pytest.fixture
 def full_disk(monkeypatch):
     """Array writes of every checkpoint save but the first fail with ENOSPC, in orbax's
@@ -525,6 +534,20 @@ BAD_INPUTS = {
         'train',
         'new',
         r'config\.model\.K=0 must be at least 1 \(the number of blur levels\)\.$',
+    ),
+    'infinite_blur': (
+        'tiny',
+        {'model.blur_sigma_max': float('inf')},
+        'train',
+        'new',
+        r'config\.model\.blur_sigma_max=inf must be finite\.$',
+    ),
+    'nan_in_a_tuple': (
+        'tiny',
+        {'evaluation.deltas': (0.01, float('nan'))},
+        'sweep_delta',
+        'trained',
+        r'config\.evaluation\.deltas=\(0\.01, nan\) must be finite\.$',
     ),
     'negative_sigma': (
         'tiny',

@@ -234,9 +234,14 @@ def _check_finite(unchecked, manager):
         if not metrics['finite']:
             raise errors.Diverged(
                 f'The loss ({metrics["loss"]}) or the gradients (norm {metrics["grad_norm"]}) '
-                f'are not finite at step {step}. Training stopped without saving; the newest '
-                f'checkpoint (step {manager.latest_step()}) in {manager.directory} is unchanged. '
-                'A lower config.optim.lr or config.optim.grad_clip may help.'
+                f'are not finite at step {step}. Training stopped without saving; '
+                + (
+                    f'no checkpoint was written in {manager.directory}. '
+                    if manager.latest_step() is None
+                    else f'the newest checkpoint (step {manager.latest_step()}) in '
+                    f'{manager.directory} is unchanged. '
+                )
+                + 'A lower config.optim.lr or config.optim.grad_clip may help.'
             )
     unchecked.clear()
 
