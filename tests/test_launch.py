@@ -18,7 +18,8 @@ FAKE_GCLOUD = r"""#!/usr/bin/env bash
 printf '%q ' "$@" >>"$FAKE_RECORD"; echo >>"$FAKE_RECORD"
 [[ "$1 $2 $3" == 'compute tpus tpu-vm' ]] || exit 1
 case $4 in
-    create) ;;
+    describe) [[ -e "$FAKE_RECORD.$5" ]] ;;  # exists once created
+    create) touch "$FAKE_RECORD.$5" ;;
     scp)
         sources=()
         for arg in "${@:5}"; do
@@ -64,7 +65,7 @@ def fake_cloud(tmp_path):
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ('ZONE', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'CREATE')
+        if k not in ('ZONE', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION')
     }
     env.update(PATH=f'{bin_dir}:{os.environ["PATH"]}', HOME=str(home), FAKE_RECORD=str(record))
     yield env, home, record
@@ -101,6 +102,8 @@ def test_tpu_pod_launch_and_relaunch_with_and_without_extra_flags(fake_cloud, tm
 
     _launch(env, 'tpu-a', 'configs/cifar10.py', str(workdir))
     gcloud = [call for call in _calls(record, 1) if call[0] != 'uv']
+    assert gcloud[0][:5] == ['compute', 'tpus', 'tpu-vm', 'describe', 'tpu-a']
+    gcloud = gcloud[1:]
     assert gcloud[0] == [
         'compute',
         'tpus',
@@ -136,17 +139,22 @@ def test_tpu_pod_launch_and_relaunch_with_and_without_extra_flags(fake_cloud, tm
         '--config.model.channel_mult=(1, 2)',
         "--config.data.data_dir=/data/it's here",
     ]
-    _launch(
-        env,
-        'tpu-a',
-        'configs/cifar10.py',
-        str(workdir),
-        *flags,
-        CREATE='0',
-        ACCELERATOR_TYPE='v5litepod-16',
+    # The same command again (another accelerator type named by mistake): the TPU VM exists, so
+    # it is not created again, and the job restarts on it.
+    result = _launch(
+        env, 'tpu-a', 'configs/cifar10.py', str(workdir), *flags, ACCELERATOR_TYPE='v5litepod-16'
     )
+    assert 'TPU VM tpu-a exists in us-central2-b' in result.stdout
     gcloud = [call for call in _calls(record, 1) if call[0] != 'uv']
-    assert [call[3] for call in gcloud] == ['create', 'scp', 'ssh', 'scp', 'ssh']  # no create
+    assert [call[3] for call in gcloud] == [
+        'describe',
+        'create',
+        'scp',
+        'ssh',
+        'describe',
+        'scp',
+        'ssh',
+    ]
     assert (home / 'python_stops').read_text().split() == ['stopped', first_pid]
     second = _calls(home / 'python_calls', 2)[1]
     assert second == first + flags
@@ -165,7 +173,11 @@ def test_tpu_pod_default_runtime_follows_the_generation(fake_cloud, tmp_path):
     }
     for accelerator, runtime in expected.items():
         _launch(
-            env, 'tpu-b', 'configs/cifar10.py', str(tmp_path / 'run'), ACCELERATOR_TYPE=accelerator
+            env,
+            f'tpu-{accelerator}',
+            'configs/cifar10.py',
+            str(tmp_path / 'run'),
+            ACCELERATOR_TYPE=accelerator,
         )
         create = [
             call
