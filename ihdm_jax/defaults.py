@@ -32,7 +32,7 @@ def get_default_config():
     )
     model.sigma = 0.01  # training noise σ (Eq. 4)
     model.blur_sigma_min = 0.5
-    model.blur_sigma_max = 24.0  # heat: σ_B,K; blurring: σ_B,max of Hoogeboom & Salimans
+    model.blur_sigma_max = 24.0  # the largest blur σ: heat σ_B,K; blurring σ_B at t = 1 (H. & S.)
     model.beta_min = 1e-4  # ddpm, non_isotropic: β_1 of the linear schedule (Ho et al., Sec. 4)
     model.beta_max = 0.02  # ddpm, non_isotropic: β_T
     model.blur_d_min = 0.001  # blurring: d_min of the blurring factor d_t(λ)
