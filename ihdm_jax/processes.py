@@ -24,6 +24,7 @@ from ihdm_jax import diffusion
 from ihdm_jax import errors
 from ihdm_jax import heat
 from ihdm_jax import objective
+from ihdm_jax import registry
 from ihdm_jax import sampling
 from ihdm_jax import schedule as schedule_lib
 from ihdm_jax.analysis import spectra
@@ -116,33 +117,18 @@ class Process(abc.ABC):
         return None
 
 
-REGISTRY: dict = {}
-
-
-def register(cls):
-    """Makes the Process subclass `cls` the process named cls.name."""
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def process_class(config):
-    name = config.model.process
-    if name not in REGISTRY:
-        raise errors.UserError(
-            f'config.model.process={name!r}; expected one of '
-            f'{", ".join(repr(n) for n in REGISTRY)}.'
-        )
-    return REGISTRY[name]
+REGISTRY = registry.Registry('model.process')
+register = REGISTRY.register
 
 
 def check(config):
     """The process's checks of the config (errors.UserError)."""
-    process_class(config).check(config)
+    REGISTRY.lookup(config).check(config)
 
 
 def check_mode(config, mode):
     """errors.UserError if `mode` is not defined for config.model.process."""
-    why = process_class(config).unsupported_modes.get(mode)
+    why = REGISTRY.lookup(config).unsupported_modes.get(mode)
     if why:
         raise errors.UserError(
             f'--mode={mode} is not defined for config.model.process='
@@ -152,7 +138,7 @@ def check_mode(config, mode):
 
 def from_config(config) -> Process:
     """The process of config.model.process."""
-    return process_class(config)(config)
+    return REGISTRY.lookup(config)(config)
 
 
 @register

@@ -9,7 +9,7 @@ import abc
 
 import jax.numpy as jnp
 
-from ihdm_jax import errors
+from ihdm_jax import registry
 from ihdm_jax import sampling
 
 
@@ -47,31 +47,16 @@ class Sampler(abc.ABC):
         )
 
 
-REGISTRY: dict = {}
-
-
-def register(cls):
-    """Makes the Sampler subclass `cls` the sampler named cls.name."""
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def sampler_class(config):
-    name = config.sampling.sampler
-    if name not in REGISTRY:
-        raise errors.UserError(
-            f'config.sampling.sampler={name!r}; expected one of '
-            f'{", ".join(repr(n) for n in REGISTRY)}.'
-        )
-    return REGISTRY[name]
+REGISTRY = registry.Registry('sampling.sampler')
+register = REGISTRY.register
 
 
 def check(config):
-    sampler_class(config).check(config)
+    REGISTRY.lookup(config).check(config)
 
 
 def from_config(process, config) -> Sampler:
-    return sampler_class(config)(process, config)
+    return REGISTRY.lookup(config)(process, config)
 
 
 @register
