@@ -243,6 +243,8 @@ def test_slurm_job_saves_and_requeues_itself_on_the_time_limit_signal(tmp_path):
         assert calls[0] == [
             'srun',
             '--kill-on-bad-exit=1',
+            '--cpus-per-task=3',
+            '--gpu-bind=none',
             'python3',
             '-m',
             'ihdm_jax.main',
