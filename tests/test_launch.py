@@ -43,9 +43,9 @@ if [[ $1 == venv ]]; then
     cat >"${@: -1}/bin/python" <<'PY'
 #!/usr/bin/env bash
 printf '%q ' "$@" >>"$HOME/python_calls"; echo >>"$HOME/python_calls"
-sleep 600 &
-trap 'kill $!; echo "stopped $$" >>"$HOME/python_stops"; exit 0' TERM
-wait $!
+trap 'kill $(jobs -p) 2>/dev/null; echo "stopped $$" >>"$HOME/python_stops"; exit 0' TERM
+sleep 600 </dev/null >/dev/null 2>&1 &
+wait
 PY
     chmod +x "${@: -1}/bin/python"
 fi
@@ -188,15 +188,16 @@ def test_tpu_pod_default_runtime_follows_the_generation(fake_cloud, tmp_path):
 
 
 FAKE_SLURM = {
-    # Ready for scancel's TERM before it records its call, which the test waits for.
+    # Ready for scancel's TERM before it records its call, which the test waits for. The sleeper
+    # does not hold the job's output pipe: a TERM between its start and the trap's kill would
+    # otherwise keep the test reading until the sleep ends.
     'srun': r"""#!/usr/bin/env bash
-trap 'kill $sleeper 2>/dev/null; echo "srun stopped" >>"$FAKE_RECORD"; exit 0' TERM
+trap 'kill $(jobs -p) 2>/dev/null; echo "srun stopped" >>"$FAKE_RECORD"; exit 0' TERM
 echo $$ >"$FAKE_SRUN_PID"
 printf '%q ' srun "$@" >>"$FAKE_RECORD"; echo >>"$FAKE_RECORD"
 echo "OMP_NUM_THREADS=$OMP_NUM_THREADS ACTIVATED=${ACTIVATED:-}" >>"$FAKE_RECORD"
-sleep 600 &
-sleeper=$!
-wait $sleeper
+sleep 600 </dev/null >/dev/null 2>&1 &
+wait
 """,
     'scancel': r"""#!/usr/bin/env bash
 printf '%q ' scancel "$@" >>"$FAKE_RECORD"; echo >>"$FAKE_RECORD"
