@@ -21,6 +21,7 @@ import gzip
 import importlib.util
 import io
 import os
+import tempfile
 import threading
 
 import jax
@@ -133,7 +134,10 @@ def prepare(config):
             import tensorflow as tf
 
             tf.config.set_visible_devices([], 'GPU')  # TensorFlow must not take the GPUs
-        builder.download_and_prepare(file_format='array_record')
+        if storage.is_remote(data_dir):
+            _prepare_and_upload(name, data_dir)
+        else:
+            builder.download_and_prepare(file_format='array_record')
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f'ihdm_jax prepared {name}')
         _require(
@@ -142,6 +146,20 @@ def prepare(config):
             'this host does not see: set --config.data.data_dir to storage that every '
             'host sees (a shared file system or gs://).',
         )
+
+
+def _prepare_and_upload(name: str, data_dir: str):
+    """Prepares the tfds data set `name` in a temporary local folder and copies it (not its
+    downloads) to the remote `data_dir`: tfds writes array_record files to local disks only
+    (array_record reads them from gs:// since 0.8.3). dataset_info.json, which marks the data
+    set prepared, is copied last."""
+    with tempfile.TemporaryDirectory() as local:
+        prepared = tfds_builder(name, local)
+        prepared.download_and_prepare(file_format='array_record')
+        files = storage.walk_files(prepared.data_dir)
+        for path in sorted(files, key=lambda p: os.path.basename(p) == 'dataset_info.json'):
+            target = storage.join(data_dir, os.path.relpath(path, local))
+            storage.write_bytes(target, storage.read_bytes(path))
 
 
 class TfdsSource:

@@ -4,6 +4,8 @@ One mesh axis, 'data', spans every device of every process. Batches are split al
 training state is replicated. No pmap: jitted functions get these shardings explicitly.
 """
 
+import glob
+import importlib.util
 import os
 
 import jax
@@ -18,11 +20,35 @@ from ihdm_jax import errors
 DATA_AXIS = 'data'
 
 
+# PCI ids of TPU chips: Google's vendor id and the chips' device ids (v3, v4, v5p, v5e, v6e, 7x).
+GOOGLE_PCI_VENDOR = '0x1ae0'
+TPU_PCI_DEVICES = ('0x0027', '0x005e', '0x0062', '0x0063', '0x006f', '0x0076')
+
+
+def tpu_chips(pci_devices: str = '/sys/bus/pci/devices') -> int:
+    """The TPU chips attached to this machine through PCI (0 on other machines)."""
+    chips = 0
+    for device in glob.glob(os.path.join(pci_devices, '*')):
+        try:
+            with open(os.path.join(device, 'vendor')) as vendor:
+                if vendor.read().strip() != GOOGLE_PCI_VENDOR:
+                    continue
+            with open(os.path.join(device, 'device')) as device_id:
+                chips += device_id.read().strip() in TPU_PCI_DEVICES
+        except OSError:
+            continue
+    return chips
+
+
 def launched_by_cluster() -> bool:
-    """True inside an srun step of several tasks or a TPU pod runtime with several workers."""
+    """True inside an srun step of several tasks, a TPU pod runtime with several workers, or on
+    a Cloud TPU VM (libtpu installed and TPU chips attached), where jax.distributed finds the
+    workers of the slice in the VM's metadata (one process on a single-host slice)."""
     if int(os.environ.get('SLURM_STEP_NUM_TASKS', '1')) > 1:
         return True
-    return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
+    if ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
+        return True
+    return importlib.util.find_spec('libtpu') is not None and tpu_chips() > 0
 
 
 def initialize(*, multihost=False, coordinator_address=None, num_processes=None, process_id=None):

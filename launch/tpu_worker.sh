@@ -3,9 +3,12 @@
 #   1. stops this job's training process of a previous launch (SIGTERM: it saves a checkpoint
 #      and exits; SIGKILL if it still runs 10 minutes later),
 #   2. unpacks the project into ~/ihdm_jax,
-#   3. installs uv if missing, a Python 3.12 environment in ~/ihdm_jax_venv, the requirements,
-#      gcsfs (gs:// workdirs and data) and jax[tpu] (quick when they are there already),
-#   4. starts `python -m ihdm_jax.main --multihost` detached from the ssh session and returns.
+#   3. installs uv if missing, a Python 3.12 environment in ~/ihdm_jax_venv, and makes its
+#      packages exactly those of launch/tpu_requirements.txt (jax, libtpu and the rest pinned,
+#      so a worker rebuilt later runs the same versions as the others; TensorFlow is there for
+#      tfds to prepare MNIST and CIFAR-10, gcsfs for gs://),
+#   4. starts `python -m ihdm_jax.main --multihost` detached from the ssh session, and fails
+#      with the tail of its log if the process is gone STARTUP_WAIT (default 20) seconds later.
 # The log is WORKDIR/logs/<host>.log (for a gs:// WORKDIR: written on the worker and copied
 # there every minute and at the end); ~/ihdm_jax_run/log points at it.
 #
@@ -24,6 +27,16 @@ project=$HOME/ihdm_jax
 venv=$HOME/ihdm_jax_venv
 run_dir=$HOME/ihdm_jax_run  # this worker's record of the job: pid, log link
 host=$(hostname)
+case $workdir in
+    gs://*) ;;
+    "$project" | "$project"/*)
+        echo "Error: $host: WORKDIR=$workdir lies in $project, which every launch replaces." >&2
+        exit 2 ;;
+    /*) ;;
+    *)
+        echo "Error: $host: WORKDIR=$workdir is relative; give a gs:// or an absolute path." >&2
+        exit 2 ;;
+esac
 mkdir -p "$run_dir"
 
 # 1. The process of a previous launch, if it is still this job's (a pid may be reused).
@@ -57,7 +70,7 @@ fi
 if [[ ! -x $venv/bin/python ]]; then
     uv venv --python 3.12 "$venv"
 fi
-uv pip install --quiet --python "$venv/bin/python" -r "$project/requirements.txt" gcsfs 'jax[tpu]'
+uv pip sync --quiet --python "$venv/bin/python" "$project/launch/tpu_requirements.txt"
 
 # 4. The job, detached: its own session, no terminal, survives the end of the ssh session.
 case $workdir in
@@ -68,12 +81,28 @@ ln -sfn "$log" "$run_dir/log"
 cd "$project"
 setsid nohup "$venv/bin/python" -m ihdm_jax.main --multihost --config="$config" \
     --workdir="$workdir" "$@" >>"$log" 2>&1 </dev/null &
-echo $! >"$run_dir/pid"
+pid=$!
+echo $pid >"$run_dir/pid"
 if [[ $workdir == gs://* ]]; then
-    pid=$!
     setsid nohup bash -c 'while kill -0 "$0" 2>/dev/null; do sleep 60;
                               gcloud storage cp --quiet "$1" "$2"; done
                           gcloud storage cp --quiet "$1" "$2"' \
         "$pid" "$log" "$workdir/logs/$host.log" >/dev/null 2>&1 </dev/null &
 fi
-echo "$host: started (pid $(<"$run_dir/pid")); log: $workdir/logs/$host.log"
+for ((waited = 1; waited <= ${STARTUP_WAIT:-20}; waited++)); do
+    sleep 1
+    if ! kill -0 "$pid" 2>/dev/null; then
+        status=0
+        wait "$pid" || status=$?
+        if [[ $status == 0 ]]; then  # e.g. a run that had reached n_iters already
+            echo "$host: the training process ended at once, successfully; its log $log:"
+            tail -n 5 "$log"
+            exit 0
+        fi
+        echo "Error: $host: the training process (pid $pid) failed (exit status $status)" \
+             "within $waited s of its start; the end of its log $log:" >&2
+        tail -n 30 "$log" >&2
+        exit 1
+    fi
+done
+echo "$host: started (pid $pid); log: $workdir/logs/$host.log"

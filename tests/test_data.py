@@ -4,6 +4,7 @@ import io
 import logging
 import os
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -449,3 +450,31 @@ def test_with_the_prepare_extra_the_first_run_prepares_the_data_once(tmp_path, m
         np.sort(train.load(np.arange(16))[:, 0, 0, 0]), 15 * np.arange(16)
     )
     assert 'tensorflow' not in sys.modules
+
+
+def test_a_tfds_set_for_a_gs_data_dir_is_prepared_locally_and_copied_there(
+    tmp_path, monkeypatch, fake_gcs
+):
+    monkeypatch.setattr(data, 'PREPARE_PACKAGE', 'numpy')  # stands in for TensorFlow
+    monkeypatch.setattr(
+        data,
+        'tfds_builder',
+        lambda name, data_dir: FakeMnist(data_dir=data_dir, file_format='array_record'),
+    )
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+    FakeMnist.prepared = 0
+    config = _mnist_config('gs://bucket/tfds')
+    data.check(config)
+    data.prepare(config)
+    assert FakeMnist.prepared == 1 and not list(tmp_path.glob('*/mnist'))  # removed
+    remote = sorted(path.removeprefix('gs://bucket/tfds/mnist/3.0.1/') for path in fake_gcs)
+    assert remote == [
+        'dataset_info.json',
+        'features.json',
+        'mnist-test.array_record-00000-of-00001',
+        'mnist-train.array_record-00000-of-00001',
+    ]
+    assert list(fake_gcs)[-1].endswith('dataset_info.json')
+    assert FakeMnist(data_dir='gs://bucket/tfds').is_prepared()
+    data.prepare(config)
+    assert FakeMnist.prepared == 1

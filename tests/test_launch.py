@@ -16,18 +16,22 @@ from conftest import ROOT
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
 printf '%q ' "$@" >>"$FAKE_RECORD"; echo >>"$FAKE_RECORD"
-[[ "$1 $2 $3" == 'compute tpus tpu-vm' ]] || exit 1
-case $4 in
-    describe) [[ -e "$FAKE_RECORD.$5" ]] ;;  # exists once created
-    create) touch "$FAKE_RECORD.$5" ;;
-    scp)
+node=$FAKE_RECORD.$5  # the TPU VM's state, once created
+case "$1 $2 $3 $4" in
+    'compute tpus tpu-vm describe') cat "$node" 2>/dev/null ;;
+    'compute tpus tpu-vm create') echo READY >"$node" ;;
+    'compute tpus tpu-vm delete') rm "$node" ;;
+    'compute tpus queued-resources create') echo READY >"$node" ;;
+    'compute tpus queued-resources describe') echo ACTIVE ;;
+    'compute tpus queued-resources delete') rm "$node" ;;
+    'compute tpus tpu-vm scp')
         sources=()
         for arg in "${@:5}"; do
             [[ $arg == --* ]] || sources+=("$arg")
         done
         unset 'sources[-1]'  # NAME:DESTINATION, the worker's home here
         cp "${sources[@]}" "$HOME/" ;;
-    ssh)
+    'compute tpus tpu-vm ssh')
         for arg in "${@:5}"; do
             [[ $arg == --command=* ]] && command=${arg#--command=}
         done
@@ -43,6 +47,10 @@ if [[ $1 == venv ]]; then
     cat >"${@: -1}/bin/python" <<'PY'
 #!/usr/bin/env bash
 printf '%q ' "$@" >>"$HOME/python_calls"; echo >>"$HOME/python_calls"
+if [[ -n ${FAKE_PYTHON_FAILS:-} ]]; then
+    echo "$FAKE_PYTHON_FAILS"
+    exit 3
+fi
 trap 'kill $(jobs -p) 2>/dev/null; echo "stopped $$" >>"$HOME/python_stops"; exit 0' TERM
 sleep 600 </dev/null >/dev/null 2>&1 &
 wait
@@ -67,14 +75,19 @@ def fake_cloud(tmp_path):
         for k, v in os.environ.items()
         if k not in ('ZONE', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION')
     }
-    env.update(PATH=f'{bin_dir}:{os.environ["PATH"]}', HOME=str(home), FAKE_RECORD=str(record))
+    env.update(
+        PATH=f'{bin_dir}:{os.environ["PATH"]}',
+        HOME=str(home),
+        FAKE_RECORD=str(record),
+        STARTUP_WAIT='1',
+    )
     yield env, home, record
     pid_file = home / 'ihdm_jax_run' / 'pid'
     if pid_file.exists():  # the job the last launch left running
         subprocess.run(['kill', '-TERM', pid_file.read_text().strip()], check=False)
 
 
-def _launch(env, *args, **extra_env):
+def _launch(env, *args, returncode=0, **extra_env):
     result = subprocess.run(
         ['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), *args],
         env={**env, **extra_env},
@@ -82,7 +95,7 @@ def _launch(env, *args, **extra_env):
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == returncode, result.stdout + result.stderr
     return result
 
 
@@ -119,7 +132,8 @@ def test_tpu_pod_launch_and_relaunch_with_and_without_extra_flags(fake_cloud, tm
     assert '--worker=all' in gcloud[2]
     uv = [call for call in _calls(record, 1) if call[0] == 'uv']
     assert uv[0][:3] == ['uv', 'venv', '--python'] and float(uv[0][3]) >= 3.11
-    assert uv[1][-1] == 'jax[tpu]' and f'{home}/ihdm_jax/requirements.txt' in uv[1]
+    assert uv[1][:3] == ['uv', 'pip', 'sync']
+    assert uv[1][-1] == f'{home}/ihdm_jax/launch/tpu_requirements.txt'
     assert (home / 'ihdm_jax' / 'ihdm_jax' / 'main.py').exists()
     assert not (home / 'ihdm_jax' / '.git').exists()
     first = _calls(home / 'python_calls', 1)[0]
@@ -142,9 +156,15 @@ def test_tpu_pod_launch_and_relaunch_with_and_without_extra_flags(fake_cloud, tm
     # The same command again (another accelerator type named by mistake): the TPU VM exists, so
     # it is not created again, and the job restarts on it.
     result = _launch(
-        env, 'tpu-a', 'configs/cifar10.py', str(workdir), *flags, ACCELERATOR_TYPE='v5litepod-16'
+        env,
+        'tpu-a',
+        'configs/cifar10.py',
+        str(workdir),
+        *flags,
+        ACCELERATOR_TYPE='v5litepod-16',
+        ZONE='us-central2-b',
     )
-    assert 'TPU VM tpu-a exists in us-central2-b' in result.stdout
+    assert 'TPU VM tpu-a exists in us-central2-b (READY): launching on it.' in result.stdout
     gcloud = [call for call in _calls(record, 1) if call[0] != 'uv']
     assert [call[3] for call in gcloud] == [
         'describe',
@@ -178,6 +198,7 @@ def test_tpu_pod_default_runtime_follows_the_generation(fake_cloud, tmp_path):
             'configs/cifar10.py',
             str(tmp_path / 'run'),
             ACCELERATOR_TYPE=accelerator,
+            ZONE='us-east5-a',
         )
         create = [
             call
@@ -185,6 +206,104 @@ def test_tpu_pod_default_runtime_follows_the_generation(fake_cloud, tmp_path):
             if call[:4] == ['compute', 'tpus', 'tpu-vm', 'create']
         ][-1]
         assert f'--version={runtime}' in create and f'--accelerator-type={accelerator}' in create
+
+
+def test_tpu_pod_refuses_a_relative_workdir_and_a_zone_without_the_type(fake_cloud):
+    env, home, record = fake_cloud
+    result = _launch(env, 'tpu-a', 'configs/cifar10.py', 'runs/cifar10', returncode=2)
+    assert result.stderr == (
+        'Error: WORKDIR=runs/cifar10 is a relative path; every worker must see it: give a '
+        'gs://bucket/path or an absolute path on a shared file system.\n'
+    )
+    result = _launch(
+        env, 'tpu-a', 'configs/cifar10.py', 'gs://b/run', returncode=2, ACCELERATOR_TYPE='v6e-8'
+    )
+    assert result.stderr.startswith(
+        'Error: set ZONE to a zone that offers ACCELERATOR_TYPE=v6e-8 (the default zone, '
+        'us-central2-b, has v4 only;'
+    )
+    assert not record.exists() and not (home / 'ihdm_jax_run').exists()
+    # A workdir inside the project's folder on the worker, which every launch replaces.
+    result = _launch(
+        env, 'tpu-a', 'configs/cifar10.py', str(home / 'ihdm_jax' / 'run'), returncode=2
+    )
+    assert f'WORKDIR={home}/ihdm_jax/run lies in {home}/ihdm_jax, which every launch' in (
+        result.stderr
+    )
+    assert not (home / 'ihdm_jax_run' / 'pid').exists()
+
+
+def test_a_process_that_dies_at_start_up_fails_the_launch_with_its_log(fake_cloud, tmp_path):
+    env, home, _ = fake_cloud
+    result = _launch(
+        env,
+        'tpu-a',
+        'configs/cifar10.py',
+        str(tmp_path / 'run'),
+        returncode=1,
+        FAKE_PYTHON_FAILS='Error: config.data.dataset is not known.',
+    )
+    assert 'the training process' in result.stderr and 'failed (exit status 3)' in result.stderr
+    assert result.stderr.rstrip().endswith('Error: config.data.dataset is not known.')
+    assert 'Started on every worker' not in result.stdout
+
+
+def test_a_preempted_tpu_vm_is_created_again(fake_cloud, tmp_path):
+    env, home, record = fake_cloud
+    _launch(env, 'tpu-a', 'configs/cifar10.py', str(tmp_path / 'run'))
+    pathlib.Path(f'{record}.tpu-a').write_text('PREEMPTED\n')
+    result = _launch(env, 'tpu-a', 'configs/cifar10.py', str(tmp_path / 'run'))
+    assert 'TPU VM tpu-a in us-central2-b is PREEMPTED: deleting and creating it again.' in (
+        result.stdout
+    )
+    gcloud = [call[3] for call in _calls(record, 1) if call[0] != 'uv']
+    assert gcloud[4:] == ['describe', 'delete', 'create', 'scp', 'ssh']
+
+
+def test_a_queued_spot_request_and_the_relaunch_after_a_preemption(fake_cloud, tmp_path):
+    env, home, record = fake_cloud
+    watcher = subprocess.Popen(
+        [
+            'bash',
+            os.path.join(ROOT, 'launch', 'tpu_pod.sh'),
+            'tpu-q',
+            'configs/cifar10.py',
+            str(tmp_path / 'run'),
+        ],
+        env={**env, 'QUEUED': '1', 'CREATE_FLAGS': '--spot --reserved', 'WATCH_S': '1'},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _calls(home / 'python_calls', 1)
+        pathlib.Path(f'{record}.tpu-q').write_text('PREEMPTED\n')
+        _calls(home / 'python_calls', 2)
+    finally:
+        os.killpg(watcher.pid, signal.SIGTERM)
+        watcher.communicate(timeout=30)
+    gcloud = [call for call in _calls(record, 1) if call[0] != 'uv']
+    creates = [call for call in gcloud if call[2:4] == ['queued-resources', 'create']]
+    assert creates[0] == [
+        'compute',
+        'tpus',
+        'queued-resources',
+        'create',
+        'tpu-q',
+        '--node-id=tpu-q',
+        '--zone=us-central2-b',
+        '--accelerator-type=v4-32',
+        '--runtime-version=tpu-ubuntu2204-base',
+        '--spot',
+        '--reserved',
+    ]
+    assert len(creates) == 2
+    deleted = [call for call in gcloud if call[2:4] == ['queued-resources', 'delete']]
+    assert deleted == [
+        ['compute', 'tpus', 'queued-resources', 'delete', 'tpu-q', '--zone=us-central2-b']
+        + ['--force', '--quiet']
+    ]
 
 
 FAKE_SLURM = {
@@ -224,7 +343,8 @@ def test_slurm_job_saves_and_requeues_itself_on_the_time_limit_signal(tmp_path):
         SLURM_JOB_ID='4242',
         SLURM_SUBMIT_DIR=ROOT,
         SLURM_CPUS_PER_TASK='3',
-        ACTIVATE='export ACTIVATED=yes',
+        # Like conda's and Lmod's activation scripts, it reads a variable that is not set.
+        ACTIVATE='[[ -z $AN_UNSET_VARIABLE ]] && export ACTIVATED=yes',
     )
     job = subprocess.Popen(
         [

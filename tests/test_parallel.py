@@ -1,6 +1,8 @@
 """The CPU device count of the command lines: one device per core, as many as divide the
-batches, unless XLA_FLAGS sets it (each case in a fresh process, before JAX starts)."""
+batches, unless XLA_FLAGS sets it (each case in a fresh process, before JAX starts); the
+detection of multi-process launches."""
 
+import functools
 import math
 import os
 import subprocess
@@ -8,6 +10,8 @@ import sys
 
 import pytest
 from conftest import ROOT
+
+from ihdm_jax import parallel
 
 _PROGRAM = (
     'from ihdm_jax import parallel; count = parallel.use_cpu_cores({sizes}); '
@@ -41,3 +45,32 @@ def test_one_cpu_device_per_core_that_divides_every_batch(sizes):
 
 def test_a_device_count_in_xla_flags_is_kept():
     assert _devices([12, 8], '--xla_force_host_platform_device_count=3') == (0, 3)
+
+
+def test_a_cloud_tpu_vm_is_told_by_its_tpu_chips_and_libtpu(tmp_path, monkeypatch):
+    devices = tmp_path / 'devices'
+    for address, vendor, device in (
+        ('0000:00:04.0', '0x1ae0', '0x0042'),  # Google's gVNIC network card
+        ('0000:00:05.0', '0x1ae0', '0x005e'),  # a TPU v4 chip
+        ('0000:00:06.0', '0x1ae0', '0x005e'),
+        ('0000:00:07.0', '0x8086', '0x005e'),  # another vendor's device
+    ):
+        (devices / address).mkdir(parents=True)
+        (devices / address / 'vendor').write_text(vendor + '\n')
+        (devices / address / 'device').write_text(device + '\n')
+    assert parallel.tpu_chips(str(devices)) == 2
+    assert parallel.tpu_chips(str(tmp_path / 'none')) == 0
+
+    monkeypatch.delenv('SLURM_STEP_NUM_TASKS', raising=False)
+    monkeypatch.delenv('TPU_WORKER_HOSTNAMES', raising=False)
+    chips = parallel.tpu_chips
+    monkeypatch.setattr(parallel, 'tpu_chips', functools.partial(chips, str(devices)))
+    assert not parallel.launched_by_cluster()  # no libtpu installed
+    (tmp_path / 'site' / 'libtpu').mkdir(parents=True)
+    (tmp_path / 'site' / 'libtpu' / '__init__.py').write_text('')
+    monkeypatch.syspath_prepend(str(tmp_path / 'site'))
+    assert parallel.launched_by_cluster()
+    monkeypatch.setattr(parallel, 'tpu_chips', functools.partial(chips, str(tmp_path / 'none')))
+    assert not parallel.launched_by_cluster()
+    monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '2')
+    assert parallel.launched_by_cluster()
