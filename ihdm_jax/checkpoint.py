@@ -2,7 +2,11 @@
 
 Every process calls `save` and the restores; orbax coordinates the writes. Saves are
 asynchronous: `save` returns once the arrays are copied off the devices and the files are
-written in the background; a save is complete once orbax renames its folder to the step number.
+written in the background. A save is complete once orbax marks it finished: on a local disk it
+renames the save's temporary folder to the step number; on Cloud Storage, where a rename copies
+every file, it writes into the step's folder and adds its commit file last. Which saves are
+complete and which did not finish is orbax's judgement (orbax.checkpoint.path.step), here as in
+orbax's manager.
 Restoring places the arrays on the shardings of the given abstract tree, so a run can resume on
 a different device count. Jobs that only read a run restore the EMA parameters alone.
 """
@@ -11,6 +15,7 @@ import logging as std_logging
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -51,9 +56,14 @@ def _directory(workdir: str) -> str:
     return storage.join(absolute, 'checkpoints')
 
 
+def _complete_steps(directory: str) -> list:
+    """The steps of the complete checkpoints in `directory`, oldest first."""
+    return sorted(ocp.path.step.checkpoint_steps(directory))
+
+
 def steps_on_disk(workdir: str) -> list:
     """The steps of the complete checkpoints in `workdir`, oldest first."""
-    return sorted(int(name) for name in storage.listdir(_directory(workdir)) if name.isdigit())
+    return _complete_steps(_directory(workdir))
 
 
 def make_manager(
@@ -71,12 +81,11 @@ def make_manager(
     """
     directory = _directory(workdir)
     if remove_unfinished:
-        for name in storage.listdir(directory):
-            if not name.isdigit():
-                logging.warning(
-                    'Ignoring and removing %s: a checkpoint save that did not finish.',
-                    storage.join(directory, name),
-                )
+        for unfinished in ocp.path.step.all_temporary_paths(directory):
+            logging.warning(
+                'Ignoring and removing %s: a checkpoint save that did not finish.',
+                os.fspath(unfinished.get()),
+            )
     policies = ocp.checkpoint_managers
     kept = [policies.LatestN(max_to_keep)] + (
         [policies.EveryNSteps(keep_period)] if keep_period else []
@@ -158,23 +167,39 @@ class Saver:
 
 
 def _newest(manager):
-    steps = [
-        s for s in manager.all_steps() if storage.isdir(storage.join(manager.directory, str(s)))
-    ]
-    return max(steps) if steps else 'none'
+    steps = _complete_steps(manager.directory)
+    return steps[-1] if steps else 'none'
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps):
-    """Moves the checkpoints `steps` to <workdir>/checkpoints_unreadable/ (process 0 moves)."""
-    aside = storage.join(storage.parent(manager.directory), UNREADABLE)
+    """Moves the checkpoints `steps` to <workdir>/checkpoints_unreadable/ (process 0 moves).
+
+    If the move fails, every process raises errors.UserError: left in place, an unreadable
+    checkpoint would count for orbax among the newest ones it keeps, and orbax would refuse to
+    save its step again.
+    """
+    directory = os.fspath(manager.directory)
+    aside = storage.join(storage.parent(directory), UNREADABLE)
+    cause = None  # why process 0's move failed
     if jax.process_index() == 0:
-        storage.makedirs(aside)
-        for step in steps:
-            target = storage.join(aside, str(step))
-            while storage.exists(target):
-                target += '_'
-            storage.rename(storage.join(manager.directory, str(step)), target)
-    multihost_utils.sync_global_devices('ihdm_jax checkpoints set aside')
+        try:
+            for step in steps:
+                target = storage.join(aside, str(step))
+                while storage.exists(target):
+                    target += '_'
+                storage.move_tree(storage.join(directory, str(step)), target)
+        except Exception as error:  # e.g. no permission to write or delete there
+            lines = str(error).strip().splitlines()
+            cause = f'{type(error).__name__}: {lines[0] if lines else ""}'
+    failed = cause is not None
+    if jax.process_count() > 1:
+        failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+    if failed:
+        raise errors.UserError(
+            f'Checkpoints {sorted(steps)} in {directory} cannot be read, and moving them to '
+            f'{aside} failed ({cause or "the cause is in the error of process 0"}). Move or '
+            'delete them, then launch again.'
+        )
     manager.reload()
 
 

@@ -5,6 +5,8 @@ written again every HEARTBEAT_S seconds by a background thread. A lock is stale,
 over, when its heartbeat is older than STALE_S seconds or its holder ran on this machine and its
 pid is gone; so a crashed job blocks the workdir for at most STALE_S seconds (not at all on the
 same machine). A second job finds a live lock and ends with one `Error:` line naming the holder.
+Under SLURM the lock also names the job (cluster and job id): a requeued job runs again under its
+id, with its previous run's lock perhaps still fresh, and takes that lock over at once.
 
 The lock is always written whole. On a local disk a new lock is created exclusively (a hard
 link fails if the name exists). Cloud storage has no exclusive create through epath, so there a
@@ -45,6 +47,16 @@ def this_machine() -> str:
     return f'{socket.gethostname()} {boot}'.strip()
 
 
+def _slurm_job():
+    """This process's SLURM job, as `cluster/id` or `id` (job ids of two clusters may be equal);
+    None outside SLURM."""
+    job = os.environ.get('SLURM_JOB_ID')
+    if not job:
+        return None
+    cluster = os.environ.get('SLURM_CLUSTER_NAME')
+    return f'{cluster}/{job}' if cluster else job
+
+
 def _alive_here(holder) -> bool:
     """False if the holder ran on this machine and its process is gone; True otherwise."""
     if holder.get('machine') != this_machine():
@@ -76,9 +88,10 @@ def _live(holder) -> bool:
 
 def _describe(holder, workdir) -> str:
     age = time.time() - float(holder.get('heartbeat', 0))
+    job = f' (SLURM job {holder["slurm_job"]})' if holder.get('slurm_job') else ''
     return (
         f'--workdir={workdir} is in use by another job: pid {holder.get("pid")} on host '
-        f'{holder.get("host")}, started {holder.get("started")}, heartbeat {age:.0f} s ago '
+        f'{holder.get("host")}{job}, started {holder.get("started")}, heartbeat {age:.0f} s ago '
         f'({storage.join(workdir, LOCK_FILE)}). Wait for it to end or stop it, or use '
         f'another --workdir; a lock whose heartbeat is older than {STALE_S:.0f} s is taken '
         'over.'
@@ -97,6 +110,7 @@ class WorkdirLock:
             'host': socket.gethostname(),
             'machine': this_machine(),
             'pid': os.getpid(),
+            'slurm_job': _slurm_job(),
             'token': uuid.uuid4().hex,
             'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
         }
@@ -136,11 +150,22 @@ class WorkdirLock:
     def _take(self):
         """Takes the lock; returns None, or the content of a live holder's lock."""
         storage.makedirs(self.workdir)
+        job = self.content['slurm_job']
         for _ in range(3):  # another job may take or renew the lock meanwhile: look again
             previous = _read(self.location)
-            if previous is not None and _live(previous):
+            if job is not None and previous is not None and previous.get('slurm_job') == job:
+                logging.info(
+                    'Taking over the lock %s of pid %s on host %s: an earlier run of this '
+                    'SLURM job, %s (SLURM runs a job id once at a time; a requeued job runs '
+                    'again under its id).',
+                    self.location,
+                    previous.get('pid'),
+                    previous.get('host'),
+                    job,
+                )
+            elif previous is not None and _live(previous):
                 return previous
-            if previous is not None:
+            elif previous is not None:
                 logging.warning(
                     'Taking over the stale lock %s of pid %s on host %s.',
                     self.location,

@@ -18,6 +18,7 @@ from ihdm_jax import errors
 
 REMOTE_PREFIXES = ('gs://', 's3://', 'az://')
 _PACKAGES = {'gs://': 'gcsfs', 's3://': 's3fs', 'az://': 'adlfs'}
+EVENT_PART_BYTES = 2**20  # a remote TensorBoard event file's size past which a new part begins
 
 
 def is_remote(location) -> bool:
@@ -35,6 +36,20 @@ def parent(location) -> str:
 def rename(location, target):
     """Moves `location` to `target`, replacing a file there."""
     epath.Path(location).replace(target)
+
+
+def move_tree(location, target):
+    """Moves the folder `location` to `target`, which must not exist. Cloud storage has no folders
+    to rename: there each file is copied to its place under `target`, and `location` is deleted
+    once every file is copied."""
+    source = epath.Path(location)
+    if not is_remote(location):
+        makedirs(parent(target))
+        source.rename(target)
+        return
+    for file in map(epath.Path, walk_files(location)):
+        file.copy(epath.Path(target) / file.relative_to(source))
+    source.rmtree()
 
 
 def remove(location):
@@ -122,18 +137,31 @@ def check_reachable(location, what: str):
 
 
 class _RecordFile:
-    """An event file of tensorboardX on any epath location: the records are kept and the whole
-    file is written again at each flush (cloud storage has no appends)."""
+    """An event file of tensorboardX on cloud storage, which has no appends: the records of the
+    current part are kept and written whole at each flush, and once they pass EVENT_PART_BYTES
+    the next records go to a new part, <location>.000001 and so on. TensorBoard reads every
+    event file of a folder in name order, and a part is final before the next one is written, so
+    a flush writes again less than EVENT_PART_BYTES of earlier records."""
 
     def __init__(self, location):
         self.location = location
+        self.part = 0
         self.buffer = io.BytesIO()
+        self.unwritten = False  # records since the last flush
 
     def write(self, data):
         self.buffer.write(data)
+        self.unwritten = True
 
     def flush(self):
-        write_bytes(self.location, self.buffer.getvalue())
+        if not self.unwritten:
+            return
+        name = f'{self.location}.{self.part:06d}' if self.part else self.location
+        write_bytes(name, self.buffer.getvalue())
+        self.unwritten = False
+        if self.buffer.tell() >= EVENT_PART_BYTES:
+            self.part += 1
+            self.buffer = io.BytesIO()
 
     def close(self):
         self.flush()
@@ -149,8 +177,9 @@ class _RecordFiles:
 
 def summary_writer(logdir: str, purge_step=None):
     """A tensorboardX SummaryWriter of `logdir`, local or remote: event files under a remote
-    logdir are written through epath (tensorboardX's own gs:// writer needs
-    google-cloud-storage; its writer-factory registry is the extension point for schemes)."""
+    logdir are written through epath in parts (_RecordFile; tensorboardX's own gs:// writer needs
+    google-cloud-storage and writes the whole file at each flush; its writer-factory registry is
+    the extension point for schemes)."""
     # Imported here, not with this module: tensorboardX imports torch when it is installed
     # (2 s), which only the training job's writer should pay.
     from tensorboardX import SummaryWriter

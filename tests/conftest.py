@@ -103,13 +103,16 @@ def trained(config, tmp_path_factory):
 @pytest.fixture
 def fake_gcs(monkeypatch):
     """gs:// served from memory for one test: an fsspec memory file system registered for the
-    gs and gcs protocols, which etils.epath (and so ihdm_jax.storage) uses for gs:// paths when
-    it does not use TensorFlow. Yields its store, {path: file}, empty at the start. Nothing else
-    in the suite uses gs://, so the registration stays for the session."""
+    gs and gcs protocols, which etils.epath (and so ihdm_jax.storage and orbax's file listing)
+    uses for gs:// paths when it does not use TensorFlow. Like Cloud Storage through gcsfs it has
+    files only: making a folder does nothing, and a folder exists while files lie under it.
+    Yields its store, {path: file}, empty at the start. Nothing else in the suite uses gs://, so
+    the registration stays for the session."""
     import fsspec
     from etils.epath import backend
     from etils.epath import gpath
     from fsspec.implementations.memory import MemoryFileSystem
+    from orbax.checkpoint._src.path import gcs_utils
 
     class FakeGcs(MemoryFileSystem):
         protocol = ('gs', 'gcs')
@@ -119,7 +122,15 @@ def fake_gcs(monkeypatch):
             del finalize_on_close  # gcsfs's option, which epath passes
             super().__init__(*args, **kwargs)
 
+        def mkdir(self, path, create_parents=True, **kwargs):
+            pass
+
+        def makedirs(self, path, exist_ok=False):
+            pass
+
     monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
+    # orbax asks Cloud Storage's API whether a bucket has a hierarchical namespace; these have none.
+    monkeypatch.setattr(gcs_utils, 'is_hierarchical_namespace_enabled', lambda path: False)
     for protocol in FakeGcs.protocol:
         fsspec.register_implementation(protocol, FakeGcs, clobber=True)
     backend.fsspec_backend._get_filesystem.cache_clear()

@@ -3,6 +3,7 @@ names the holder, a crashed holder's lock is taken over, and only the holder rem
 checkpoint saves."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -76,6 +77,43 @@ def test_a_crashed_holder_on_this_machine_is_taken_over_at_once(tmp_path, monkey
     with lock.WorkdirLock(str(tmp_path)):
         assert json.loads((tmp_path / lock.LOCK_FILE).read_text())['pid'] == os.getpid()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_live_lock(tmp_path, monkeypatch, caplog):
+    """A SLURM job run again under its id (requeued) finds the live lock of its earlier run
+    elsewhere and takes it over at once; another job, or one outside SLURM, is refused."""
+    monkeypatch.setattr(lock, 'SETTLE_S', 0.01)
+    monkeypatch.delenv('SLURM_CLUSTER_NAME', raising=False)
+    for job in ('4243', None):
+        if job is None:
+            monkeypatch.delenv('SLURM_JOB_ID')
+        else:
+            monkeypatch.setenv('SLURM_JOB_ID', job)
+        _write_lock(tmp_path, slurm_job='4242')
+        with pytest.raises(
+            errors.UserError, match=r'pid 1 on host elsewhere \(SLURM job 4242\), started earlier'
+        ):
+            with lock.WorkdirLock(str(tmp_path)):
+                pass
+    monkeypatch.setenv('SLURM_JOB_ID', '4242')
+    caplog.set_level(logging.INFO)
+    with lock.WorkdirLock(str(tmp_path)):
+        held = json.loads((tmp_path / lock.LOCK_FILE).read_text())
+        assert (held['pid'], held['slurm_job']) == (os.getpid(), '4242')
+    assert (
+        f'Taking over the lock {tmp_path / lock.LOCK_FILE} of pid 1 on host elsewhere: an '
+        'earlier run of this SLURM job, 4242 ' in caplog.text
+    )
+
+    _write_lock(tmp_path, slurm_job='a/4242')  # job ids of two clusters may be equal
+    monkeypatch.setenv('SLURM_CLUSTER_NAME', 'b')
+    with pytest.raises(errors.UserError, match=r'\(SLURM job a/4242\)'):
+        with lock.WorkdirLock(str(tmp_path)):
+            pass
+    monkeypatch.setenv('SLURM_CLUSTER_NAME', 'a')
+    with lock.WorkdirLock(str(tmp_path)):
+        assert json.loads((tmp_path / lock.LOCK_FILE).read_text())['slurm_job'] == 'a/4242'
+    assert not (tmp_path / lock.LOCK_FILE).exists()
 
 
 def test_the_heartbeat_is_renewed(tmp_path, monkeypatch):

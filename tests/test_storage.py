@@ -6,13 +6,17 @@ import io
 import json
 import os
 import struct
+import time
 
 import numpy as np
 import pytest
 from conftest import ROOT
+from conftest import TRAINED_STEP
+from orbax.checkpoint.path import atomicity
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
+from ihdm_jax import checkpoint
 from ihdm_jax import data
 from ihdm_jax import errors
 from ihdm_jax import images
@@ -131,6 +135,148 @@ def test_samples_tensorboard_and_fid_statistics_on_gs(fake_gcs):
     loaded = frechet.load_statistics(f'{RUN}/eval/train_stats_digits_8.npz')
     np.testing.assert_array_equal(loaded[0], mu)
     np.testing.assert_array_equal(loaded[1], sigma)
+
+
+def _stored_events(store, logdir):
+    """The events of the event files in `logdir` of the fake store, the files in name order."""
+    files = sorted(k for k in store if k.startswith(f'{logdir}/events.out.tfevents.'))
+    return files, _events(b''.join(store[name].getvalue() for name in files))
+
+
+def _image_steps(events):
+    return [e.step for e in events for v in e.summary.value if v.tag == 'samples']
+
+
+def test_tensorboard_on_gs_writes_again_a_bounded_part_at_each_flush(fake_gcs, monkeypatch):
+    """Event files on gs:// are written in parts: a flush writes again less than
+    EVENT_PART_BYTES of earlier records, and the parts in name order hold every event."""
+    monkeypatch.setattr(storage, 'EVENT_PART_BYTES', 100_000)
+    rewritten = []  # the length of what each write replaces
+    write_bytes = storage.write_bytes
+
+    def counted(location, data):
+        rewritten.append(len(fake_gcs[location].getvalue()) if location in fake_gcs else 0)
+        write_bytes(location, data)
+
+    monkeypatch.setattr(storage, 'write_bytes', counted)
+    logdir = f'{RUN}/tensorboard'
+    pictures = np.random.default_rng(0).integers(0, 256, (12, 100, 100, 3), np.uint8)
+    writer = storage.summary_writer(logdir)
+    for step, picture in enumerate(pictures):  # each a PNG of 30 kB
+        writer.add_scalar('train/loss', step / 4, step)
+        writer.add_image('samples', picture, step, dataformats='HWC')
+        deadline = time.time() + 30
+        # A flush writes the events that tensorboardX's thread has taken from its queue.
+        while step not in _image_steps(_stored_events(fake_gcs, logdir)[1]):
+            assert time.time() < deadline
+            writer.flush()
+    writer.close()
+
+    files, events = _stored_events(fake_gcs, logdir)
+    assert files == [files[0], f'{files[0]}.000001', f'{files[0]}.000002']
+    assert 0 < max(rewritten) < 100_000
+    values = [(v, e.step) for e in events for v in e.summary.value]
+    assert [(v.tag, v.simple_value, step) for v, step in values if v.tag == 'train/loss'] == [
+        ('train/loss', step / 4, step) for step in range(12)
+    ]
+    assert _image_steps(events) == list(range(12))
+    image = next(v.image for v, step in values if v.tag == 'samples' and step == 5)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(image.encoded_image_string))), pictures[5]
+    )
+
+
+def _copy_checkpoint(trained, run, step, finished=True):
+    """Copies the files of the `trained` checkpoint to step `step` of `run` and returns their
+    names. With finished=False, orbax's commit marker is left out: an interrupted save as orbax
+    leaves it on gs://, where it writes into the step's folder and adds the marker last.
+    (orbax itself cannot write to the fake gs://: it writes arrays through tensorstore.)"""
+    source = trained / 'checkpoints' / str(TRAINED_STEP)
+    names = [str(p.relative_to(source)) for p in sorted(source.rglob('*')) if p.is_file()]
+    assert atomicity.COMMIT_SUCCESS_FILE in names
+    for name in names:
+        if finished or name != atomicity.COMMIT_SUCCESS_FILE:
+            location = f'{run}/checkpoints/{step}/{name}'
+            storage.makedirs(storage.parent(location))
+            storage.write_bytes(location, (source / name).read_bytes())
+    return names
+
+
+def _files(folder):
+    """{name under `folder`: content} of every file under `folder`."""
+    return {f.removeprefix(f'{folder}/'): storage.read_bytes(f) for f in storage.walk_files(folder)}
+
+
+def test_an_interrupted_save_on_gs_is_no_checkpoint_and_the_lock_holder_removes_it(
+    config, trained, fake_gcs, caplog
+):
+    unfinished = f'{RUN}/checkpoints/{TRAINED_STEP + 1}'
+    _copy_checkpoint(trained, RUN, TRAINED_STEP + 1, finished=False)
+    workdir_lib.save_config(config, RUN)
+    assert checkpoint.steps_on_disk(RUN) == []
+    with pytest.raises(errors.UserError, match=f'--workdir={RUN} holds no checkpoint'):
+        workdir_lib.check(config, RUN, 'trained')
+
+    names = _copy_checkpoint(trained, RUN, TRAINED_STEP)
+    assert checkpoint.steps_on_disk(RUN) == [TRAINED_STEP]
+    with checkpoint.make_manager(RUN) as manager:  # a job without the lock leaves the save
+        assert manager.all_steps() == [TRAINED_STEP]
+    assert storage.isdir(unfinished) and 'did not finish' not in caplog.text
+    checkpoint.make_manager(RUN, remove_unfinished=True).close()
+    deadline = time.time() + 30  # orbax removes it in a background thread
+    while storage.exists(unfinished) and time.time() < deadline:
+        time.sleep(0.05)
+    assert f'Ignoring and removing {unfinished}: a checkpoint save that did not finish.' in (
+        caplog.text
+    )
+    assert set(_files(f'{RUN}/checkpoints')) == {f'{TRAINED_STEP}/{name}' for name in names}
+
+
+@pytest.mark.parametrize('where', ['local', 'gs'])
+def test_an_unreadable_checkpoint_is_set_aside(trained, tmp_path, fake_gcs, caplog, where):
+    """The newest checkpoint fails to restore: it moves to checkpoints_unreadable/, on a local
+    disk (a rename) as on gs:// (which has no folders to rename), and the older one is used."""
+    run = RUN if where == 'gs' else str(tmp_path / 'run')
+    newer = TRAINED_STEP + 1
+    _copy_checkpoint(trained, run, TRAINED_STEP)
+    _copy_checkpoint(trained, run, newer)
+    before = _files(f'{run}/checkpoints/{newer}')
+
+    def restore(step):
+        if step == newer:
+            raise ValueError('a damaged file\nmore detail')
+        return 'state'
+
+    with checkpoint.make_manager(run) as manager:
+        assert checkpoint._restore_newest(manager, restore) == ('state', TRAINED_STEP)
+        assert manager.all_steps() == [TRAINED_STEP]
+    assert f'Checkpoint {run}/checkpoints/{newer} cannot be read (ValueError: a damaged file)' in (
+        caplog.text
+    )
+    assert _files(f'{run}/{checkpoint.UNREADABLE}/{newer}') == before
+    assert not storage.exists(f'{run}/checkpoints/{newer}')
+    assert checkpoint.steps_on_disk(run) == [TRAINED_STEP]
+
+
+def test_a_failed_move_aside_stops_the_job_with_one_error(trained, fake_gcs, monkeypatch):
+    for step in (TRAINED_STEP, TRAINED_STEP + 1):
+        _copy_checkpoint(trained, RUN, step)
+
+    def move_tree(location, target):
+        raise PermissionError('403 Forbidden\nmore detail')
+
+    monkeypatch.setattr(storage, 'move_tree', move_tree)
+    with checkpoint.make_manager(RUN) as manager:
+        with pytest.raises(
+            errors.UserError,
+            match=rf'^Checkpoints \[{TRAINED_STEP + 1}\] in {RUN}/checkpoints cannot be read, '
+            rf'and moving them to {RUN}/{checkpoint.UNREADABLE} failed \(PermissionError: 403 '
+            r'Forbidden\)\. Move or delete them, then launch again\.$',
+        ):
+            checkpoint._restore_newest(
+                manager, lambda step: 'state' if step == TRAINED_STEP else 1 / 0
+            )
+    assert checkpoint.steps_on_disk(RUN) == [TRAINED_STEP, TRAINED_STEP + 1]
 
 
 def test_an_image_folder_on_gs_reads_as_its_local_copy(config, tmp_path, fake_gcs):
