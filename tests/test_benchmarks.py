@@ -1,5 +1,7 @@
-"""The benchmarks' FLOP count, peak table and a tiny run of the training and sampling benchmark."""
+"""The benchmarks' FLOP count, peak table and a tiny run of the training and sampling benchmark;
+how readme_figures reads README.md and a training run's log."""
 
+import os
 import types
 
 import jax
@@ -10,6 +12,7 @@ from benchmarks import loader
 from benchmarks import measure
 from benchmarks import model
 from benchmarks import profile
+from benchmarks import readme_figures
 from benchmarks import speed
 from configs import tiny
 from ihdm_jax import parallel
@@ -105,3 +108,52 @@ def test_loader_benchmark_reads_a_folder_of_jpegs_as_training_does(tmp_path):
     config.training.batch_size = 16
     assert per_image > 0
     assert loader.step_gflop_per_image(config) == pytest.approx(per_image, rel=0.1)
+
+
+# The lines of a --quick training run of configs/digits.py that readme_figures reads, as absl logs
+# them (ihdm_jax/jobs/train.py), among others that it must pass over.
+TRAIN_LOG = """\
+I1201 14:50:31.201337 1393 train.py:296] Compiled the training step in 5.5 s.
+I1201 14:50:32.004211 1393 train.py:132] step 10: loss 0.042540  grad_norm 0.5123  lr 5e-05  \
+steps/s 13.59  ETA 0m01s
+I1201 14:50:32.745102 1393 train.py:132] step 20: loss 0.038931  grad_norm 0.4410  lr 0.0001  \
+steps/s 13.61  ETA 0m00s
+I1201 14:50:36.750021 1393 train.py:150] step 20: EMA samples written to /tmp/d/samples/\
+step_00000020.png (sampling: 4.0 s)
+I1201 14:50:37.100000 1393 train.py:171] Steps 0 to 20 in 0m12s: training steps 1.5 s (13.59 \
+steps/s), compilation 5.5 s, sampling 4.0 s, checkpoints 0.4 s.
+"""
+
+
+def test_readme_figures_reads_a_training_log():
+    assert readme_figures.parse_train_log(TRAIN_LOG) == dict(
+        loss_10=0.04254,
+        loss_20=0.038931,
+        train_s=1.5,
+        steps_per_s=13.59,
+        compile_s=5.5,
+        sampling_s=4.0,
+        grid_s=4.0,
+    )
+    with pytest.raises(ValueError, match='did the run finish'):
+        readme_figures.parse_train_log(TRAIN_LOG.rsplit('I1201', 1)[0])
+
+
+def test_readme_figures_finds_every_figure_that_readme_quotes():
+    with open(os.path.join(readme_figures.ROOT, 'README.md')) as fp:
+        readme = readme_figures.readme_values(fp.read())
+    keys = {key for figures in readme_figures.FIGURES.values() for key in figures}
+    assert keys <= set(readme), f'README.md no longer matches: {sorted(keys - set(readme))}'
+    assert sum(key.startswith('loss_') for key in readme) >= 2
+
+    got = dict(readme_figures.parse_train_log(TRAIN_LOG), wall_s=130.4)
+    table = readme_figures.rows({'loss_100': '0.0256'}, got, {'train': 'python -m ...'})
+    assert ('training run, wall time', 'not found', '2 min 10 s', 'train') in table
+    assert ('training steps/s', 'not found', '13.6', 'train') in table
+    losses = [row for row in table if row[0].startswith('loss')]
+    assert losses == [
+        ('loss at step 10', '–', '0.0425', 'train'),
+        ('loss at step 20', '–', '0.0389', 'train'),
+        ('loss at step 100', '0.0256', '–', 'train'),
+    ]
+    assert {row[3] for row in table} == {'train'}  # only the parts that ran
