@@ -23,7 +23,9 @@ def get_default_config():
     data.cache_mb = 4096  # image folders: prepared images kept in memory, per process (MiB)
 
     config.model = model = ml_collections.ConfigDict()
-    # The forward process (ihdm_jax/processes.py): 'heat' (this paper), or a Gaussian process
+    # The forward process (ihdm_jax/processes.py): 'heat' (this paper), 'heat_continuous' (the
+    # heat process at continuous levels, its network estimating u_0: any number of steps), or a
+    # Gaussian process
     # diagonal in the DCT basis with ε-prediction (ihdm_jax/diffusion.py): 'ddpm' (Ho et al.
     # 2020), 'blurring' (Hoogeboom & Salimans 2022), 'non_isotropic' (Voleti et al.).
     model.process = 'heat'
@@ -71,10 +73,13 @@ def get_default_config():
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.delta = 0.0125  # sampling noise δ (Eq. 8)
     # The sampler (ihdm_jax/samplers.py): 'ancestral', Alg. 2 for the heat process and Ho et
-    # al.'s ancestral sampler for the diffusion processes.
+    # al.'s ancestral sampler for the diffusion processes; 'ddim', Song et al.'s DDIM with
+    # η = eta in [0, 1] (0: deterministic, for the heat process its probability-flow ODE).
     sampling.sampler = 'ancestral'
-    # Steps of the sampler; 0 = all K levels (the heat process always runs all). Fewer steps
-    # skip levels of the diffusion processes; ddpm and non_isotropic need a divisor of K.
+    sampling.eta = 0.0
+    # Steps of the sampler; 0 = all K levels (the paper's heat process always runs all). Fewer
+    # steps skip levels of heat_continuous and the diffusion processes; ddpm and non_isotropic
+    # need a divisor of K.
     sampling.steps = 0
     sampling.num_samples = 64
     sampling.batch_size = 64

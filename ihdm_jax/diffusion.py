@@ -189,17 +189,21 @@ def blur_at(process: Process, t, shape):
     return process.blur(t, lam)
 
 
-def model_mean(process: Process, eps_fn, u_t, t, s, clip=False):
-    """μ_θ(u_t): the mean of p(u_s | u_t) = q(u_s | u_t, u_0 = the model's u_0), in pixels;
-    at s = 0 the model's u_0 itself.
-
-    clip: the blurred model image D_s u_0 = V(d_s ⊙ ũ_0), the only way u_0 enters the posterior
-    mean, is clipped to [−1, 1] in pixels first: Ho et al.'s clip of u_0 without blurring, and
-    the one clip that keeps blurring diffusion's samples (docs/processes.md says why)."""
+def _model_u0(process: Process, eps_fn, u_t, t, s, clip):
+    """predict_u0, with clip: the blurred model image D_s u_0 = V(d_s ⊙ ũ_0), the only way u_0
+    enters the step to s, clipped to [−1, 1] in pixels: Ho et al.'s clip of u_0 without
+    blurring, and the one clip that keeps blurring diffusion's samples (docs/processes.md)."""
     u_t_dct, u0_dct = predict_u0(process, eps_fn, u_t, t)
     if clip:
         d_s = blur_at(process, s, u_t.shape)
         u0_dct = heat.dct_2d(jnp.clip(heat.idct_2d(d_s * u0_dct), -1.0, 1.0)) / d_s
+    return u_t_dct, u0_dct
+
+
+def model_mean(process: Process, eps_fn, u_t, t, s, clip=False):
+    """μ_θ(u_t): the mean of p(u_s | u_t) = q(u_s | u_t, u_0 = the model's u_0), in pixels;
+    at s = 0 the model's u_0 itself (clip: _model_u0's)."""
+    u_t_dct, u0_dct = _model_u0(process, eps_fn, u_t, t, s, clip)
     a_s, s_s = coefficients(process, s, u_t.shape)
     a_t, s_t = coefficients(process, t, u_t.shape)
     coef_t, coef_0, _ = posterior(a_s, s_s, a_t, s_t)
@@ -231,6 +235,25 @@ def ancestral_step(process: Process, eps_fn, u_t, t, s, noise, clip=False):
     return model_mean(process, eps_fn, u_t, t, s, clip) + heat.idct_2d(
         jnp.sqrt(jnp.maximum(var, 0.0)) * heat.dct_2d(noise)
     )
+
+
+def ddim_step(process: Process, eps_fn, u_t, t, s, eta, noise, clip=False):
+    """The DDIM step from t to s < t (Song et al., ICLR 2021, Eq. 12), per frequency:
+    ũ_s = a_s ũ_0 + √(s_s² − η² var) ε̂ + η √var z̃, with ũ_0 the model's (clip: _model_u0's),
+    ε̂ = (ũ_t − a_t ũ_0)/s_t the noise that ũ_0 leaves, and var the variance of q(ũ_s | ũ_t,
+    ũ_0) (`posterior`). Every marginal q(ũ_s | ũ_0) = N(a_s ũ_0, s_s²) is kept; η = 1 is the
+    ancestral step (the same mean and variance), η = 0 deterministic. At s = 0 the model's u_0.
+    """
+    u_t_dct, u0_dct = _model_u0(process, eps_fn, u_t, t, s, clip)
+    a_s, s_s = coefficients(process, s, u_t.shape)
+    a_t, s_t = coefficients(process, t, u_t.shape)
+    _, _, var = posterior(a_s, s_s, a_t, s_t)
+    var = eta**2 * jnp.maximum(var, 0.0)
+    eps_hat = (u_t_dct - a_t * u0_dct) / s_t
+    step = a_s * u0_dct + jnp.sqrt(jnp.maximum(s_s**2 - var, 0.0)) * eps_hat
+    step = step + jnp.sqrt(var) * heat.dct_2d(noise)
+    s = jnp.asarray(s, jnp.float32).reshape(-1, 1, 1, 1)
+    return heat.idct_2d(jnp.where(s > 0, step, u0_dct))
 
 
 def _step_var(process, t, s, shape):

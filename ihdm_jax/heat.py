@@ -104,3 +104,11 @@ def blur_sigmas(K: int, sigma_min: float, sigma_max: float) -> jax.Array:
 def heat_times(K: int, sigma_min: float, sigma_max: float) -> jax.Array:
     """t_k = σ_B,k²/2 for k = 0..K (Sec. 3.1: Gaussian blur of variance σ_B² = heat time 2t)."""
     return blur_sigmas(K, sigma_min, sigma_max) ** 2 / 2
+
+
+def level_times(kappa, K: int, sigma_min: float, sigma_max: float) -> jax.Array:
+    """t(κ) = σ_B(κ)²/2 at continuous levels κ in [1, K], σ_B(κ) the log-linear interpolation of
+    blur_sigmas between its integer levels (App. B.5); t(0) = 0, the data. K >= 2."""
+    kappa = jnp.asarray(kappa, jnp.float32)
+    log_sigma = (np.log(sigma_min) * (K - kappa) + np.log(sigma_max) * (kappa - 1)) / (K - 1)
+    return jnp.where(kappa > 0, jnp.exp(2 * log_sigma) / 2, 0.0)

@@ -4,6 +4,7 @@ model = ihdm_jax.load('runs/digits')
 model.config                    # the run's config (from <workdir>/config.json)
 model.f(u, k)                   # the EMA residual f(u, k); μ(u, k) = u + f(u, k)
 model.sample(jax.random.key(0), 16)  # Alg. 2: float32 samples (16, H, W, C)
+model.sample(key, 16, sampler='ddim', steps=10)  # another sampler (a heat_continuous run)
 """
 
 import jax
@@ -14,6 +15,7 @@ from ihdm_jax import data
 from ihdm_jax import parallel
 from ihdm_jax import programs
 from ihdm_jax import state as state_lib
+from ihdm_jax import validation
 from ihdm_jax import workdir as workdir_lib
 
 
@@ -36,32 +38,43 @@ class Model:
         self.mesh = mesh
         self.apply = programs.residual(state_lib.model_graphdef(config))
         self._f = jax.jit(self.apply)
-        self._sampler = None
+        self._samplers = {}  # programs.Sampler by (sampler, steps, eta)
         self._source = None
 
     def f(self, u, k) -> jax.Array:
         """f(u, k) with the EMA parameters: float32 NHWC u, int32 k (B,) -> float32 like u."""
         return self._f(self.params, u, k)
 
-    def sample(self, key, num: int, delta=None) -> np.ndarray:
-        """num samples u_0 of Alg. 2 as float32 numpy (num, H, W, C), not clipped (images lie
-        in about [0, 1]).
+    def sample(self, key, num: int, delta=None, sampler=None, steps=None, eta=None) -> np.ndarray:
+        """num samples u_0 of the run's sampler (Alg. 2 for the paper's heat process) as float32
+        numpy (num, H, W, C), not clipped (images lie in about [0, 1]).
 
-        The chains start from u_K = F(t_K) x + δ ε, x training images picked by config.seed,
-        and run on a mesh of all devices in batches of config.sampling.batch_size (a multiple
-        of the device count); δ is config.sampling.delta unless given. The samples depend only
-        on `key` (a jax.random.key), num and the config, and with key =
+        The chains start from the process's prior (for the heat process u_K = F(t_K) x + δ ε,
+        x training images picked by config.seed) and run on a mesh of all devices in batches
+        of config.sampling.batch_size (a multiple of the device count). δ, the sampler, its
+        steps and DDIM's η are config.sampling's unless given. The samples depend only on `key`
+        (a jax.random.key), num and the config, and with key =
         ihdm_jax.rng.sample_key(config.seed) they are those of --mode=sample before rounding.
         The training images are read at the first call (config.data must point at them).
         """
-        if self._sampler is None:
-            parallel.check_divisible(self.config.sampling.batch_size, 'config.sampling.batch_size')
-            data.check(self.config)
-            self._source = data.make_source(self.config)
-            self._sampler = programs.Sampler(self.config, self.mesh)
-        return self._sampler.draw(
-            self.params, self._source, num, key, delta=delta, uint8=False
-        ).images
+        config = self.config.copy_and_resolve_references()
+        for name, value in (('sampler', sampler), ('steps', steps), ('eta', eta)):
+            if value is not None:
+                config.sampling[name] = value
+        s = config.sampling
+        chosen = (s.sampler, s.steps, s.eta)
+        if chosen not in self._samplers:
+            validation.check_config(config)
+            parallel.check_divisible(s.batch_size, 'config.sampling.batch_size')
+            if self._source is None:
+                data.check(config)
+                self._source = data.make_source(config)
+            self._samplers[chosen] = programs.Sampler(config, self.mesh)
+        return (
+            self._samplers[chosen]
+            .draw(self.params, self._source, num, key, delta=delta, uint8=False)
+            .images
+        )
 
 
 def restore(config, workdir: str) -> Model:

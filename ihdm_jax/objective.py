@@ -53,6 +53,33 @@ def training_loss(f, u0, key, t, sigma, backend='matmul'):
     return jnp.mean(alg1_loss(f, u0, k, eps, t, sigma, backend))
 
 
+def x0_loss(f, u0, kappa, eps, time, sigma, backend='matmul'):
+    """‖x̂_0(û_κ, κ) − u0‖² summed over pixels, x̂_0 = û_κ + f(û_κ, κ), û_κ = F(t(κ)) u0 + σε: the
+    regression whose minimiser is the posterior mean E[u_0 | u_κ] at every level κ.
+
+    Args:
+      f: the network residual f(u, κ), κ float32 (B,).
+      u0: data batch (B, H, W, C).
+      kappa: continuous levels (B,).
+      eps: standard normal noise, u0's shape.
+      time: κ -> heat time t(κ) (heat.level_times).
+      sigma: training noise σ.
+    Returns:
+      The per-example squared errors, shape (B,).
+    """
+    u_kappa = heat.heat_forward(u0, time(kappa), backend) + sigma * eps
+    return _sum_squares(u_kappa + f(u_kappa, kappa) - u0)
+
+
+def x0_training_loss(f, u0, key, time, K, sigma, backend='matmul'):
+    """x0_loss over a batch with κ ~ U[1, K] (σ_B log-uniform between its ends, the paper's
+    level schedule in the limit of many levels) and ε ~ N(0, I); the mean over the batch."""
+    k_key, eps_key = jax.random.split(key)
+    kappa = jax.random.uniform(k_key, (u0.shape[0],), jnp.float32, 1.0, float(K))
+    eps = jax.random.normal(eps_key, u0.shape, jnp.float32)
+    return jnp.mean(x0_loss(f, u0, kappa, eps, time, sigma, backend))
+
+
 def gaussian_kl(mean_q, sigma_q, mean_p, sigma_p):
     """D_KL[N(mean_q, σ_q² I) ‖ N(mean_p, σ_p² I)] per example, in nats.
 

@@ -74,6 +74,11 @@ class Process(abc.ABC):
         """A draw of p(u_s | u_t) for grid points s < t (traced scalars), given unit noise eps."""
 
     @abc.abstractmethod
+    def ddim_step(self, f, u, t, s, eta, delta, eps):
+        """The DDIM step (Song et al., ICLR 2021) from grid point t to s < t with η = eta in
+        [0, 1]: 1 the reverse step's marginals with fresh noise, 0 deterministic."""
+
+    @abc.abstractmethod
     def mean(self, f, u, k):
         """The mean of the reverse step from level k to k − 1."""
 
@@ -154,10 +159,17 @@ class Heat(Process):
 
     @classmethod
     def check(cls, config):
-        steps = config.sampling.steps
-        if steps:
+        K, steps, sampler = config.model.K, config.sampling.steps, config.sampling.sampler
+        if steps < 0 or steps > K or (steps and K % steps):
             raise errors.UserError(
-                f'config.sampling.steps={steps}: the heat process samples all K levels (0).'
+                f'config.sampling.steps={steps} must be 0 (all K levels) or a divisor of K = {K}.'
+            )
+        if steps and sampler != 'ancestral':
+            raise errors.UserError(
+                f'config.sampling.sampler={sampler!r} steps between neighbouring levels of '
+                f"config.model.process='heat' only (steps = 0): its network estimates the next "
+                "level's mean alone. Train with model.process='heat_continuous' to sample in "
+                'fewer steps.'
             )
 
     def loss(self, f, x, key):
@@ -168,12 +180,23 @@ class Heat(Process):
         return sampling.prior_sample(key, x, self.schedule.t_K, delta)
 
     def grid(self, steps):
-        return np.arange(self.levels + 1, dtype=np.int32)
+        """Every level, or every (K/steps)-th."""
+        return np.arange(0, self.levels + 1, self.levels // (steps or self.levels), np.int32)
 
     def reverse_step(self, f, u, t, s, delta, eps):
-        """Alg. 2's step from level t (s = t − 1)."""
-        del s
-        return sampling.alg2_step(f, u, t, delta, eps)
+        """Alg. 2's step from level t, taken as the state at level s (on a coarser grid than
+        every level, each step un-blurs by one level where it should by t − s: Alg. 2 on a
+        subsequence of the levels, which the network was not trained for); no noise when s is
+        the data."""
+        return sampling.alg2_step(f, u, t, jnp.where(s > 0, delta, 0.0), eps)
+
+    def ddim_step(self, f, u, t, s, eta, delta, eps):
+        """sampling.heat_ddim_step between neighbouring levels s = t − 1 (steps = 0): μ(u_t, t)
+        estimates F(t_s) x̂_0, so F(t_t) x̂_0 = F(t_t − t_s) μ."""
+        mean = self.mean(f, u, t)
+        times = self.schedule.t
+        mean_t = heat.heat_forward(mean, times[t] - times[s])
+        return sampling.heat_ddim_step(mean, mean_t, u, eta, delta, eps, s == 0)
 
     def mean(self, f, u, k):
         """μ(u_k, k) = u_k + f(u_k, k)."""
@@ -244,6 +267,73 @@ class Heat(Process):
         return np.sqrt(2 * np.asarray(self.schedule.t)[1:])
 
 
+@register
+class HeatContinuous(Heat):
+    """The heat process at continuous levels κ in [0, K] (heat.level_times: σ_B log-spaced
+    between the integer levels of App. B.5, κ = 0 the data): the U-Net f(u, κ) estimates
+    x̂_0(u_κ, κ) = E[u_0 | u_κ] as u_κ + f(u_κ, κ) (objective.x0_loss), from which every
+    sampler steps between any two levels. At integer levels its mean F(t_{k−1}) x̂_0 takes the
+    place of the paper's μ(u_k, k), in the ELBO and the analyses alike."""
+
+    name = 'heat_continuous'
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.model
+        self.time = lambda kappa: heat.level_times(kappa, m.K, m.blur_sigma_min, m.blur_sigma_max)
+
+    @classmethod
+    def check(cls, config):
+        m, steps = config.model, config.sampling.steps
+        if m.K < 2:
+            raise errors.UserError(
+                f'config.model.K={m.K}: config.model.process={m.process!r} needs at least 2 '
+                'levels (the ends of its log-spaced σ_B).'
+            )
+        if steps < 0:
+            raise errors.UserError(
+                f'config.sampling.steps={steps} must be 0 (all K levels) or a number of steps.'
+            )
+
+    def x0(self, f, u, kappa):
+        """x̂_0(u, κ) = u + f(u, κ) at the level κ (a scalar)."""
+        return u + f(u, jnp.full((u.shape[0],), kappa, jnp.float32))
+
+    def loss(self, f, x, key):
+        return objective.x0_training_loss(f, x, key, self.time, self.levels, self.schedule.sigma)
+
+    def grid(self, steps):
+        """κ = 0 and `steps` levels (0: K) evenly spaced in [1, K], i.e. log-spaced in σ_B."""
+        levels = np.linspace(1.0, self.levels, steps or self.levels)
+        return np.concatenate([[0.0], levels]).astype(np.float32)
+
+    def reverse_step(self, f, u, t, s, delta, eps):
+        """Alg. 2's step between any levels: F(t_s) x̂_0 + δ ε (the DDIM step at η = 1)."""
+        return self.ddim_step(f, u, t, s, 1.0, delta, eps)
+
+    def ddim_step(self, f, u, t, s, eta, delta, eps):
+        """sampling.heat_ddim_step with F(t_s) x̂_0 and F(t_t) x̂_0 of x̂_0(u, t)."""
+        x0 = self.x0(f, u, t)
+        mean_s = heat.heat_forward(x0, self.time(s))
+        mean_t = heat.heat_forward(x0, self.time(t))
+        return sampling.heat_ddim_step(mean_s, mean_t, u, eta, delta, eps, s == 0)
+
+    def level_residual(self, f):
+        """The paper's f(u_k, k) = F(t_{k−1}) x̂_0(u_k, k) − u_k at integer levels k (B,)."""
+
+        def residual(u, k):
+            x0 = u + f(u, k.astype(jnp.float32))
+            return heat.heat_forward(x0, self.schedule.t[k - 1]) - u
+
+        return residual
+
+    def mean(self, f, u, k):
+        return super().mean(self.level_residual(f), u, k)
+
+    def elbo_example(self, f, x, key, pass_keys, delta):
+        return super().elbo_example(self.level_residual(f), x, key, pass_keys, delta)
+
+
 class Diffusion(Process):
     """A process of diffusion.py with ε-prediction by the U-Net at time input 1000·t, on states
     2x − 1 in [−1, 1] (Ho et al., Sec. 3.3)."""
@@ -310,6 +400,21 @@ class Diffusion(Process):
             u,
             jnp.full((batch,), t, jnp.float32),
             jnp.full((batch,), s, jnp.float32),
+            eps,
+            clip=True,
+        )
+
+    def ddim_step(self, f, u, t, s, eta, delta, eps):
+        """diffusion.ddim_step with the sampler's clip (δ plays no part)."""
+        del delta
+        batch = u.shape[0]
+        return diffusion.ddim_step(
+            self.process,
+            self.eps_fn(f),
+            u,
+            jnp.full((batch,), t, jnp.float32),
+            jnp.full((batch,), s, jnp.float32),
+            eta,
             eps,
             clip=True,
         )

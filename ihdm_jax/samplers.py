@@ -9,6 +9,7 @@ import abc
 
 import jax.numpy as jnp
 
+from ihdm_jax import errors
 from ihdm_jax import registry
 from ihdm_jax import sampling
 
@@ -70,3 +71,26 @@ class Ancestral(Sampler):
     def step(self, f, u, i, delta, eps):
         grid = jnp.asarray(self.grid)
         return self.process.reverse_step(f, u, grid[i], grid[i - 1], delta, eps)
+
+
+@register
+class Ddim(Sampler):
+    """Song et al.'s DDIM family (ICLR 2021), process.ddim_step with η = config.sampling.eta:
+    η = 1 the ancestral step's marginals with fresh noise, η = 0 deterministic (for the heat
+    process the exponential integrator of its probability-flow ODE)."""
+
+    name = 'ddim'
+
+    def __init__(self, process, config):
+        super().__init__(process, config)
+        self.eta = config.sampling.eta
+
+    @classmethod
+    def check(cls, config):
+        eta = config.sampling.eta
+        if not 0.0 <= eta <= 1.0:
+            raise errors.UserError(f'config.sampling.eta={eta} must lie in [0, 1].')
+
+    def step(self, f, u, i, delta, eps):
+        grid = jnp.asarray(self.grid)
+        return self.process.ddim_step(f, u, grid[i], grid[i - 1], self.eta, delta, eps)

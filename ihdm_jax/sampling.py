@@ -89,6 +89,22 @@ def alg2_step(f, u, k, delta, eps):
     return mean + jnp.where(k > 1, delta, 0.0) * eps
 
 
+def heat_ddim_step(mean_s, mean_t, u, eta, delta, eps, last):
+    """The DDIM step (Song et al., ICLR 2021, Eq. 12) of the heat process from t to s < t:
+    u_s = F(s) x̂_0 + √(1 − η²)(u_t − F(t) x̂_0) + η δ ε, given mean_s = F(s) x̂_0 and
+    mean_t = F(t) x̂_0 (x̂_0 = E[u_0 | u_t]).
+
+    q(u_t | u_0) = N(F(t) u_0, σ² I) is the marginal of the per-frequency Ornstein-Uhlenbeck
+    process dũ = −λ ũ dt + σ √(2λ) dw, so with δ = σ every marginal is kept. η = 1 is Alg. 2's
+    step (mean_s is μ), η = 0 the exponential integrator of the probability-flow ODE
+    du/dt = Δ F(t) x̂_0: u_s = u_t + (F(s) − F(t)) x̂_0 (Cold Diffusion's improved sampler,
+    Bansal et al., NeurIPS 2023, Alg. 2). At the `last` step (s = 0) x̂_0 = mean_s alone, as
+    Alg. 2 ends on μ(u_1, 1).
+    """
+    step = mean_s + jnp.sqrt(1.0 - eta**2) * (u - mean_t) + eta * delta * eps
+    return jnp.where(last, mean_s, step)
+
+
 def sample_with_noise(
     f, u_K, K: int, delta, noise: NoiseFn, trajectory_steps: Sequence[int] = (), stop: int = 0
 ):

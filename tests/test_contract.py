@@ -69,6 +69,12 @@ class LinearBetaInPixels(processes.Process):
             self.gaussian, self._net(f), u, full(t), full(s), eps, clip=True
         )
 
+    def ddim_step(self, f, u, t, s, eta, delta, eps):
+        full = lambda v: jnp.full((u.shape[0],), v, jnp.float32)  # noqa: E731
+        return diffusion.ddim_step(
+            self.gaussian, self._net(f), u, full(t), full(s), eta, eps, clip=True
+        )
+
     def mean(self, f, u, k):
         full = lambda v: jnp.full((u.shape[0],), v / self.levels, jnp.float32)  # noqa: E731
         return diffusion.model_mean(self.gaussian, self._net(f), u, full(k), full(k - 1))

@@ -361,8 +361,8 @@ def test_bad_process_and_heat_only_modes_are_refused(config):
     with pytest.raises(errors.UserError, match="config.model.process='ddim'"):
         main.run(bad, 'train', '/nonexistent')
     steps = config.copy_and_resolve_references()
-    steps.sampling.steps = 5
-    with pytest.raises(errors.UserError, match='config.sampling.steps=5: the heat process samples'):
+    steps.sampling.steps = 4
+    with pytest.raises(errors.UserError, match='steps=4 must be 0 .all K levels. or a divisor'):
         main.run(steps, 'sample', '/nonexistent')
     ddpm = config.copy_and_resolve_references()
     ddpm.model.process = 'ddpm'
@@ -382,11 +382,21 @@ def test_bad_process_and_heat_only_modes_are_refused(config):
         ):
             main.run(ddpm, mode, '/nonexistent')
     sampler = config.copy_and_resolve_references()
-    sampler.sampling.sampler = 'ddim'
+    sampler.sampling.sampler = 'heun'
     with pytest.raises(
-        errors.UserError, match="config.sampling.sampler='ddim'; expected one of 'ancestral'"
+        errors.UserError, match="config.sampling.sampler='heun'; expected one of 'ancestral'"
     ):
         main.run(sampler, 'sample', '/nonexistent')
+    sampler.sampling.sampler, sampler.sampling.eta = 'ddim', 1.5
+    with pytest.raises(errors.UserError, match=r'config.sampling.eta=1.5 must lie in \[0, 1\]'):
+        main.run(sampler, 'sample', '/nonexistent')
+    sampler.sampling.eta, sampler.sampling.steps = 0.5, 5
+    with pytest.raises(errors.UserError, match='steps between neighbouring levels of config'):
+        main.run(sampler, 'sample', '/nonexistent')
+    continuous = config.copy_and_resolve_references()
+    continuous.model.process, continuous.sampling.steps = 'heat_continuous', -1
+    with pytest.raises(errors.UserError, match='config.sampling.steps=-1 must be 0'):
+        main.run(continuous, 'sample', '/nonexistent')
 
 
 @pytest.fixture(scope='module')

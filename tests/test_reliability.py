@@ -683,8 +683,8 @@ BAD_INPUTS = {
         'hierarchical',
         'trained',
         r'config\.analysis\.split_fractions=\(0\.25, 0\.5\) must give '
-        r'distinct levels in 1\.\.9, descending '
-        r'\(with K=10: \[2, 5\]\)\.$',
+        r'distinct grid points in 1\.\.9, descending '
+        r'\(with 10 sampler steps: \[2, 5\]\)\.$',
     ),
     'level_fractions': (
         'tiny',

@@ -37,14 +37,15 @@ def _require_positive(config, *names):
 
 
 def split_levels(config):
-    """The levels round(f K) of config.analysis.split_fractions, checked."""
-    K = config.model.K
+    """The grid points round(f N) of config.analysis.split_fractions for the sampler's N steps
+    (config.sampling.steps, or every level: K), checked."""
+    K = config.sampling.steps or config.model.K
     fractions = tuple(config.analysis.split_fractions)
     levels = [round(f * K) for f in fractions]
     validation.require(
         levels and levels == sorted(set(levels), reverse=True) and 0 < levels[-1] <= levels[0] < K,
-        f'config.analysis.split_fractions={fractions} must give distinct levels in 1..{K - 1}, '
-        f'descending (with K={K}: {levels}).',
+        f'config.analysis.split_fractions={fractions} must give distinct grid points in '
+        f'1..{K - 1}, descending (with {K} sampler steps: {levels}).',
     )
     return levels
 

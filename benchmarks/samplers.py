@@ -1,0 +1,185 @@
+"""Sample quality against cost: FID and wall time against network evaluations, for one trained
+workdir and a list of samplers.
+
+  python -m benchmarks.samplers --workdir=runs/digits_continuous \
+      --runs=ancestral:50,ddim:5,ddim:10,ddim:20,ddim:50 [--num_samples=1000] \
+      --reference_stats=FILE [--out=DIR]
+  python -m benchmarks.samplers --combine=DIR1/samplers.json,DIR2/samplers.json --out=DIR
+
+Each entry of --runs is SAMPLER:STEPS[:ETA] (config.sampling.sampler, .steps, .eta; steps 0 =
+every level of the process). For each, the EMA model of the workdir's newest checkpoint draws
+--num_samples samples from the same keys as --mode=fid (after one compiled batch, so the time
+is sampling alone), and their FID is taken against the reference statistics: --reference_stats
+(written there first from the workdir's training split if the file does not exist; the
+statistics of a --mode=fid run, eval/train_stats_*.npz, can be given). Network evaluations per
+sample = the sampler's steps. Prints a table and, with --out, writes samplers.json,
+samplers.md, samplers.png (FID against network evaluations, one line per sampler) and a grid
+of 64 samples of each entry, samples_<sampler>_<steps>[_<eta>].png. --combine draws the rows of
+several such runs (e.g. of different processes) in one samplers.png in --out.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import app
+from absl import flags
+from matplotlib.figure import Figure
+
+from benchmarks import measure
+from ihdm_jax import data
+from ihdm_jax import images
+from ihdm_jax import loading
+from ihdm_jax import processes
+from ihdm_jax import programs
+from ihdm_jax import rng
+from ihdm_jax import samplers
+from ihdm_jax import storage
+from ihdm_jax import validation
+from ihdm_jax import workdir as workdir_lib
+from ihdm_jax.evaluation import frechet
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The trained workdir.')
+_RUNS = flags.DEFINE_list('runs', None, 'SAMPLER:STEPS[:ETA] entries.')
+_NUM = flags.DEFINE_integer('num_samples', 1000, 'Samples per entry.')
+_STATS = flags.DEFINE_string('reference_stats', None, 'Reference statistics (.npz).')
+_OUT = flags.DEFINE_string('out', None, 'Folder for the table, plot and sample grids.')
+_COMBINE = flags.DEFINE_list('combine', None, 'samplers.json files to plot together.')
+
+
+def parse_run(entry: str, config):
+    """The config of entry SAMPLER:STEPS[:ETA] (checked as the jobs check theirs)."""
+    parts = entry.split(':')
+    if len(parts) not in (2, 3):
+        raise app.UsageError(f'--runs entry {entry!r} is not SAMPLER:STEPS[:ETA].')
+    config = config.copy_and_resolve_references()
+    config.sampling.sampler, config.sampling.steps = parts[0], int(parts[1])
+    if len(parts) == 3:
+        config.sampling.eta = float(parts[2])
+    validation.check_config(config)
+    return config
+
+
+def label(config) -> str:
+    s = config.sampling
+    eta = f' η={s.eta:g}' if s.sampler == 'ddim' else ''
+    return f'{s.sampler}{eta}'
+
+
+def reference_statistics(path, config, features):
+    if storage.exists(path):
+        return frechet.load_statistics(path)
+    source = data.make_source(config)
+    stats = frechet.statistics(features(source.load(np.arange(len(source))), 'reference'))
+    frechet.save_statistics(path, *stats)
+    return stats
+
+
+def measure_run(model, config, source, features, reference, num_samples):
+    """(network evaluations per sample, seconds, FID, samples) of one entry."""
+    sampler = programs.Sampler(config, model.mesh)
+    key = rng.sample_key(config.seed)
+    sampler.draw(model.params, source, config.sampling.batch_size, key)  # compiles
+    start = time.perf_counter()
+    samples = sampler.draw(model.params, source, num_samples, key).images
+    seconds = time.perf_counter() - start
+    stats = frechet.statistics(features(samples, f'FID {label(config)} {sampler.steps} steps'))
+    return sampler.steps, seconds, frechet.frechet_distance(*stats, *reference), samples
+
+
+def plot(path, rows, title):
+    fig = Figure(figsize=(6, 4.2), dpi=100, layout='constrained')
+    ax = fig.add_subplot()
+    for name in dict.fromkeys(row['label'] for row in rows):
+        points = sorted((r['nfe'], r['fid']) for r in rows if r['label'] == name)
+        ax.plot(*zip(*points), marker='o', label=name)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('network evaluations per sample')
+    ax.set_ylabel('FID')
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    storage.write_with(path, fig.savefig, format='png')
+
+
+def combine(paths, out):
+    """One plot of the rows of several samplers.json, each labelled with its run's process."""
+    rows = []
+    for path in paths:
+        run = json.loads(storage.read_text(path))
+        process = workdir_lib.read_config(run['workdir']).model.process
+        rows += [row | dict(label=f'{process}: {row["label"]}') for row in run['rows']]
+    storage.makedirs(out)
+    num = {json.loads(storage.read_text(path))['num_samples'] for path in paths}
+    plot(os.path.join(out, 'samplers.png'), rows, f'FID of {"/".join(map(str, num))} samples')
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    if _COMBINE.value:
+        if not _OUT.value:
+            raise app.UsageError('--combine needs --out.')
+        combine(_COMBINE.value, _OUT.value)
+        return
+    for name in ('workdir', 'runs', 'reference_stats'):
+        if not flags.FLAGS[name].value:
+            raise app.UsageError(f'--{name} is required.')
+    workdir = _WORKDIR.value
+    base = workdir_lib.read_config(workdir)
+    configs = [parse_run(entry, base) for entry in _RUNS.value]
+    for config in configs:
+        processes.check(config)
+        samplers.check(config)
+    model = loading.restore(base, workdir)
+    source = data.make_source(base)
+    features = frechet.InceptionFeatures(
+        frechet.resolve_weights(base.evaluation.inception_weights or None),
+        base.evaluation.batch_size,
+    )
+    reference = reference_statistics(_STATS.value, base, features)
+    if _OUT.value:
+        storage.makedirs(_OUT.value)
+    rows = []
+    for config in configs:
+        nfe, seconds, fid, samples = measure_run(
+            model, config, source, features, reference, _NUM.value
+        )
+        s = config.sampling
+        rows.append(
+            dict(label=label(config), sampler=s.sampler, eta=s.eta, steps=s.steps, nfe=nfe)
+            | dict(seconds=seconds, fid=fid)
+        )
+        print(f'{label(config)}, {nfe} steps: FID {fid:.2f}, {seconds:.1f} s', flush=True)
+        if _OUT.value:
+            eta = f'_{s.eta:g}' if s.sampler == 'ddim' else ''
+            name = f'samples_{s.sampler}_{nfe}{eta}.png'
+            images.save_grid(os.path.join(_OUT.value, name), samples[:64])
+    title = (
+        f'{base.model.process}, {base.data.dataset}, checkpoint {model.step}: '
+        f'FID of {_NUM.value} samples'
+    )
+    table = [
+        f'{title}, δ = {base.sampling.delta}\n',
+        '| sampler | network evaluations | FID | sampling time (s) |',
+        '|---|---:|---:|---:|',
+    ] + [f'| {r["label"]} | {r["nfe"]} | {r["fid"]:.2f} | {r["seconds"]:.1f} |' for r in rows]
+    print('\n'.join(table))
+    if _OUT.value:
+        measure.write_json(
+            os.path.join(_OUT.value, 'samplers.json'),
+            dict(
+                **measure.device_info(),
+                workdir=workdir,
+                step=model.step,
+                num_samples=_NUM.value,
+                rows=rows,
+            ),
+        )
+        storage.write_text(os.path.join(_OUT.value, 'samplers.md'), '\n'.join(table) + '\n')
+        plot(os.path.join(_OUT.value, 'samplers.png'), rows, title)
+
+
+if __name__ == '__main__':
+    app.run(main)
