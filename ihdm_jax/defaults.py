@@ -77,9 +77,9 @@ def get_default_config():
     # η = eta in [0, 1] (0: deterministic, for the heat process its probability-flow ODE).
     sampling.sampler = 'ancestral'
     sampling.eta = 0.0
-    # Steps of the sampler; 0 = all K levels (the paper's heat process always runs all). Fewer
-    # steps skip levels of heat_continuous and the diffusion processes; ddpm and non_isotropic
-    # need a divisor of K.
+    # Steps of the sampler; 0 = all K levels. Fewer steps skip levels: any number for
+    # heat_continuous and blurring; a divisor of K for ddpm, non_isotropic and the paper's heat
+    # process (there Alg. 2 alone, on every (K/steps)-th level: docs/sampling.md measures it).
     sampling.steps = 0
     sampling.num_samples = 64
     sampling.batch_size = 64
