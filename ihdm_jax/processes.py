@@ -214,10 +214,14 @@ class Heat(Process):
     def level_label(self, k):
         return f'k={k}, σ_B={float(jnp.sqrt(2 * self.schedule.t[k])):.2f}'
 
+    def elbo_times(self):
+        """The heat times t_0..t_N of Eq. 7's levels: the K levels of the schedule."""
+        return self.schedule.t
+
     def elbo_example(self, f, x, key, pass_keys, delta):
-        """(level sums, level counts) of the passes (likelihood.level_pass) and F(t_K) u0, for
-        u0 the dequantised image."""
-        t, sigma = self.schedule.t, self.schedule.sigma
+        """(level sums, level counts) of the passes (likelihood.level_pass) over the levels of
+        elbo_times, and F(t_K) u0, for u0 the dequantised image."""
+        t, sigma = self.elbo_times(), self.schedule.sigma
         u0 = likelihood.dequantize(key, x)
 
         def one_pass(totals, pass_key):
@@ -273,7 +277,7 @@ class HeatContinuous(Heat):
     between the integer levels of App. B.5, κ = 0 the data): the U-Net f(u, κ) estimates
     x̂_0(u_κ, κ) = E[u_0 | u_κ] as u_κ + f(u_κ, κ) (objective.x0_loss), from which every
     sampler steps between any two levels. At integer levels its mean F(t_{k−1}) x̂_0 takes the
-    place of the paper's μ(u_k, k), in the ELBO and the analyses alike."""
+    place of the paper's μ(u_k, k) in the analyses; the ELBO takes the sampler's grid."""
 
     name = 'heat_continuous'
 
@@ -281,6 +285,7 @@ class HeatContinuous(Heat):
         super().__init__(config)
         m = config.model
         self.time = lambda kappa: heat.level_times(kappa, m.K, m.blur_sigma_min, m.blur_sigma_max)
+        self.sampler_grid = self.grid(config.sampling.steps)
 
     @classmethod
     def check(cls, config):
@@ -330,8 +335,20 @@ class HeatContinuous(Heat):
     def mean(self, f, u, k):
         return super().mean(self.level_residual(f), u, k)
 
+    def elbo_times(self):
+        """The heat times of the sampler's grid (config.sampling.steps; 0: the K levels)."""
+        return self.time(self.sampler_grid)
+
     def elbo_example(self, f, x, key, pass_keys, delta):
-        return super().elbo_example(self.level_residual(f), x, key, pass_keys, delta)
+        """Eq. 7 on the sampler's grid κ_0..κ_N: the term of grid level i has the mean
+        F(t(κ_{i−1})) x̂_0(u_i, κ_i), the step that the ancestral sampler takes."""
+        grid, t = jnp.asarray(self.sampler_grid), self.elbo_times()
+
+        def residual(u, i):
+            x0 = u + f(u, grid[i])
+            return heat.heat_forward(x0, t[i - 1]) - u
+
+        return super().elbo_example(residual, x, key, pass_keys, delta)
 
 
 class Diffusion(Process):

@@ -218,13 +218,20 @@ def test_a_continuous_model_samples_in_few_steps_and_evaluates_its_elbo(continuo
     model = loading.load(workdir)  # its config.json: ddim, 3 steps
     floats = model.sample(rng.sample_key(config.seed), 8, sampler='ancestral')
     assert np.abs(np.round(np.clip(floats, 0, 1) * 255) - samples[1]).max() <= 1
-    main.run(config, 'eval', workdir)
-    with open(os.path.join(workdir, 'eval', 'likelihood.json')) as f:
-        result = json.load(f)
-    assert len(result['level_nats']) == 10 and np.isfinite(result['bits_per_dim'])
-    assert result['bits_per_dim'] == pytest.approx(
-        result['L_K'] + result['sum_L_k'] + result['L_0'] + 8.0, rel=1e-6
-    )
+    results = []
+    for steps in (0, 3):  # Eq. 7 on the K levels, and on the 3-step grid
+        c = config.copy_and_resolve_references()
+        c.sampling.steps = steps
+        main.run(c, 'eval', workdir)
+        with open(os.path.join(workdir, 'eval', 'likelihood.json')) as f:
+            results.append(json.load(f))
+    assert [len(r['level_nats']) for r in results] == [10, 3]
+    for result in results:
+        assert result['bits_per_dim'] == pytest.approx(
+            result['L_K'] + result['sum_L_k'] + result['L_0'] + 8.0, rel=1e-6
+        )
+    assert results[0]['L_K'] == results[1]['L_K']  # the same prior at κ = K
+    assert abs(results[0]['sum_L_k'] - results[1]['sum_L_k']) > 0.1
 
 
 @pytest.mark.parametrize('mode', ['same_init', 'hierarchical'])
