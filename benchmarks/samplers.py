@@ -8,11 +8,11 @@ workdir and a list of samplers.
 
 Each entry of --runs is SAMPLER:STEPS[:ETA] (config.sampling.sampler, .steps, .eta; steps 0 =
 every level of the process). For each, the EMA model of the workdir's newest checkpoint draws
---num_samples samples from the same keys as --mode=fid (after one compiled batch, so the time
-is sampling alone), and their FID is taken against the reference statistics: --reference_stats
-(written there first from the workdir's training split if the file does not exist; the
-statistics of a --mode=fid run, eval/train_stats_*.npz, can be given). Network evaluations per
-sample = the sampler's steps. Prints a table and, with --out, writes samplers.json,
+--num_samples samples as --mode=fid does (after one compiled batch, so the time is sampling
+alone), and --mode=fid's evaluator takes their FID against the reference statistics of
+--reference_stats (config.evaluation.fid_train_stats: written there first if the file does not
+exist; the statistics of a --mode=fid run, eval/train_stats_*.npz, can be given). Network
+evaluations per sample = the sampler's steps. Prints a table and, with --out, writes samplers.json,
 samplers.md, samplers.png (FID against network evaluations, one line per sampler) and a grid
 of 64 samples of each entry, samples_<sampler>_<steps>[_<eta>].png. --combine draws the rows of
 several such runs (e.g. of different processes) in one samplers.png in --out.
@@ -22,7 +22,6 @@ import json
 import os
 import time
 
-import numpy as np
 from absl import app
 from absl import flags
 from matplotlib.figure import Figure
@@ -31,14 +30,11 @@ from benchmarks import measure
 from ihdm_jax import data
 from ihdm_jax import images
 from ihdm_jax import loading
-from ihdm_jax import processes
-from ihdm_jax import programs
 from ihdm_jax import rng
-from ihdm_jax import samplers
 from ihdm_jax import storage
 from ihdm_jax import validation
 from ihdm_jax import workdir as workdir_lib
-from ihdm_jax.evaluation import frechet
+from ihdm_jax.jobs import evaluate
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The trained workdir.')
 _RUNS = flags.DEFINE_list('runs', None, 'SAMPLER:STEPS[:ETA] entries.')
@@ -67,25 +63,15 @@ def label(config) -> str:
     return f'{s.sampler}{eta}'
 
 
-def reference_statistics(path, config, features):
-    if storage.exists(path):
-        return frechet.load_statistics(path)
-    source = data.make_source(config)
-    stats = frechet.statistics(features(source.load(np.arange(len(source))), 'reference'))
-    frechet.save_statistics(path, *stats)
-    return stats
-
-
-def measure_run(model, config, source, features, reference, num_samples):
+def measure_run(model, config, workdir, source):
     """(network evaluations per sample, seconds, FID, samples) of one entry."""
-    sampler = programs.Sampler(config, model.mesh)
+    evaluator = evaluate.FidEvaluator(config, workdir, model.mesh, source)
     key = rng.sample_key(config.seed)
-    sampler.draw(model.params, source, config.sampling.batch_size, key)  # compiles
+    evaluator.sampler.draw(model.params, source, config.sampling.batch_size, key)  # compiles
     start = time.perf_counter()
-    samples = sampler.draw(model.params, source, num_samples, key).images
+    samples = evaluator.samples(model.params, config.sampling.delta)
     seconds = time.perf_counter() - start
-    stats = frechet.statistics(features(samples, f'FID {label(config)} {sampler.steps} steps'))
-    return sampler.steps, seconds, frechet.frechet_distance(*stats, *reference), samples
+    return evaluator.sampler.steps, seconds, evaluator(samples), samples
 
 
 def plot(path, rows, title):
@@ -128,24 +114,16 @@ def main(argv):
             raise app.UsageError(f'--{name} is required.')
     workdir = _WORKDIR.value
     base = workdir_lib.read_config(workdir)
+    base.evaluation.fid_num_samples = _NUM.value
+    base.evaluation.fid_train_stats = _STATS.value
     configs = [parse_run(entry, base) for entry in _RUNS.value]
-    for config in configs:
-        processes.check(config)
-        samplers.check(config)
     model = loading.restore(base, workdir)
     source = data.make_source(base)
-    features = frechet.InceptionFeatures(
-        frechet.resolve_weights(base.evaluation.inception_weights or None),
-        base.evaluation.batch_size,
-    )
-    reference = reference_statistics(_STATS.value, base, features)
     if _OUT.value:
         storage.makedirs(_OUT.value)
     rows = []
     for config in configs:
-        nfe, seconds, fid, samples = measure_run(
-            model, config, source, features, reference, _NUM.value
-        )
+        nfe, seconds, fid, samples = measure_run(model, config, workdir, source)
         s = config.sampling
         rows.append(
             dict(label=label(config), sampler=s.sampler, eta=s.eta, steps=s.steps, nfe=nfe)

@@ -157,3 +157,28 @@ def test_readme_figures_finds_every_figure_that_readme_quotes():
         ('loss at step 100', '0.0256', '–', 'train'),
     ]
     assert {row[3] for row in table} == {'train'}  # only the parts that ran
+
+
+def test_samplers_benchmark_reads_its_entries(config):
+    from absl import app
+
+    from benchmarks import samplers as samplers_benchmark
+    from ihdm_jax import errors
+
+    continuous = config.copy_and_resolve_references()
+    continuous.model.process = 'heat_continuous'
+    parsed = samplers_benchmark.parse_run('ddim:10:0.5', continuous)
+    assert (parsed.sampling.sampler, parsed.sampling.steps, parsed.sampling.eta) == (
+        'ddim',
+        10,
+        0.5,
+    )
+    assert samplers_benchmark.label(parsed) == 'ddim η=0.5'
+    assert continuous.sampling.sampler == 'ancestral'  # the workdir's config is not changed
+    assert samplers_benchmark.label(samplers_benchmark.parse_run('ancestral:0', config)) == (
+        'ancestral'
+    )
+    with pytest.raises(app.UsageError, match="'ddim' is not SAMPLER:STEPS"):
+        samplers_benchmark.parse_run('ddim', config)
+    with pytest.raises(errors.UserError, match='a divisor of K = 10'):
+        samplers_benchmark.parse_run('ancestral:3', config)  # the paper's model: divisors only
