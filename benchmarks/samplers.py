@@ -18,9 +18,11 @@ of 64 samples of each entry, samples_<sampler>_<steps>[_<eta>].png. --combine dr
 several such runs (e.g. of different processes) in one samplers.png in --out.
 """
 
+import functools
 import json
 import os
 import time
+import types
 
 from absl import app
 from absl import flags
@@ -36,12 +38,18 @@ from ihdm_jax import validation
 from ihdm_jax import workdir as workdir_lib
 from ihdm_jax.jobs import evaluate
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The trained workdir.')
-_RUNS = flags.DEFINE_list('runs', None, 'SAMPLER:STEPS[:ETA] entries.')
-_NUM = flags.DEFINE_integer('num_samples', 1000, 'Samples per entry.')
-_STATS = flags.DEFINE_string('reference_stats', None, 'Reference statistics (.npz).')
-_OUT = flags.DEFINE_string('out', None, 'Folder for the table, plot and sample grids.')
-_COMBINE = flags.DEFINE_list('combine', None, 'samplers.json files to plot together.')
+
+def _define_flags():
+    """The command line's flags, defined only when this module runs as a script (so that the
+    tests can import it next to ihdm_jax.main, which defines --workdir too)."""
+    return types.SimpleNamespace(
+        workdir=flags.DEFINE_string('workdir', None, 'The trained workdir.'),
+        runs=flags.DEFINE_list('runs', None, 'SAMPLER:STEPS[:ETA] entries.'),
+        num=flags.DEFINE_integer('num_samples', 1000, 'Samples per entry.'),
+        stats=flags.DEFINE_string('reference_stats', None, 'Reference statistics (.npz).'),
+        out=flags.DEFINE_string('out', None, 'Folder for the table, plot and sample grids.'),
+        combine=flags.DEFINE_list('combine', None, 'samplers.json files to plot together.'),
+    )
 
 
 def parse_run(entry: str, config):
@@ -101,26 +109,26 @@ def combine(paths, out):
     plot(os.path.join(out, 'samplers.png'), rows, f'FID of {"/".join(map(str, num))} samples')
 
 
-def main(argv):
+def main(argv, f):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    if _COMBINE.value:
-        if not _OUT.value:
+    if f.combine.value:
+        if not f.out.value:
             raise app.UsageError('--combine needs --out.')
-        combine(_COMBINE.value, _OUT.value)
+        combine(f.combine.value, f.out.value)
         return
-    for name in ('workdir', 'runs', 'reference_stats'):
-        if not flags.FLAGS[name].value:
+    for name, flag in (('workdir', f.workdir), ('runs', f.runs), ('reference_stats', f.stats)):
+        if not flag.value:
             raise app.UsageError(f'--{name} is required.')
-    workdir = _WORKDIR.value
+    workdir = f.workdir.value
     base = workdir_lib.read_config(workdir)
-    base.evaluation.fid_num_samples = _NUM.value
-    base.evaluation.fid_train_stats = _STATS.value
-    configs = [parse_run(entry, base) for entry in _RUNS.value]
+    base.evaluation.fid_num_samples = f.num.value
+    base.evaluation.fid_train_stats = f.stats.value
+    configs = [parse_run(entry, base) for entry in f.runs.value]
     model = loading.restore(base, workdir)
     source = data.make_source(base)
-    if _OUT.value:
-        storage.makedirs(_OUT.value)
+    if f.out.value:
+        storage.makedirs(f.out.value)
     rows = []
     for config in configs:
         nfe, seconds, fid, samples = measure_run(model, config, workdir, source)
@@ -130,13 +138,13 @@ def main(argv):
             | dict(seconds=seconds, fid=fid)
         )
         print(f'{label(config)}, {nfe} steps: FID {fid:.2f}, {seconds:.1f} s', flush=True)
-        if _OUT.value:
+        if f.out.value:
             eta = f'_{s.eta:g}' if s.sampler == 'ddim' else ''
             name = f'samples_{s.sampler}_{nfe}{eta}.png'
-            images.save_grid(os.path.join(_OUT.value, name), samples[:64])
+            images.save_grid(os.path.join(f.out.value, name), samples[:64])
     title = (
         f'{base.model.process}, {base.data.dataset}, checkpoint {model.step}: '
-        f'FID of {_NUM.value} samples'
+        f'FID of {f.num.value} samples'
     )
     table = [
         f'{title}, δ = {base.sampling.delta}\n',
@@ -144,20 +152,20 @@ def main(argv):
         '|---|---:|---:|---:|',
     ] + [f'| {r["label"]} | {r["nfe"]} | {r["fid"]:.2f} | {r["seconds"]:.1f} |' for r in rows]
     print('\n'.join(table))
-    if _OUT.value:
+    if f.out.value:
         measure.write_json(
-            os.path.join(_OUT.value, 'samplers.json'),
+            os.path.join(f.out.value, 'samplers.json'),
             dict(
                 **measure.device_info(),
                 workdir=workdir,
                 step=model.step,
-                num_samples=_NUM.value,
+                num_samples=f.num.value,
                 rows=rows,
             ),
         )
-        storage.write_text(os.path.join(_OUT.value, 'samplers.md'), '\n'.join(table) + '\n')
-        plot(os.path.join(_OUT.value, 'samplers.png'), rows, title)
+        storage.write_text(os.path.join(f.out.value, 'samplers.md'), '\n'.join(table) + '\n')
+        plot(os.path.join(f.out.value, 'samplers.png'), rows, title)
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(functools.partial(main, f=_define_flags()))
