@@ -79,24 +79,31 @@ def config():
     return tiny.get_config()
 
 
-@pytest.fixture(scope='session')
-def trained(config, tmp_path_factory):
-    """A workdir holding configs/tiny.py's config.json and a checkpoint at step TRAINED_STEP
-    whose parameters are far from the identity (f(u, k) of order 1) and whose EMA parameters
-    differ from the raw ones, written without training. Tests must not change it."""
-    workdir = tmp_path_factory.mktemp('trained')
+def write_checkpoint(config, workdir, step: int) -> str:
+    """Writes config.json and a checkpoint at `step` into `workdir` without training: parameters
+    far from the identity (f(u, k) of order 1), EMA parameters that differ from the raw ones."""
+    workdir = str(workdir)
     mesh = parallel.make_mesh()
     initial = jax.device_get(state_lib.init_state(config, mesh, rng.init_key(config.seed)))
     state = initial.replace(
-        step=np.int32(TRAINED_STEP),
+        step=np.int32(step),
         params=perturbed(initial.params, 1, 0.05),
         ema_params=perturbed(initial.params, 2, 0.05),
     )
-    workdir_lib.save_config(config, str(workdir))
-    manager = checkpoint.make_manager(str(workdir))
-    checkpoint.Saver(manager).save(TRAINED_STEP, jax.device_put(state, parallel.replicated(mesh)))
+    workdir_lib.save_config(config, workdir)
+    manager = checkpoint.make_manager(workdir)
+    checkpoint.Saver(manager).save(step, jax.device_put(state, parallel.replicated(mesh)))
     manager.wait_until_finished()
     manager.close()
+    return workdir
+
+
+@pytest.fixture(scope='session')
+def trained(config, tmp_path_factory):
+    """A workdir holding configs/tiny.py's config.json and a checkpoint at step TRAINED_STEP
+    (write_checkpoint). Tests must not change it."""
+    workdir = tmp_path_factory.mktemp('trained')
+    write_checkpoint(config, workdir, TRAINED_STEP)
     return workdir
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import perturbed
+from conftest import write_checkpoint
 
 from ihdm_jax import checkpoint
 from ihdm_jax import data
@@ -22,7 +22,6 @@ from ihdm_jax import rng
 from ihdm_jax import samplers
 from ihdm_jax import sampling
 from ihdm_jax import state as state_lib
-from ihdm_jax import workdir as workdir_lib
 from ihdm_jax.evaluation import likelihood
 
 BETA_1, BETA_T = 1e-3, 0.25
@@ -127,23 +126,6 @@ class MeanOnly(samplers.Sampler):
         return self.process.reverse_step(f, u, grid[i], grid[i - 1], delta, jnp.zeros_like(eps))
 
 
-def _workdir(config, path):
-    """A workdir of `config` with a checkpoint far from the initialisation, as conftest.trained."""
-    mesh = parallel.make_mesh()
-    initial = jax.device_get(state_lib.init_state(config, mesh, rng.init_key(config.seed)))
-    state = initial.replace(
-        step=np.int32(3),
-        params=perturbed(initial.params, 1, 0.05),
-        ema_params=perturbed(initial.params, 2, 0.05),
-    )
-    workdir_lib.save_config(config, str(path))
-    manager = checkpoint.make_manager(str(path))
-    checkpoint.Saver(manager).save(3, jax.device_put(state, parallel.replicated(mesh)))
-    manager.wait_until_finished()
-    manager.close()
-    return str(path)
-
-
 @pytest.fixture(scope='module')
 def linear_beta(config, tmp_path_factory):
     """(config, workdir) of the test process and, with the same parameters, of the built-in
@@ -154,7 +136,10 @@ def linear_beta(config, tmp_path_factory):
     builtin = ours.copy_and_resolve_references()
     builtin.model.process = 'ddpm'
     builtin.model.beta_min, builtin.model.beta_max = BETA_1, BETA_T
-    return [(c, _workdir(c, tmp_path_factory.mktemp(c.model.process))) for c in (ours, builtin)]
+    return [
+        (c, write_checkpoint(c, tmp_path_factory.mktemp(c.model.process), 3))
+        for c in (ours, builtin)
+    ]
 
 
 def test_a_new_process_samples_as_the_builtin_ddpm_does(linear_beta):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.fft
 import scipy.special
+from conftest import write_checkpoint
 
 from ihdm_jax import diffusion
 from ihdm_jax import errors
@@ -417,27 +418,7 @@ def ddpm_config(config):
 def ddpm_workdir(ddpm_config, tmp_path_factory):
     """A DDPM workdir of configs/tiny.py (K = 10) whose checkpoint has parameters far from the
     zero-initialised output (ε̂ of order 1), written without training, as conftest.trained."""
-    from conftest import perturbed
-
-    from ihdm_jax import checkpoint
-    from ihdm_jax import parallel
-    from ihdm_jax import rng
-    from ihdm_jax import state as state_lib
-
-    workdir = str(tmp_path_factory.mktemp('ddpm'))
-    mesh = parallel.make_mesh()
-    initial = jax.device_get(state_lib.init_state(ddpm_config, mesh, rng.init_key(0)))
-    state = initial.replace(
-        step=np.int32(3),
-        params=perturbed(initial.params, 1, 0.05),
-        ema_params=perturbed(initial.params, 2, 0.05),
-    )
-    workdir_lib.save_config(ddpm_config, workdir)
-    manager = checkpoint.make_manager(workdir)
-    checkpoint.Saver(manager).save(3, jax.device_put(state, parallel.replicated(mesh)))
-    manager.wait_until_finished()
-    manager.close()
-    return workdir
+    return write_checkpoint(ddpm_config, tmp_path_factory.mktemp('ddpm'), 3)
 
 
 def test_diffusion_training_loss_is_l_simple_on_scaled_data(ddpm_config):

@@ -12,20 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.fft
-from conftest import perturbed
+from conftest import write_checkpoint
 from numpy_reference import heat as heat64
 from sklearn.datasets import load_digits
 
-from ihdm_jax import checkpoint
 from ihdm_jax import heat
 from ihdm_jax import loading
 from ihdm_jax import main
-from ihdm_jax import parallel
 from ihdm_jax import processes
 from ihdm_jax import rng
 from ihdm_jax import samplers
-from ihdm_jax import state as state_lib
-from ihdm_jax import workdir as workdir_lib
 
 K, SIGMA_MIN, SIGMA_MAX = 20, 0.5, 4.0
 
@@ -188,20 +184,7 @@ def continuous_run(config, tmp_path_factory):
     config.model.K = 10
     config.evaluation.num_passes = 20  # every level drawn: 8 examples x 20 passes
     config.evaluation.num_examples = 8
-    workdir = tmp_path_factory.mktemp('continuous')
-    mesh = parallel.make_mesh()
-    initial = jax.device_get(state_lib.init_state(config, mesh, rng.init_key(config.seed)))
-    state = initial.replace(
-        step=np.int32(3),
-        params=perturbed(initial.params, 1, 0.05),
-        ema_params=perturbed(initial.params, 2, 0.05),
-    )
-    workdir_lib.save_config(config, str(workdir))
-    manager = checkpoint.make_manager(str(workdir))
-    checkpoint.Saver(manager).save(3, jax.device_put(state, parallel.replicated(mesh)))
-    manager.wait_until_finished()
-    manager.close()
-    return config, str(workdir)
+    return config, write_checkpoint(config, tmp_path_factory.mktemp('continuous'), 3)
 
 
 def test_a_continuous_model_samples_in_few_steps_and_evaluates_its_elbo(continuous_run):
