@@ -361,6 +361,11 @@ def _warn_if_different(config, hyper, original):
 def convert(config, checkpoint_path: str, workdir: str) -> int:
     """Checks everything, then writes <workdir>/config.json and the checkpoint; its step."""
     validation.check_config(config)
+    validation.require(
+        not config.model.num_classes,
+        f'config.model.num_classes={config.model.num_classes}: the original code trains '
+        'unconditional models only; convert with num_classes=0.',
+    )
     workdir_lib.check(config, workdir, 'train')
     if checkpoint.steps_on_disk(workdir):
         raise errors.UserError(

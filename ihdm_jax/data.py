@@ -4,7 +4,10 @@ Each data set has a 'train' and a 'test' split: tfds's own splits; for digits, t
 DIGITS_TRAIN = 1500 of scikit-learn's 1797 images train and the last 297 are held out for testing;
 for image folders, config.data.data_dir and config.data.test_dir.
 
-Images are float32 NHWC in [0, 1]. Which examples make up the batch of step s, and whether each
+Images are float32 NHWC in [0, 1]. For a conditional model (config.model.num_classes > 0) every
+source also has `labels`, the class of each image (int32): the digits' targets, tfds's `label`,
+and for image folders the index of an image's first-level subfolder in the sorted class names
+(`class_names`). Which examples make up the batch of step s, and whether each
 is flipped, is a pure function of (seed, s): the stream of examples is one permutation of the
 data set per epoch, drawn from (seed, epoch). A resumed run therefore sees the same batches.
 Each process reads and decodes only the rows of the global batch that its devices hold.
@@ -41,6 +44,7 @@ DATASETS = ('digits',) + tuple(TFDS_IMAGE_SIZES) + FOLDER_DATASETS
 CHANNELS = {'digits': 1, 'mnist': 1, 'cifar10': 3}  # image folders are converted as configured
 SPLITS = ('train', 'test')
 DIGITS_TRAIN = 1500  # digits 0..1499 train, 1500..1796 test
+NUM_CLASSES = {'digits': 10, 'mnist': 10, 'cifar10': 10}  # image folders: their subfolders
 IMAGE_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
 # tfds's MNIST and CIFAR-10 builders need TensorFlow to prepare (not to read) their data.
 PREPARE_PACKAGE = 'tensorflow'
@@ -79,23 +83,34 @@ def halve_and_crop(image: np.ndarray, size: int) -> np.ndarray:
     return resized[top : top + size, left : left + size]
 
 
-def digits_images(size: int) -> np.ndarray:
-    """scikit-learn's 1797 8x8 digits (levels 0..16) as uint8 (1797, size, size, 1).
-
-    They are read from the file that sklearn.datasets.load_digits reads, without importing
-    scikit-learn: its import takes longer than the rest of a short job's start-up."""
+@functools.cache
+def _digits_table() -> np.ndarray:
+    """The file that sklearn.datasets.load_digits reads, read without importing scikit-learn
+    (its import takes longer than the rest of a short job's start-up): 64 pixels and the label
+    of each digit."""
     package = importlib.util.find_spec('sklearn').submodule_search_locations[0]
     with gzip.open(os.path.join(package, 'datasets', 'data', 'digits.csv.gz')) as f:
-        digits = np.loadtxt(f, delimiter=',')[:, :-1].reshape(-1, 8, 8)  # the last column: labels
+        return np.loadtxt(f, delimiter=',')
+
+
+def digits_images(size: int) -> np.ndarray:
+    """scikit-learn's 1797 8x8 digits (levels 0..16) as uint8 (1797, size, size, 1)."""
+    digits = _digits_table()[:, :-1].reshape(-1, 8, 8)
     levels = np.round(digits * (255 / 16)).astype(np.uint8)[..., None]
     return np.stack([center_crop_resize(image, size) for image in levels])
 
 
-class ArraySource:
-    """Images held in memory as uint8 (N, H, W, C)."""
+def digits_labels() -> np.ndarray:
+    """The digit (0..9) of each of scikit-learn's 1797 digits, int32."""
+    return _digits_table()[:, -1].astype(np.int32)
 
-    def __init__(self, images: np.ndarray):
+
+class ArraySource:
+    """Images held in memory as uint8 (N, H, W, C), with their labels where given."""
+
+    def __init__(self, images: np.ndarray, labels=None):
         self.images = images
+        self.labels = labels
 
     def __len__(self):
         return len(self.images)
@@ -169,6 +184,11 @@ class TfdsSource:
         self.examples = tfds_builder(name, data_dir).as_data_source(split=split)
         self.size = size
 
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        """The `label` of every example (read once, at the first use)."""
+        return np.array([self.examples[i]['label'] for i in range(len(self))], np.int32)
+
     def __len__(self):
         return len(self.examples)
 
@@ -186,6 +206,32 @@ def image_files(folder: str) -> list:
     ]
 
 
+def first_folder(path, folder: str) -> str:
+    """The first-level subfolder of `folder` that holds the file `path` ('' for a file at the
+    top level)."""
+    parts = storage.relative_parts(path, folder)
+    return parts[0] if len(parts) > 1 else ''
+
+
+def subfolder_classes(folder: str) -> list:
+    """The sorted names of the first-level subfolders of `folder` that hold image files (''
+    stands for files at the top level)."""
+    return sorted({first_folder(path, folder) for path in image_files(folder)})
+
+
+def class_names(config) -> tuple:
+    """An image folder's class names for a conditional model: config.data.classes, or the
+    sorted subfolders of config.data.data_dir where it is empty."""
+    return tuple(config.data.classes) or tuple(subfolder_classes(config.data.data_dir))
+
+
+def resolve_classes(config):
+    """Sets config.data.classes of a conditional model of an image folder to its class_names,
+    so that the run's config.json keeps them (and a workdir refuses other ones)."""
+    if config.model.num_classes and config.data.dataset in FOLDER_DATASETS:
+        config.data.classes = class_names(config)
+
+
 def open_image(path) -> Image.Image:
     """The image file at `path` (local or gs://...), read whole and opened with PIL."""
     return Image.open(io.BytesIO(storage.read_bytes(path)))
@@ -200,12 +246,18 @@ class FolderSource:
 
     Unreadable files are skipped (see the module docstring); `skipped` lists them. Prepared
     images are kept in memory up to `cache_mb` MiB (config.data.cache_mb), so that after the
-    first epoch a folder that fits is not decoded again; the batches stay the same.
+    first epoch a folder that fits is not decoded again; the batches stay the same. With
+    `classes` (names), `labels` holds the index of each file's first-level subfolder in them.
     """
 
-    def __init__(self, folder: str, size: int, channels: int, cache_mb: float = 0):
+    def __init__(self, folder: str, size: int, channels: int, cache_mb: float = 0, classes=()):
         self.folder = folder
         self.paths = image_files(folder)
+        if classes:
+            index = {name: i for i, name in enumerate(classes)}
+            self.labels = np.array(
+                [index[first_folder(path, folder)] for path in self.paths], np.int32
+            )
         self.cache, self._cache_left = {}, int(cache_mb * 2**20)
         self.size = size
         self.mode = 'L' if channels == 1 else 'RGB'
@@ -275,11 +327,18 @@ def make_source(config, split: str = 'train'):
         raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
     data = config.data
     if data.dataset == 'digits':
-        images = digits_images(data.image_size)
-        return ArraySource(images[:DIGITS_TRAIN] if split == 'train' else images[DIGITS_TRAIN:])
+        part = slice(DIGITS_TRAIN) if split == 'train' else slice(DIGITS_TRAIN, None)
+        labels = digits_labels()[part] if config.model.num_classes else None
+        return ArraySource(digits_images(data.image_size)[part], labels)
     if data.dataset in TFDS_IMAGE_SIZES:
         return TfdsSource(data.dataset, data.data_dir, data.image_size, split)
-    return FolderSource(data[folder_key(split)], data.image_size, data.num_channels, data.cache_mb)
+    return FolderSource(
+        data[folder_key(split)],
+        data.image_size,
+        data.num_channels,
+        data.cache_mb,
+        class_names(config) if config.model.num_classes else (),
+    )
 
 
 def folder_key(split):
@@ -326,6 +385,8 @@ def check(config, split: str = 'train'):
             f'config.data.{key}={folder!r} holds no image files '
             f'({", ".join(IMAGE_EXTENSIONS)}), searched recursively.',
         )
+        if config.model.num_classes:
+            _check_folder_classes(config, split)
     elif d.dataset in TFDS_IMAGE_SIZES:
         native = TFDS_IMAGE_SIZES[d.dataset]
         _require(
@@ -343,6 +404,41 @@ def check(config, split: str = 'train'):
             'itself. (Or prepare it on another machine and set --config.data.data_dir to '
             'its tfds data directory.)',
         )
+    if d.dataset in NUM_CLASSES and config.model.num_classes:
+        _require(
+            config.model.num_classes == NUM_CLASSES[d.dataset],
+            f'config.model.num_classes={config.model.num_classes} does not match {d.dataset}, '
+            f'whose images have {NUM_CLASSES[d.dataset]} classes.',
+        )
+
+
+def _check_folder_classes(config, split: str):
+    """The first-level subfolders of the split's folder are the classes of a conditional model:
+    config.data.classes where set (all of them for the training split), and
+    config.model.num_classes of them."""
+    key = folder_key(split)
+    folder, num_classes = config.data[key], config.model.num_classes
+    found = subfolder_classes(folder)
+    _require(
+        '' not in found,
+        f'config.model.num_classes={num_classes}: a conditional model reads the classes of an '
+        f'image folder from its subfolders, but config.data.{key}={folder!r} holds image files '
+        'outside any subfolder; put the images of each class in a subfolder named after it.',
+    )
+    names = tuple(config.data.classes) or tuple(found)
+    _require(
+        len(names) == num_classes,
+        f'config.model.num_classes={num_classes} does not match config.data.{key}={folder!r}, '
+        f'whose images lie in {len(names)} class subfolders ({", ".join(names)}).',
+    )
+    unknown = sorted(set(found) - set(names)) or (
+        sorted(set(names) - set(found)) if split == 'train' else []
+    )
+    _require(
+        not unknown,
+        f'The class subfolders of config.data.{key}={folder!r} ({", ".join(found)}) are not '
+        f'the classes config.data.classes={names!r} (differing: {", ".join(unknown)}).',
+    )
 
 
 def report_skipped(*sources):
@@ -355,12 +451,21 @@ def report_skipped(*sources):
 
 
 class Loader:
-    """Global batches of one source for each training step, sharded over the batch axis."""
+    """Global batches of one source for each training step, sharded over the batch axis: the
+    images, or with `labels` the pair (images, their labels)."""
 
     def __init__(
-        self, source, image_shape, batch_size: int, sharding, seed: int, random_flip: bool
+        self,
+        source,
+        image_shape,
+        batch_size: int,
+        sharding,
+        seed: int,
+        random_flip: bool,
+        labels: bool = False,
     ):
         self.source = source
+        self.labels = labels
         self.image_shape = tuple(image_shape)
         self.batch_size = batch_size
         self.sharding = sharding
@@ -380,17 +485,25 @@ class Loader:
     def _rows(self, size: int) -> slice:
         return parallel.local_rows(self.sharding, (size,) + self.image_shape)
 
-    def _to_global(self, local: np.ndarray, size: int) -> jax.Array:
+    def _to_global(self, local, size: int):
+        if self.labels:
+            images, labels = local
+            return (
+                parallel.to_global(images, self.sharding, (size,) + self.image_shape),
+                parallel.to_global(labels, self.sharding, (size,)),
+            )
         return parallel.to_global(local, self.sharding, (size,) + self.image_shape)
 
-    def local_batch(self, step: int) -> np.ndarray:
-        """This process's rows of the batch of `step`, float32 in [0, 1]."""
+    def local_batch(self, step: int):
+        """This process's rows of the batch of `step`, float32 in [0, 1] (with labels: and
+        their int32 labels)."""
         rows = self._rows(self.batch_size)
-        images = self.source.load(self.batch_indices(step)[rows]).astype(np.float32) / 255.0
+        indices = self.batch_indices(step)[rows]
+        images = self.source.load(indices).astype(np.float32) / 255.0
         if self.random_flip:
             flips = rng.numpy_rng(self.seed, rng.FLIP, step).random(self.batch_size) < 0.5
             images = np.where(flips[rows, None, None, None], images[:, :, ::-1], images)
-        return images
+        return (images, self.source.labels[indices]) if self.labels else images
 
     def batch(self, step: int) -> jax.Array:
         """The global batch of `step`."""
@@ -419,4 +532,5 @@ def make_loader(config, source, sharding) -> Loader:
         sharding,
         config.seed,
         data.random_flip,
+        labels=config.model.num_classes > 0,
     )

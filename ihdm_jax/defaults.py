@@ -21,6 +21,10 @@ def get_default_config():
     data.num_channels = 3
     data.random_flip = False
     data.cache_mb = 4096  # image folders: prepared images kept in memory, per process (MiB)
+    # Image folders of a conditional model (model.num_classes > 0): the class names, the sorted
+    # first-level subfolders of data_dir, written here by the first training run so that later
+    # runs map labels to the same names; () = read them from data_dir.
+    data.classes = ()
 
     config.model = model = ml_collections.ConfigDict()
     # The forward process (ihdm_jax/processes.py): 'heat' (this paper), 'heat_continuous' (the
@@ -55,6 +59,9 @@ def get_default_config():
     model.downsample = 'conv'
     model.dtype = 'float32'  # U-Net compute dtype: 'float32' | 'bfloat16' (params stay float32)
     model.ema_rate = 0.999
+    # Classes of a class-conditional model (docs/conditional.md): the data set's labels (digits,
+    # MNIST, CIFAR-10: 10; an image folder: its subfolders); 0 = unconditional (the paper's).
+    model.num_classes = 0
 
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128
@@ -64,6 +71,9 @@ def get_default_config():
     training.sampling_freq = 10_000
     training.max_to_keep = 3  # the newest checkpoints kept
     training.keep_period = 0  # also keep every checkpoint whose step is a multiple of it; 0 = none
+    # Conditional models: the probability that a training label is replaced by the null class
+    # (classifier-free guidance's p_uncond; Ho & Salimans found 0.1-0.2 best).
+    training.label_dropout = 0.1
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.lr = 2e-4
@@ -83,6 +93,12 @@ def get_default_config():
     sampling.steps = 0
     sampling.num_samples = 64
     sampling.batch_size = 64
+    # Conditional models: the class of each sample, repeated in turn; () = every class in turn;
+    # -1 = none (the null class, and for the heat process the prior over all training images).
+    sampling.labels = ()
+    # Conditional models: the guidance weight w of μ̃ = μ(∅) + w (μ(c) − μ(∅)) (ε for the
+    # diffusion processes): 1 = conditional, 0 = unconditional, > 1 guided towards the class.
+    sampling.guidance = 1.0
 
     config.evaluation = evaluation = ml_collections.ConfigDict()  # --mode=eval, fid, sweep_delta
     evaluation.batch_size = 256  # ELBO batch (split over devices) and Inception batch
@@ -101,6 +117,9 @@ def get_default_config():
     evaluation.fid_train_stats = ''
     evaluation.inception_weights = ''  # '' = $IHDM_INCEPTION_WEIGHTS, else the default cache file
     evaluation.deltas = (0.01, 0.0125, 0.01325, 0.015, 0.0175)  # --mode=sweep_delta
+    # --mode=sweep_delta also over these sampler steps (each a config.sampling.steps); () = the
+    # config's steps alone.
+    evaluation.sweep_steps = ()
 
     config.analysis = analysis = ml_collections.ConfigDict()  # same_init, psd, ... (README.md)
     # Rows of the pictures: prior draws (same_init, delta_grid), noise sequences (share_noise),
@@ -126,5 +145,19 @@ def get_default_config():
     # (the chain only sharpens its start), which the ELBO of sweep_delta cannot take, and a
     # range from there to noisy samples, wider than the sweep around the best FID.
     analysis.deltas = (0.0, 0.005, 0.01, 0.0125, 0.015, 0.02, 0.03)
+
+    config.restore = restore = ml_collections.ConfigDict()  # --mode=restore (restoration.py)
+    # The degraded images: a folder of image files, an .npz with `images` (uint8 NHWC) or one
+    # image file; local or gs://. `reference`: the same images undegraded, in the same form,
+    # optional (PSNR and SSIM, and a column of the grid).
+    restore.input = ''
+    restore.reference = ''
+    # What degraded them: a Gaussian blur of blur_sigma pixels (deblurring), or the mean over
+    # blocks of upsample x upsample pixels (super-resolution by that factor); one of the two.
+    restore.blur_sigma = 0.0
+    restore.upsample = 1
+    restore.noise = 0.0  # standard deviation of measurement noise per pixel, at most model.sigma
+    restore.num_samples = 8  # restorations of each input; their mean is written too
+    restore.consistency = True  # the measured frequencies replaced after every step
 
     return config

@@ -6,6 +6,10 @@ The randomness of test example i (its dequantisation noise or decoder draw, and 
 noise of every pass) comes from fold_in(rng.elbo_key(seed), i), and the per-example terms are
 combined on the host in example order, so the estimate does not depend on the batch size or the
 number of devices (up to float32 rounding in the network: about 1e-7 relative).
+
+A conditional model's ELBO is of log p(x | c): every test image is given its label (or the null
+class, `null_class`), and the KDE prior's L_K is bounded against the training images of that
+class (of all classes for the null class), the prior that sampling draws from.
 """
 
 import dataclasses
@@ -66,6 +70,32 @@ def prior_bounds(
     return likelihood.merge_prior_bounds(bounds, sizes)
 
 
+class _Subset:
+    """The images of a source at `indices`, as a source."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def load(self, indices):
+        return self.source.load(self.indices[indices])
+
+
+def class_prior_bounds(u_K_means, labels, train_source, **kwargs) -> np.ndarray:
+    """prior_bounds of each example against the training images of its class: the L_K of the
+    KDE prior p(u_K | c) (conditioning.class_picks)."""
+    bounds = np.empty(len(u_K_means), np.float64)
+    for c in np.unique(labels):
+        mine = labels == c
+        members = np.flatnonzero(train_source.labels == c)
+        bounds[mine] = prior_bounds(
+            u_K_means=u_K_means[mine], train_source=_Subset(train_source, members), **kwargs
+        )
+    return bounds
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
     """The negative ELBO of a test set: bits_per_dim = offset + L_K + sum_L_k + L_0, the terms
@@ -89,10 +119,11 @@ class NegativeElbo:
 
     The process's terms of config.evaluation.num_passes passes over the first
     config.evaluation.num_examples test images (0 = all); a KDE prior's L_K is bounded against
-    the whole training set, config.evaluation.train_chunk images at a time.
+    the whole training set, config.evaluation.train_chunk images at a time. A conditional model
+    is given each test image's label, or with `null_class` the null class (module docstring).
     """
 
-    def __init__(self, config, mesh, test_source, train_source):
+    def __init__(self, config, mesh, test_source, train_source, null_class=False):
         self.config, self.mesh = config, mesh
         self.test, self.train = test_source, train_source
         self.num_examples = min(
@@ -102,18 +133,26 @@ class NegativeElbo:
         key = rng.elbo_key(config.seed)
         f = programs.residual(state_lib.model_graphdef(config))
         num_passes = config.evaluation.num_passes
+        self.null_class = null_class
+        self.labels = None  # the network's label of each test image (conditional models)
+        if config.model.num_classes:
+            null = config.model.num_classes
+            self.labels = np.full(len(test_source), null, np.int32)
+            if not null_class:
+                self.labels = test_source.labels.astype(np.int32)
 
         def terms(replicated, batched):
             params, delta = replicated
-            x, index = batched
+            x, index, *labels = batched
 
-            def example(x_i, index_i):
+            def example(x_i, index_i, *label_i):
                 example_key, pass_keys = example_keys(key, index_i, num_passes)
+                label = label_i[0][None] if label_i else None
                 return process.elbo_example(
-                    lambda u, k: f(params, u, k), x_i[None], example_key, pass_keys, delta
+                    lambda u, k: f(params, u, k, label), x_i[None], example_key, pass_keys, delta
                 )
 
-            return jax.vmap(example)(x, index)
+            return jax.vmap(example)(x, index, *labels)
 
         self._terms = programs.on_mesh(mesh, terms)
 
@@ -130,8 +169,12 @@ class NegativeElbo:
                 # Whole batches (one compiled shape); the rows past the end are cut.
                 valid = min(size, self.num_examples - start)
                 index = np.minimum(start + np.arange(size), self.num_examples - 1)
+                labels = () if self.labels is None else (self.labels[index],)
                 out = self._terms(
-                    (params, jnp.float32(delta)), self.test.load(index), index.astype(np.int32)
+                    (params, jnp.float32(delta)),
+                    self.test.load(index),
+                    index.astype(np.int32),
+                    *labels,
                 )
                 parts.append([np.asarray(o[:valid], np.float64) for o in out])
                 bar.update(valid)
@@ -143,6 +186,15 @@ class NegativeElbo:
             chunk=self.config.evaluation.train_chunk,
             progress='ELBO L_K bound',
         )
+        if self.labels is not None and not self.null_class:
+            kde_bound = functools.partial(
+                class_prior_bounds,
+                labels=self.labels[: self.num_examples],
+                train_source=self.train,
+                mesh=self.mesh,
+                chunk=self.config.evaluation.train_chunk,
+                progress='ELBO L_K bound',
+            )
         terms = self.process.elbo_terms(outputs, delta, kde_bound)
         dims = int(np.prod(self.test.load(np.arange(1)).shape[1:]))
         per_dim = 1.0 / (dims * np.log(2.0))

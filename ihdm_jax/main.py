@@ -1,7 +1,7 @@
 """Command line: python -m ihdm_jax.main --config=configs/cifar10.py --workdir=runs/cifar10.
 
---mode is train (the default), sample, summary, an evaluation (eval, fid, sweep_delta) or an
-analysis (same_init, share_noise, interpolate, hierarchical, delta_grid, psd,
+--mode is train (the default), sample, restore, summary, an evaluation (eval, fid,
+sweep_delta) or an analysis (same_init, share_noise, interpolate, hierarchical, delta_grid, psd,
 frequency_partition, input_gradients, trajectory_gradients, prior_overlap, nearest_neighbours);
 see README.md. Any config value can be overridden as --config.KEY=VALUE.
 
@@ -34,6 +34,7 @@ from ihdm_jax import workdir as workdir_lib
 from ihdm_jax.jobs import evaluate
 from ihdm_jax.jobs import forward_process
 from ihdm_jax.jobs import probing
+from ihdm_jax.jobs import restore
 from ihdm_jax.jobs import sample
 from ihdm_jax.jobs import train
 from ihdm_jax.jobs import variants
@@ -57,6 +58,7 @@ JOBS = {
     'eval': Job(evaluate.likelihood, evaluate.check_eval),
     'fid': Job(evaluate.fid, evaluate.check_fid),
     'sweep_delta': Job(evaluate.sweep_delta, evaluate.check_sweep_delta),
+    'restore': Job(restore.restore, restore.check),
     'same_init': Job(variants.same_init, variants.check_rows_columns),
     'share_noise': Job(variants.share_noise, variants.check_rows_columns),
     'interpolate': Job(variants.interpolate, variants.check_interpolate),
@@ -107,6 +109,7 @@ def run(config, mode, workdir, **options):
     if not workdir:
         raise errors.UserError(f'--mode={mode} needs --workdir.')
     data.check(config)
+    data.resolve_classes(config)
     job = JOBS[mode]
     parallel.initialize(
         multihost=options.get('multihost', False),

@@ -334,17 +334,22 @@ def likelihood_levels(path, result, title):
 
 
 def sweep_delta(path, rows, title):
-    """Bits/dim and FID against δ, side by side, as in the paper's Fig. 11."""
-    deltas = [row['delta'] for row in rows]
+    """Bits/dim and FID against δ, side by side, as in the paper's Fig. 11; a line for each
+    sampler steps."""
     fig = Figure(figsize=(9, 3.5))
     left, right = fig.subplots(1, 2)
-    left.plot(deltas, [row['bits_per_dim'] for row in rows], 'o-')
+    for steps in dict.fromkeys(row['steps'] for row in rows):
+        mine = [row for row in rows if row['steps'] == steps]
+        deltas = [row['delta'] for row in mine]
+        label = f'{steps} steps'
+        left.plot(deltas, [row['bits_per_dim'] for row in mine], 'o-', label=label)
+        right.plot(deltas, [row['fid'] for row in mine], 'o-', label=label)
     left.set_ylabel('negative ELBO (bits/dim)')
-    right.plot(deltas, [row['fid'] for row in rows], 'o-', color='C1')
     right.set_ylabel('FID')
     for ax in (left, right):
         ax.set_xlabel('δ')
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path, dpi=120)

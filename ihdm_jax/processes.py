@@ -121,6 +121,11 @@ class Process(abc.ABC):
         (the energy-against-blur figure of --mode=psd, Fig. 9)."""
         return None
 
+    def heat_times(self, points):
+        """The heat times t of grid points where the states are F(t) x + σ ε (restoration.py),
+        float32 numpy; None for processes whose states are not."""
+        return None
+
 
 REGISTRY = registry.Registry('model.process')
 register = REGISTRY.register
@@ -270,6 +275,9 @@ class Heat(Process):
     def blur_sigmas(self):
         return np.sqrt(2 * np.asarray(self.schedule.t)[1:])
 
+    def heat_times(self, points):
+        return np.asarray(self.schedule.t)[np.asarray(points)]
+
 
 @register
 class HeatContinuous(Heat):
@@ -335,6 +343,9 @@ class HeatContinuous(Heat):
     def mean(self, f, u, k):
         return super().mean(self.level_residual(f), u, k)
 
+    def heat_times(self, points):
+        return np.asarray(self.time(points))
+
     def elbo_times(self):
         """The heat times of the sampler's grid (config.sampling.steps; 0: the K levels)."""
         return self.time(self.sampler_grid)
@@ -361,6 +372,7 @@ class Diffusion(Process):
         'prior_overlap': 'it bounds L_K of the KDE prior of the heat process (App. A.3)',
         'hierarchical': 'its chains split at levels of the heat sampler (Fig. 5b)',
         'trajectory_gradients': 'it probes the heat sampler along its chain (Fig. 8 right, 13b)',
+        'restore': 'restoration starts the chain from the input as a state of the heat process',
     }
 
     def __init__(self, config):

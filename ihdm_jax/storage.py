@@ -108,6 +108,11 @@ def listdir(location) -> list:
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
+def relative_parts(location, folder) -> tuple:
+    """The names of the path from `folder` down to `location`, which lies under it."""
+    return epath.Path(location).relative_to(epath.Path(folder)).parts
+
+
 def walk_files(location) -> list:
     """Every file under the folder `location`, searched recursively, sorted by folder and name."""
     files = sorted(root / name for root, _, names in epath.Path(location).walk() for name in names)

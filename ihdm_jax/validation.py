@@ -171,9 +171,53 @@ def check_values(config):
     require(t.n_iters >= 0, f'config.training.n_iters={t.n_iters} must be ≥ 0.')
     for name in ('num_samples', 'batch_size'):
         require(s[name] >= 1, f'config.sampling.{name}={s[name]} must be at least 1.')
+    _check_classes(config)
     require(o.lr > 0, f'config.optim.lr={o.lr} must be > 0.')
     require(o.warmup >= 0, f'config.optim.warmup={o.warmup} must be ≥ 0.')
     require(o.grad_clip > 0, f'config.optim.grad_clip={o.grad_clip} must be > 0.')
+
+
+def _check_classes(config):
+    """model.num_classes and the settings of conditional models (docs/conditional.md)."""
+    m, t, s = config.model, config.training, config.sampling
+    require(
+        m.num_classes >= 0,
+        f'config.model.num_classes={m.num_classes} must be ≥ 0 (0 = unconditional).',
+    )
+    require(
+        0 <= t.label_dropout < 1,
+        f'config.training.label_dropout={t.label_dropout} must be in [0, 1).',
+    )
+    require(s.guidance >= 0, f'config.sampling.guidance={s.guidance} must be ≥ 0.')
+    if not m.num_classes:
+        require(
+            not s.labels and s.guidance == 1.0,
+            f'config.sampling.labels={tuple(s.labels)!r} and config.sampling.guidance='
+            f'{s.guidance} are for conditional models; config.model.num_classes=0 is '
+            'unconditional (set it to the number of classes and train).',
+        )
+    check_labels(s.labels, m.num_classes, 'config.sampling.labels')
+
+
+def check_labels(labels, num_classes: int, what: str):
+    """Every label is a class index 0..num_classes − 1 or −1 (none)."""
+    labels = tuple(labels)
+    require(
+        all(
+            isinstance(c, int) and not isinstance(c, bool) and -1 <= c < num_classes for c in labels
+        ),
+        f'{what}={labels!r} must hold class indices 0..{num_classes - 1} (or −1: no class).',
+    )
+
+
+def require_unconditional(config, mode: str):
+    """errors.UserError for a conditional model in a mode that does not take labels."""
+    require(
+        not config.model.num_classes,
+        f'--mode={mode} is not defined for a conditional model (config.model.num_classes='
+        f'{config.model.num_classes}): its chains run vmapped per example, which the batch-wise '
+        'guidance of a conditional model does not reach.',
+    )
 
 
 def check_config(config):

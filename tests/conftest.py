@@ -199,6 +199,7 @@ SLOW_FIRST = (
     'test_analysis_jobs.py',
     'test_fid.py',
     'test_benchmarks.py',
+    'test_conditional.py',
     'test_processes.py',
     'test_heat.py',
     'test_unet.py',

@@ -173,8 +173,8 @@ def test_share_noise_rows_share_their_noise(
 
     prior_states = programs.Sampler.prior_states
 
-    def one_state(self, source, draw, n, key, delta=None):  # every column starts alike
-        return np.repeat(prior_states(self, source, draw, 1, key, delta), n, axis=0)
+    def one_state(self, source, draw, n, key, delta=None, labels=None):  # columns start alike
+        return np.repeat(prior_states(self, source, draw, 1, key, delta, labels), n, axis=0)
 
     monkeypatch.setattr(programs.Sampler, 'prior_states', one_state)
     variants.share_noise(config, str(workdir))

@@ -182,3 +182,35 @@ def test_samplers_benchmark_reads_its_entries(config):
         samplers_benchmark.parse_run('ddim', config)
     with pytest.raises(errors.UserError, match='a divisor of K = 10'):
         samplers_benchmark.parse_run('ancestral:3', config)  # the paper's model: divisors only
+
+
+def test_restoration_benchmark_scores_its_rows_on_a_model(trained, tmp_path):
+    """The rows of one degradation on four test digits of the tiny model: the input's scores
+    are those of the rounded blur, Tikhonov's α is one of the grid's, and the model's rows have
+    times and a spread."""
+    import numpy as np
+
+    from benchmarks import restoration as restoration_benchmark
+    from ihdm_jax import data
+    from ihdm_jax import loading
+    from ihdm_jax import restoration
+    from ihdm_jax.evaluation import quality
+
+    model = loading.load(str(trained))
+    x = data.make_source(model.config, 'test').load(np.arange(4)) / np.float32(255)
+    x_train = data.make_source(model.config).load(np.arange(16)) / np.float32(255)
+    rows, columns = restoration_benchmark.run(model, x, x_train, 'blur_1', {'blur_sigma': 1.0}, 2)
+    y = restoration_benchmark.degraded(restoration.Degradation((8, 8), blur_sigma=1.0), x)
+    assert rows['input']['psnr'] == pytest.approx(quality.psnr(y, x).mean(), rel=1e-12)
+    (tikhonov,) = [name for name in rows if name.startswith('tikhonov')]
+    assert float(tikhonov.split('= ')[1].rstrip(')')) in {
+        float(f'{a:.1e}') for a in restoration_benchmark.ALPHAS
+    }
+    for name in ('model, one', 'model, one, no consistency'):
+        assert rows[name]['seconds'] > 0
+    assert rows['model, mean of 2']['spread'] > 0
+    assert columns['restorations'].shape == (4, 2, 8, 8, 1)
+    restoration_benchmark.picture(columns, str(tmp_path / 'blur_1.png'), 'blur_1', 2)
+    assert (tmp_path / 'blur_1.png').stat().st_size > 0
+    flat = np.full((1, 4, 4, 1), 0.25, np.float32)
+    np.testing.assert_allclose(restoration_benchmark.bicubic(flat, 2), 0.25, atol=1e-6)

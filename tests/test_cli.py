@@ -78,6 +78,7 @@ MODES = {
         'analysis/frequency_partition/frequency_partition.npz',
         'analysis/frequency_partition/frequency_partition.png',
     ],
+    'restore': ['restore/restored.npz', 'restore/grid.png', 'restore/mean/00000.png'],
     'summary': [],
 }
 FID_MODES = ('fid', 'sweep_delta')
@@ -149,10 +150,20 @@ def mode_runs(trained, inception_weights, tmp_path_factory):
     def fid_runs():
         return [_run_mode(base, trained, mode, fid_settings) for mode in FID_MODES]
 
+    blurred = base / 'blurred.npz'
+    np.savez(blurred, images=np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), np.uint8))
+    settings = {
+        'restore': {
+            'restore.input': blurred,
+            'restore.blur_sigma': 1.0,
+            'restore.num_samples': 2,
+        }
+    }
+
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         fid = pool.submit(fid_runs)
         others = {
-            mode: pool.submit(_run_mode, base, trained, mode, {})
+            mode: pool.submit(_run_mode, base, trained, mode, settings.get(mode, {}))
             for mode in MODES
             if mode not in FID_MODES
         }

@@ -295,14 +295,30 @@ def test_sweep_repeats_eval_and_fid_at_their_delta(fid_config, workdir, likeliho
     for name in ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0'):
         assert rows[0][name] == elbo_saved[name], name
     assert rows[0]['fid'] == fid_value
+    K = fid_config.model.K
+    assert rows[0]['steps'] == K  # config.sampling.steps = 0: every level
     table = (workdir / 'eval' / 'sweep_delta.md').read_text().splitlines()
-    assert table[0].startswith('| δ | bits/dim') and len(table) == 3
+    assert table[0].startswith('| steps | δ | bits/dim') and len(table) == 3
     assert table[2] == (
-        f'| 0.0125 | {elbo_saved["bits_per_dim"]:.4f} | {elbo_saved["L_K"]:.4f} '
+        f'| {K} | 0.0125 | {elbo_saved["bits_per_dim"]:.4f} | {elbo_saved["L_K"]:.4f} '
         f'| {elbo_saved["sum_L_k"]:.4f} | {elbo_saved["L_0"]:.4f} | '
         f'{fid_value:.2f} |'
     )
     assert Image.open(workdir / 'eval' / 'sweep_delta.png').size[0] > 400
+
+    # Also over steps: Alg. 2 on every second level gives other samples, the same ELBO (the
+    # paper's model takes its K levels), and the first row is the sweep above.
+    config = fid_config.copy_and_resolve_references()
+    config.evaluation.sweep_steps = (0, K // 2)
+    evaluate.check_sweep_delta(config)
+    evaluate.sweep_delta(config, str(workdir))
+    stepped = _read(workdir, 'sweep_delta.json')['results']
+    assert stepped[0] == rows[0]
+    assert stepped[1]['steps'] == K // 2 and stepped[1]['fid'] != rows[0]['fid']
+    assert stepped[1]['bits_per_dim'] == rows[0]['bits_per_dim']
+    config.evaluation.sweep_steps = (3,)
+    with pytest.raises(errors.UserError, match='sweep_steps: config.sampling.steps=3'):
+        evaluate.check_sweep_delta(config)
 
 
 def test_fid_check_without_weights_names_the_config_flag(eval_config, tmp_path):

@@ -10,11 +10,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import posterior_oracle as oracle
 import pytest
 import scipy.fft
 from conftest import write_checkpoint
 from numpy_reference import heat as heat64
-from sklearn.datasets import load_digits
+from posterior_oracle import SIGMA_MAX
+from posterior_oracle import SIGMA_MIN
+from posterior_oracle import K
 
 from ihdm_jax import heat
 from ihdm_jax import loading
@@ -22,40 +25,6 @@ from ihdm_jax import main
 from ihdm_jax import processes
 from ihdm_jax import rng
 from ihdm_jax import samplers
-
-K, SIGMA_MIN, SIGMA_MAX = 20, 0.5, 4.0
-
-
-def _time(kappa):
-    """t(κ) = σ_B(κ)²/2 with σ_B log-linear in κ between σ_B(1) = 0.5 and σ_B(K) = 4."""
-    weight = (kappa - 1.0) / (K - 1)
-    return 0.5 * (SIGMA_MIN ** (1.0 - weight) * SIGMA_MAX**weight) ** 2
-
-
-def _continuous(config, sigma, **sampling):
-    config = config.copy_and_resolve_references()
-    config.model.process = 'heat_continuous'
-    config.model.K, config.model.blur_sigma_max, config.model.sigma = K, SIGMA_MAX, sigma
-    config.sampling.update(sampling)
-    return config
-
-
-def _posterior_mean_residual(images, sigma):
-    """f(u, κ) = E[u_0 | u_κ] − u for the training set `images` (N, H, W, C) at noise σ."""
-    x = jnp.asarray(images, jnp.float32)
-
-    def f(u, kappa):
-        blurred = jax.vmap(lambda t: heat.heat_forward(x, t))(_time(kappa))  # (B, N, H, W, C)
-        distances = jnp.sum(jnp.square(u[:, None] - blurred), axis=(2, 3, 4))
-        weights = jax.nn.softmax(-distances / (2 * sigma**2), axis=1)
-        return jnp.einsum('bn,nhwc->bhwc', weights, x) - u
-
-    return f
-
-
-def _digits(count):
-    """The first `count` of scikit-learn's 8x8 digits in [0, 1], (count, 8, 8, 1) float64."""
-    return load_digits().images[:count, :, :, None] / 16.0
 
 
 def test_continuous_levels_interpolate_the_paper_schedule_geometrically():
@@ -77,15 +46,15 @@ def test_a_ddim_step_keeps_the_marginal_of_every_frequency(config, eta):
     images = np.stack(
         [generator.uniform(0.0, 0.5, (8, 8, 1)), generator.uniform(0.5, 1.0, (8, 8, 1))]
     )
-    process = processes.from_config(_continuous(config, sigma))
-    f = _posterior_mean_residual(images, sigma)
+    process = processes.from_config(oracle.continuous(config, sigma))
+    f = oracle.posterior_mean_residual(images, sigma)
     t, s = 12.0, 5.0
     z, eps = jax.random.normal(jax.random.key(1), (2, draws, 8, 8, 1))
-    u_t = jnp.asarray(heat64(images[:1], _time(t)), jnp.float32) + sigma * z
+    u_t = jnp.asarray(heat64(images[:1], oracle.time(t)), jnp.float32) + sigma * z
     u_s = np.asarray(jax.jit(lambda u, e: process.ddim_step(f, u, t, s, eta, sigma, e))(u_t, eps))
 
     coefficients = scipy.fft.dctn(u_s.astype(np.float64), axes=(1, 2), norm='ortho')
-    expected = scipy.fft.dctn(heat64(images[:1], _time(s))[0], axes=(0, 1), norm='ortho')
+    expected = scipy.fft.dctn(heat64(images[:1], oracle.time(s))[0], axes=(0, 1), norm='ortho')
     standard_error = sigma / np.sqrt(draws)
     assert np.abs(coefficients.mean(axis=0) - expected).max() < 5 * standard_error
     # The variance's relative standard error is √(2/4000) = 2.2%.
@@ -99,9 +68,9 @@ def test_few_steps_of_the_posterior_mean_carry_the_noise_and_end_on_training_ima
     η = 0 (the probability-flow ODE's exponential integrator) and at η = 1 with fresh noise.
     Without the noise term (η = 1, δ = 0: each step F(s) x̂_0 alone) the states sit on the
     blurred images instead."""
-    sigma, images = 0.2, _digits(4)
-    f = _posterior_mean_residual(images, sigma)
-    u_K = jnp.asarray(np.repeat(heat64(images, _time(K)), 8, axis=0), jnp.float32)
+    sigma, images = 0.2, oracle.digits(4)
+    f = oracle.posterior_mean_residual(images, sigma)
+    u_K = jnp.asarray(np.repeat(heat64(images, oracle.time(K)), 8, axis=0), jnp.float32)
     u_K = u_K + sigma * jax.random.normal(jax.random.key(2), u_K.shape)
     keys = jax.random.split(jax.random.key(5), len(u_K))
     fresh = lambda i: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), (8, 8, 1)))(  # noqa: E731
@@ -111,13 +80,13 @@ def test_few_steps_of_the_posterior_mean_carry_the_noise_and_end_on_training_ima
     def run(eta, delta, noise):
         """(‖u − F(t) x_j‖²/(Dσ²) of the nearest x_j at grid points 1..4, (4, 32); the largest
         pixel distance of each end to its nearest training image, and which image)."""
-        c = _continuous(config, sigma, sampler='ddim', steps=5, eta=eta)
+        c = oracle.continuous(config, sigma, sampler='ddim', steps=5, eta=eta)
         sampler = samplers.from_config(processes.from_config(c), c)
         assert sampler.steps == 5
         u_0, states = jax.jit(lambda u: sampler(f, u, delta, noise, record=(1, 2, 3, 4)))(u_K)
         ratios = []
         for state, kappa in zip(np.asarray(states), sampler.grid[1:5]):
-            blurred = heat64(images, _time(float(kappa)))
+            blurred = heat64(images, oracle.time(float(kappa)))
             squares = np.square(state[:, None] - blurred[None]).sum(axis=(2, 3, 4))
             ratios.append(squares.min(axis=1) / (64 * sigma**2))
         distances = np.abs(np.asarray(u_0)[:, None] - images[None]).max(axis=(2, 3, 4))
@@ -180,7 +149,7 @@ def test_alg2_on_a_subsequence_of_the_levels_of_the_paper_model(config):
 def continuous_run(config, tmp_path_factory):
     """A workdir of the tiny config with the heat process at continuous levels and a
     checkpoint far from the initialisation (written without training)."""
-    config = _continuous(config, 0.01, sampler='ddim', steps=3)
+    config = oracle.continuous(config, 0.01, sampler='ddim', steps=3)
     config.model.K = 10
     config.evaluation.num_passes = 20  # every level drawn: 8 examples x 20 passes
     config.evaluation.num_examples = 8

@@ -3,11 +3,19 @@
 --mode=eval: the negative ELBO of the test split in bits/dim (Eq. 7 with the App. A.3 bound on
 L_K), with its terms. --mode=fid: FID of EMA samples against the reference images of
 config.evaluation.fid_reference (the training set by default). --mode=sweep_delta: both for each
-δ of config.evaluation.deltas, as in the paper's Fig. 11.
+δ of config.evaluation.deltas, as in the paper's Fig. 11, and each sampler steps of
+config.evaluation.sweep_steps.
+
+A conditional model (config.model.num_classes > 0) is evaluated given the labels: --mode=eval
+reports the negative ELBO of each test image given its label, and given the null class;
+--mode=fid draws the classes of config.sampling.labels in turn (() = every class) at guidance
+config.sampling.guidance and reports, besides the overall FID, each class's FID against the
+training images of that class.
 """
 
 import dataclasses
 import hashlib
+import io
 import os
 
 import numpy as np
@@ -15,6 +23,7 @@ from absl import logging
 
 from ihdm_jax import data
 from ihdm_jax import elbo
+from ihdm_jax import errors
 from ihdm_jax import images
 from ihdm_jax import loading
 from ihdm_jax import outputs
@@ -94,6 +103,18 @@ def check_sweep_delta(config):
     validation.require(deltas, 'config.evaluation.deltas is empty; expected the values of δ.')
     _check_elbo(config, deltas)
     _check_fid(config)
+    for steps in config.evaluation.sweep_steps:
+        try:
+            validation.check_config(_with_steps(config, steps))
+        except errors.UserError as error:
+            raise errors.UserError(f'config.evaluation.sweep_steps: {error}') from None
+
+
+def _with_steps(config, steps: int):
+    """`config` with config.sampling.steps = steps."""
+    config = config.copy_and_resolve_references()
+    config.sampling.steps = steps
+    return config
 
 
 class _ReferenceImages:
@@ -141,6 +162,16 @@ def reference_parts(config) -> list:
     return parts
 
 
+def class_features_path(config, workdir) -> str:
+    """The cache of the Inception features and labels of the training images, from which
+    the per-class FID of a conditional model takes each class's reference statistics: next to
+    reference_stats_path."""
+    stats_dir = storage.parent(reference_stats_path(config, workdir))
+    return storage.join(
+        stats_dir, f'train_features_{config.data.dataset}_{config.data.image_size}.npz'
+    )
+
+
 def reference_stats_path(config, workdir) -> str:
     """config.evaluation.fid_train_stats, or the cache file in <workdir>/eval/ that names the
     reference (ihdm_jax/defaults.py)."""
@@ -167,6 +198,7 @@ class FidEvaluator:
         self.sampler = programs.Sampler(config, mesh)
         self.parts = reference_parts(config)
         self.stats_path = reference_stats_path(config, workdir)
+        self.class_features_path = class_features_path(config, workdir)
         self.features = self.train_stats = None
         self.reference_sources = []
         if parallel.is_main_process():
@@ -204,24 +236,65 @@ class FidEvaluator:
         )
         return stats
 
-    def samples(self, params, delta: float) -> np.ndarray:
-        """fid_num_samples uint8 EMA samples at δ, on every process; they begin with
-        --mode=sample's samples (the same keys)."""
-        return self.sampler.draw(
-            params,
-            self.source,
-            self.config.evaluation.fid_num_samples,
-            rng.sample_key(self.config.seed),
-            delta,
-            progress=f'FID samples (δ = {delta})',
-        ).images
+    def labels(self):
+        """The labels of the samples (programs.sample_labels); None for an unconditional model."""
+        return programs.sample_labels(self.config, self.config.evaluation.fid_num_samples)
 
-    def __call__(self, samples: np.ndarray):
-        """FID of uint8 samples against the reference; None on processes other than 0."""
+    def samples(self, params, delta: float, labels=None, guidance=None, sampler=None) -> np.ndarray:
+        """fid_num_samples uint8 EMA samples at δ, on every process; they begin with
+        --mode=sample's samples (the same keys). A conditional model draws them given
+        `labels` (default: self.labels()) at weight `guidance` (default: the config's).
+        `sampler`: a programs.Sampler in place of the config's (sweep_delta's steps)."""
+        return (
+            (sampler or self.sampler)
+            .draw(
+                params,
+                self.source,
+                self.config.evaluation.fid_num_samples,
+                rng.sample_key(self.config.seed),
+                delta,
+                progress=f'FID samples (δ = {delta})',
+                labels=labels,
+                guidance=guidance,
+            )
+            .images
+        )
+
+    def __call__(self, samples: np.ndarray, labels=None):
+        """FID of uint8 samples against the reference; None on processes other than 0. With
+        the samples' labels: (that FID, {class: FID of its samples against the training images
+        of the class}) for the classes with at least two samples."""
         if self.features is None:
-            return None
-        stats = frechet.statistics(self.features(samples, description='FID samples'))
-        return frechet.frechet_distance(*stats, *self.train_stats)
+            return None if labels is None else (None, None)
+        features = self.features(samples, description='FID samples')
+        overall = frechet.frechet_distance(*frechet.statistics(features), *self.train_stats)
+        if labels is None:
+            return overall
+        train_features, train_labels = self._class_features()
+        by_class = {}
+        for c in np.unique(labels):
+            mine = features[labels == c]
+            if c >= 0 and len(mine) >= 2:
+                by_class[int(c)] = frechet.frechet_distance(
+                    *frechet.statistics(mine),
+                    *frechet.statistics(train_features[train_labels == c]),
+                )
+        return overall, by_class
+
+    def _class_features(self):
+        """The Inception features and labels of the training images (cached in
+        class_features_path)."""
+        path = self.class_features_path
+        if storage.exists(path):
+            with np.load(io.BytesIO(storage.read_bytes(path))) as cached:
+                return cached['features'], cached['labels']
+        features = self.features(
+            _ReferenceImages([self.source]), description='FID features of the training images'
+        )
+        storage.makedirs(storage.parent(path))
+        storage.save_npz(path, features=features, labels=self.source.labels)
+        logging.info('FID: features of the training images by class written to %s', path)
+        return features, self.source.labels
 
 
 def _describe(config, step):
@@ -238,23 +311,31 @@ def _describe(config, step):
     }
 
 
-def _negative_elbo(config, mesh):
+def _negative_elbo(config, mesh, null_class=False):
     return elbo.NegativeElbo(
-        config, mesh, data.make_source(config, 'test'), data.make_source(config)
+        config, mesh, data.make_source(config, 'test'), data.make_source(config), null_class
     )
 
 
 def likelihood(config, workdir: str):
     """--mode=eval: eval/likelihood.json (terms in bits/dim, level_nats, settings) and
-    eval/likelihood_levels.png."""
+    eval/likelihood_levels.png. A conditional model: given each image's label, and in
+    likelihood.json's `null_class` given the null class."""
     model = loading.restore(config, workdir)
     negative_elbo = _negative_elbo(config, model.mesh)
     result = negative_elbo(model.params, config.sampling.delta)
     data.report_skipped(negative_elbo.test, negative_elbo.train)
+    conditional = {}
+    if config.model.num_classes:
+        null = _negative_elbo(config, model.mesh, null_class=True)(
+            model.params, config.sampling.delta
+        )
+        conditional = {'given': 'label', 'null_class': dataclasses.asdict(null)}
+        logging.info('Negative ELBO given the null class: %.4f bits/dim', null.bits_per_dim)
     setting = (
         f'checkpoint {model.step}, {config.data.dataset} test split '
         f'({result.num_examples} images, {config.evaluation.num_passes} passes, '
-        f'δ = {config.sampling.delta})'
+        f'δ = {config.sampling.delta}{", given the labels" if conditional else ""})'
     )
     terms = (
         f'{result.bits_per_dim:.4f} bits/dim = {result.offset:g} + L_K {result.L_K:.4f} '
@@ -271,6 +352,7 @@ def likelihood(config, workdir: str):
             'split': 'test',
             'delta': config.sampling.delta,
             **dataclasses.asdict(result),
+            **conditional,
         },
     )
     plots.likelihood_levels(
@@ -285,19 +367,30 @@ def fid(config, workdir: str):
     eval/fid_samples.png."""
     model = loading.restore(config, workdir)
     evaluator = FidEvaluator(config, workdir, model.mesh, data.make_source(config))
-    samples = evaluator.samples(model.params, config.sampling.delta)
-    value = evaluator(samples)
+    labels = evaluator.labels()
+    samples = evaluator.samples(model.params, config.sampling.delta, labels)
+    value = evaluator(samples, labels)
+    if labels is not None:
+        value, class_fid = value
     data.report_skipped(evaluator.source, *evaluator.reference_sources)
     if not parallel.is_main_process():
         return value
     logging.info(
-        'FID of %d samples of checkpoint %d (δ = %g) against %s: %.4f',
+        'FID of %d samples of checkpoint %d (δ = %g%s) against %s: %.4f',
         len(samples),
         model.step,
         config.sampling.delta,
+        '' if labels is None else f', guidance w = {config.sampling.guidance:g}',
         evaluator.describe(),
         value,
     )
+    conditional = {}
+    if labels is not None:
+        conditional = {'guidance': config.sampling.guidance, 'class_fid': class_fid}
+        logging.info(
+            'FID by class (against the training images of each class): %s',
+            ', '.join(f'{c}: {v:.2f}' for c, v in class_fid.items()),
+        )
     out = outputs.folder(workdir, 'eval')
     outputs.write_json(
         os.path.join(out, 'fid.json'),
@@ -308,6 +401,7 @@ def fid(config, workdir: str):
             'num_samples': len(samples),
             'reference': evaluator.describe(),
             'train_stats': evaluator.stats_path,
+            **conditional,
         },
     )
     images.save_grid(os.path.join(out, 'fid_samples.png'), samples[:GRID_SAMPLES])
@@ -316,21 +410,35 @@ def fid(config, workdir: str):
 
 
 def sweep_delta(config, workdir: str):
-    """--mode=sweep_delta: the negative ELBO and FID for each δ in config.evaluation.deltas;
+    """--mode=sweep_delta: the negative ELBO and FID for each δ in config.evaluation.deltas,
+    and for each sampler steps of config.evaluation.sweep_steps (() = config.sampling.steps);
     eval/sweep_delta.json, eval/sweep_delta.md and eval/sweep_delta.png."""
     model = loading.restore(config, workdir)
     evaluator = FidEvaluator(config, workdir, model.mesh, data.make_source(config))
-    negative_elbo = _negative_elbo(config, model.mesh)
     rows = []
-    for delta in config.evaluation.deltas:
-        result = negative_elbo(model.params, delta)
-        row = {
-            'delta': delta,
-            **{name: getattr(result, name) for name in ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0')},
-        }
-        row['fid'] = evaluator(evaluator.samples(model.params, delta))
-        rows.append(row)
-        logging.info('δ = %g: %.4f bits/dim, FID %s', delta, row['bits_per_dim'], row['fid'])
+    for steps in tuple(config.evaluation.sweep_steps) or (config.sampling.steps,):
+        stepped = _with_steps(config, steps)
+        sampler = programs.Sampler(stepped, model.mesh)
+        negative_elbo = _negative_elbo(stepped, model.mesh)
+        for delta in config.evaluation.deltas:
+            result = negative_elbo(model.params, delta)
+            row = {
+                'steps': sampler.steps,
+                'delta': delta,
+                **{
+                    name: getattr(result, name)
+                    for name in ('bits_per_dim', 'L_K', 'sum_L_k', 'L_0')
+                },
+            }
+            row['fid'] = evaluator(evaluator.samples(model.params, delta, sampler=sampler))
+            rows.append(row)
+            logging.info(
+                '%d steps, δ = %g: %.4f bits/dim, FID %s',
+                sampler.steps,
+                delta,
+                row['bits_per_dim'],
+                row['fid'],
+            )
     data.report_skipped(
         evaluator.source, *evaluator.reference_sources, negative_elbo.test, negative_elbo.train
     )
@@ -346,9 +454,12 @@ def sweep_delta(config, workdir: str):
             'results': rows,
         },
     )
-    lines = ['| δ | bits/dim | L_K | Σ L_k | L_0 | FID |', '|---|---|---|---|---|---|']
+    lines = [
+        '| steps | δ | bits/dim | L_K | Σ L_k | L_0 | FID |',
+        '|---|---|---|---|---|---|---|',
+    ]
     lines += [
-        f'| {row["delta"]:g} | {row["bits_per_dim"]:.4f} | {row["L_K"]:.4f} | '
+        f'| {row["steps"]} | {row["delta"]:g} | {row["bits_per_dim"]:.4f} | {row["L_K"]:.4f} | '
         f'{row["sum_L_k"]:.4f} | {row["L_0"]:.4f} | {row["fid"]:.2f} |'
         for row in rows
     ]

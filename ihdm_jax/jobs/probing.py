@@ -26,6 +26,7 @@ from ihdm_jax.analysis import probes
 
 
 def check_input_gradients(config):
+    validation.require_unconditional(config, 'input_gradients')
     schedule_lib.analysis_levels(config)
     fractions = [tuple(p) for p in config.analysis.gradient_pixels]
     validation.require(
@@ -40,6 +41,7 @@ def check_input_gradients(config):
 
 
 def check_trajectory_gradients(config):
+    validation.require_unconditional(config, 'trajectory_gradients')
     schedule_lib.analysis_levels(config)
     validation.require(
         config.analysis.num_rows >= 1,

@@ -1,5 +1,7 @@
 """--mode=sample: EMA samples of the newest checkpoint as samples.npz, samples.png and a GIF of
-the reverse process (heat, or the diffusion process of config.model.process)."""
+the reverse process (heat, or the diffusion process of config.model.process). A conditional
+model draws the classes of config.sampling.labels in turn (() = every class) at guidance
+config.sampling.guidance, and samples.npz holds each sample's label too."""
 
 import os
 
@@ -26,6 +28,7 @@ def sample(config, workdir: str):
     model = loading.restore(config, workdir)
     source = data.make_source(config)
     sampler = programs.Sampler(config, model.mesh)
+    labels = programs.sample_labels(config, config.sampling.num_samples)
     samples, trajectory = sampler.draw(
         model.params,
         source,
@@ -33,13 +36,18 @@ def sample(config, workdir: str):
         rng.sample_key(config.seed),
         trajectory=True,
         progress='samples',
+        labels=labels,
     )
     data.report_skipped(source)
     if not parallel.is_main_process():
         return
     out_dir = os.path.join(workdir, 'samples')
     storage.makedirs(out_dir)
-    storage.save_npz(os.path.join(out_dir, 'samples.npz'), images=samples)
+    storage.save_npz(
+        os.path.join(out_dir, 'samples.npz'),
+        images=samples,
+        **({} if labels is None else {'labels': labels}),
+    )
     images.save_grid(os.path.join(out_dir, 'samples.png'), samples)
     shown = trajectory[:GIF_EXAMPLES]
     images.save_gif(

@@ -55,6 +55,7 @@ def check_rows_columns(config):
 
 
 def check_interpolate(config):
+    validation.require_unconditional(config, 'interpolate')
     _require_positive(config, 'num_rows', 'num_points')
     validation.require(
         config.analysis.num_points >= 2,
@@ -64,6 +65,7 @@ def check_interpolate(config):
 
 
 def check_hierarchical(config):
+    validation.require_unconditional(config, 'hierarchical')
     _require_positive(config, 'num_trees', 'branches')
     split_levels(config)
 
@@ -110,11 +112,20 @@ def same_init(config, workdir):
     """
     rows, columns = config.analysis.num_rows, config.analysis.num_columns
     s = _setup(config, workdir)
+    labels = programs.sample_labels(config, rows)  # a conditional model: one class per row
     u_K = np.repeat(
-        s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW, rows, s.prior_key), columns, axis=0
+        s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW, rows, s.prior_key, labels=labels),
+        columns,
+        axis=0,
     )
     noise_keys = rng.example_keys(s.noise_key, rows * columns)
-    u0, trajectory = s.sampler.chains(s.model.params, u_K, noise_keys, record=s.sampler.gif_points)
+    u0, trajectory = s.sampler.chains(
+        s.model.params,
+        u_K,
+        noise_keys,
+        record=s.sampler.gif_points,
+        labels=None if labels is None else np.repeat(labels, columns),
+    )
     if not parallel.is_main_process():
         return
     out = outputs.folder(workdir, 'analysis', 'same_init')
@@ -147,13 +158,15 @@ def share_noise(config, workdir):
     """
     rows, columns = config.analysis.num_rows, config.analysis.num_columns
     s = _setup(config, workdir)
-    u_K = s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW, columns, s.prior_key)
+    labels = programs.sample_labels(config, columns)  # a conditional model: one class per column
+    u_K = s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW, columns, s.prior_key, labels=labels)
     noise_keys = rng.example_keys(s.noise_key, rows)
     u0, trajectory = s.sampler.chains(
         s.model.params,
         np.tile(u_K, (rows, 1, 1, 1)),
         np.repeat(noise_keys, columns, axis=0),
         record=s.sampler.gif_points,
+        labels=None if labels is None else np.tile(labels, rows),
     )
     if not parallel.is_main_process():
         return
@@ -311,11 +324,14 @@ def delta_grid(config, workdir):
     rows = config.analysis.num_rows
     deltas = [float(d) for d in config.analysis.deltas]
     s = _setup(config, workdir)
-    u_K = s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW, rows, s.prior_key)
+    labels = programs.sample_labels(config, rows)  # a conditional model: one class per row
+    u_K = s.sampler.prior_states(s.source, rng.ANALYSIS_DRAW, rows, s.prior_key, labels=labels)
     noise_keys = rng.example_keys(s.noise_key, rows)
     samples = np.stack(
         [
-            images.to_uint8(s.sampler.chains(s.model.params, u_K, noise_keys, delta).final)
+            images.to_uint8(
+                s.sampler.chains(s.model.params, u_K, noise_keys, delta, labels=labels).final
+            )
             for delta in deltas
         ],
         axis=1,

@@ -211,12 +211,17 @@ class Upsample(nnx.Module):
 
 
 class UNet(nnx.Module):
-    """f(u, k): NHWC images and int32 levels (B,) -> float32 array shaped like u.
+    """f(u, k): NHWC images and int32 levels (B,) -> float32 array shaped like u; with
+    num_classes > 0, f(u, k, c) for labels c (B,) in 0..num_classes, num_classes being the null
+    class ∅ (ihdm_jax/conditioning.py).
 
     Level i of the U-Net works at resolution image_size / 2**i with
     model_channels * channel_mult[i] channels; attention_levels lists level indices; every
-    GroupNorm has num_groups groups. dtype ('float32' | 'bfloat16') is the compute dtype of
-    every layer but the input convolution (always float32); parameters are always float32.
+    GroupNorm has num_groups groups. A class embedding (num_classes + 1 vectors) is added to
+    the time embedding, as in ADM and Ho & Salimans; it exists only when num_classes > 0, so an
+    unconditional U-Net has the parameters of the original code. dtype ('float32' |
+    'bfloat16') is the compute dtype of every layer but the input convolution (always float32);
+    parameters are always float32.
     """
 
     def __init__(
@@ -232,6 +237,7 @@ class UNet(nnx.Module):
         num_groups,
         dtype,
         rngs,
+        num_classes=0,
     ):
         if dtype not in _DTYPES:
             raise ValueError(f'dtype must be one of {sorted(_DTYPES)}, got {dtype!r}')
@@ -303,9 +309,21 @@ class UNet(nnx.Module):
 
         self.out_norm = _group_norm(ch, num_groups, dtype=dtype, rngs=rngs)
         self.out_conv = _conv(ch, num_channels, 3, dtype=dtype, rngs=rngs, zero=True)
+        # Built last, so that the other layers draw the keys of an unconditional U-Net.
+        self.class_embed = (
+            nnx.Embed(num_classes + 1, temb_ch, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+            if num_classes
+            else None
+        )
 
-    def __call__(self, x, k, *, train=False, rngs=None):
-        """rngs: nnx.Rngs with a 'dropout' stream, required when train=True."""
+    def __call__(self, x, k, *, labels=None, train=False, rngs=None):
+        """labels: int32 (B,), required by a conditional U-Net and refused by an unconditional
+        one; rngs: nnx.Rngs with a 'dropout' stream, required when train=True."""
+        if (labels is None) != (self.class_embed is None):
+            raise ValueError(
+                'A conditional U-Net (num_classes > 0) needs labels; an unconditional one takes '
+                f'none (labels {"missing" if labels is None else "given"}).'
+            )
         if train:
             if rngs is None:
                 raise ValueError('UNet(train=True) needs rngs with a dropout stream.')
@@ -316,6 +334,8 @@ class UNet(nnx.Module):
 
         temb = timestep_embedding(k, self.model_channels)
         temb = self.temb_dense2(jax.nn.silu(self.temb_dense1(temb)))
+        if self.class_embed is not None:
+            temb = temb + self.class_embed(labels)
 
         h = self.stem(x).astype(self.compute_dtype)
         skips = [h]
@@ -356,6 +376,7 @@ def from_config(config, rngs):
         num_groups=m.num_groups,
         dtype=m.dtype,
         rngs=rngs,
+        num_classes=m.num_classes,
     )
 
 
@@ -366,16 +387,18 @@ def init(config, key):
     return graphdef, params
 
 
-def apply(graphdef, params, x, k, *, train, key=None):
-    """f(x, k) for the split model; key is the dropout key, required when train=True."""
+def apply(graphdef, params, x, k, *, train, key=None, labels=None):
+    """f(x, k) (f(x, k, labels) for a conditional model) for the split model; key is the
+    dropout key, required when train=True."""
     model = nnx.merge(graphdef, params)
     rngs = None if key is None else nnx.Rngs(dropout=key)
-    return model(x, k, train=train, rngs=rngs)
+    return model(x, k, labels=labels, train=train, rngs=rngs)
 
 
 _TOP_ORDER = (
     'temb_dense1',
     'temb_dense2',
+    'class_embed',
     'stem',
     'encoder',
     'mid_res1',
@@ -399,6 +422,7 @@ _INNER_ORDER = (
     'proj',
     'conv',
     'kernel',
+    'embedding',
     'scale',
     'bias',
 )
@@ -425,7 +449,10 @@ def summary(config):
     size = config.data.image_size
     x = jax.ShapeDtypeStruct((1, size, size, config.data.num_channels), jnp.float32)
     k = jax.ShapeDtypeStruct((1,), jnp.int32)
-    out = jax.eval_shape(lambda p, x, k: apply(graphdef, p, x, k, train=False), params, x, k)
+    labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
+    out = jax.eval_shape(
+        lambda p, x, k: apply(graphdef, p, x, k, train=False, labels=labels), params, x, k
+    )
 
     modules = {}
     for path, value in sorted(nnx.to_flat_state(params), key=lambda item: _forward_key(item[0])):
