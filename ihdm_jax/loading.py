@@ -137,7 +137,9 @@ class Model:
         --mode=restore makes them: images (N, h, w, C), uint8 or float in [0, 1], blurred by a
         Gaussian of blur_sigma pixels or the block means of upsample x upsample pixels, with
         pixel noise of standard deviation `noise`. float32 numpy (N, num_samples, H, W, C), not
-        clipped, by the run's sampler; they depend only on key, the images and the settings."""
+        clipped, by the run's sampler (a conditional run: given no class); they depend only on
+        key, the images and the settings."""
+        validation.require(num_samples >= 1, f'num_samples={num_samples} must be at least 1.')
         y = np.asarray(images)
         y = y / np.float32(255) if y.dtype == np.uint8 else y.astype(np.float32)
         size = (self.config.data.image_size,) * 2

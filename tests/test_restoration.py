@@ -233,6 +233,8 @@ def test_restore_writes_the_restorations_that_load_restore_returns(
     np.testing.assert_array_equal(saved['restorations'], np.round(np.clip(again, 0, 1) * 255))
     # The untrained network moves the images far from the inputs: the chain ran.
     assert np.abs(again[:, 0] - again[:, 1]).max() > 0.05
+    with pytest.raises(errors.UserError, match='num_samples=0 must be at least 1'):
+        model.restore(inputs[1], rng.sample_key(c.seed), blur_sigma=1.0, num_samples=0)
 
 
 def _bad_inputs(folder):
