@@ -283,6 +283,23 @@ def test_fid_job_measures_the_ema_samples_against_the_training_set(
     assert Image.open(workdir / 'eval' / 'fid_samples.png').size[0] > 64
 
 
+def test_class_fid_measures_each_class_against_its_training_images(fid_config, workdir, fid_json):
+    """Per-class FID of a conditional model from the cached training features (synthetic
+    16-dimensional ones here): each class's samples against that class's training images,
+    against the float64 reference; the null class and single samples left out."""
+    evaluator = evaluate.FidEvaluator(fid_config, str(workdir), parallel.make_mesh(), None)
+    generator = np.random.default_rng(7)
+    train, train_labels = generator.normal(size=(20, 16)), np.arange(20) % 2
+    np.savez(evaluator.class_features_path, features=train, labels=train_labels)
+    features = generator.normal(0.3, 1.2, size=(7, 16))
+    labels = np.array([0, 0, 0, 1, 1, -1, 2])
+    by_class = evaluator.class_fid(features, labels)
+    assert set(by_class) == {0, 1}
+    for c in (0, 1):
+        expected = numpy_reference.low_rank_fid(features[labels == c], train[train_labels == c])
+        assert by_class[c] == pytest.approx(expected, rel=1e-6)
+
+
 def test_sweep_repeats_eval_and_fid_at_their_delta(fid_config, workdir, likelihood_json, fid_json):
     """At the configured δ the sweep gives the eval and fid jobs' numbers: the same keys and the
     cached training statistics."""

@@ -260,16 +260,25 @@ class FidEvaluator:
             .images
         )
 
-    def __call__(self, samples: np.ndarray, labels=None):
-        """FID of uint8 samples against the reference; None on processes other than 0. With
-        the samples' labels: (that FID, {class: FID of its samples against the training images
-        of the class}) for the classes with at least two samples."""
-        if self.features is None:
-            return None if labels is None else (None, None)
-        features = self.features(samples, description='FID samples')
-        overall = frechet.frechet_distance(*frechet.statistics(features), *self.train_stats)
-        if labels is None:
-            return overall
+    def __call__(self, samples: np.ndarray):
+        """FID of uint8 samples against the reference; None on processes other than 0."""
+        return self.fid(self.sample_features(samples))
+
+    def sample_features(self, samples: np.ndarray):
+        """The Inception features of uint8 samples; None on processes other than 0."""
+        return None if self.features is None else self.features(samples, description='FID samples')
+
+    def fid(self, features):
+        """FID of the samples' features against the reference; None for None."""
+        if features is None:
+            return None
+        return frechet.frechet_distance(*frechet.statistics(features), *self.train_stats)
+
+    def class_fid(self, features, labels) -> dict:
+        """{class: FID of its samples' features against the training images of the class} for
+        the classes (labels >= 0) with at least two samples; None for features None."""
+        if features is None:
+            return None
         train_features, train_labels = self._class_features()
         by_class = {}
         for c in np.unique(labels):
@@ -279,7 +288,7 @@ class FidEvaluator:
                     *frechet.statistics(mine),
                     *frechet.statistics(train_features[train_labels == c]),
                 )
-        return overall, by_class
+        return by_class
 
     def _class_features(self):
         """The Inception features and labels of the training images (cached in
@@ -369,9 +378,9 @@ def fid(config, workdir: str):
     evaluator = FidEvaluator(config, workdir, model.mesh, data.make_source(config))
     labels = evaluator.labels()
     samples = evaluator.samples(model.params, config.sampling.delta, labels)
-    value = evaluator(samples, labels)
-    if labels is not None:
-        value, class_fid = value
+    features = evaluator.sample_features(samples)
+    value = evaluator.fid(features)
+    class_fid = None if labels is None else evaluator.class_fid(features, labels)
     data.report_skipped(evaluator.source, *evaluator.reference_sources)
     if not parallel.is_main_process():
         return value
