@@ -1,10 +1,14 @@
 """Reruns the figures README.md quotes for the digits job, on this machine and the current code.
 
   python -m benchmarks.readme_figures [--quick] [--parts=summary,train,...] [--json=PATH]
+      [--keep=DIR]
 
 Runs README.md's own command lines as subprocesses, as a user would: --mode=summary, training
-configs/digits.py in a new temporary workdir, then --mode=sample, --mode=psd and
---mode=prior_overlap on it, and two 20-step launches sharing a new compilation cache. Prints
+configs/digits.py in a new temporary workdir, then --mode=sample, --mode=psd,
+--mode=prior_overlap and the other analysis modes of README's table on it, training the σ = 0
+model and its --mode=trajectory_gradients, and two 20-step launches sharing a new compilation
+cache. --keep=DIR runs in DIR instead of a temporary folder and keeps the workdirs (and the
+analyses' pictures that README shows). Prints
 each figure, the value README.md quotes now (read from its text; "not found": its wording
 changed and FIGURES must follow), the value measured now and its run, then each run's command.
 Other work on the machine slows every time down; README's times are from an idle CPU.
@@ -27,7 +31,19 @@ from absl import flags
 from benchmarks import measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ('summary', 'train', 'sample', 'psd', 'prior_overlap', 'cache')
+PARTS = ('summary', 'train', 'sample', 'psd', 'prior_overlap', 'analyses', 'sigma0', 'cache')
+ANALYSES = {  # the other analysis modes of README's table, with README's arguments
+    'same_init': [],
+    'share_noise': [],
+    'interpolate': [],
+    'hierarchical': [],
+    'delta_grid': ['--config.analysis.num_rows=4'],
+    'frequency_partition': [],
+    'input_gradients': [],
+    'trajectory_gradients': ['--config.analysis.num_rows=2'],
+    'nearest_neighbours': [],
+}
+SIGMA0 = ['--config.model.sigma=0', '--config.sampling.delta=0']
 
 QUICK = ['--config.training.n_iters=20', '--config.training.log_freq=10']
 QUICK += ['--config.sampling.num_samples=8', '--config.sampling.batch_size=8']
@@ -44,11 +60,26 @@ FIGURES = {
         'sampling_s': ('four sample grids (s)', '.0f', r'four sample grids ([\d.]+) s'),
     },
     'sample': {'sample_wall_s': ('--mode=sample (s)', '.0f', r'sample` another ([\d.]+) s')},
-    'psd': {'alpha': ('PSD power-law exponent α', '.2f', r'spectrum fits α = ([\d.]+)')},
+    'psd': {
+        'alpha': ('PSD power-law exponent α', '.2f', r'spectrum fits α = ([\d.]+)'),
+        'psd_s': ('--mode=psd (s)', '.0f', r'`psd` (?:took )?(\d+) s'),
+    },
     'prior_overlap': {
+        'prior_overlap_s': ('--mode=prior_overlap (s)', '.0f', r'`prior_overlap` (\d+) s'),
         'L_K_0.5': ('L_K at σ_B,max 0.5 (bits/dim)', '.2g', r'from ([\d.]+) bits/dim at σ'),
         'L_K_5': ('L_K at σ_B,max 5 (bits/dim)', '.2g', r"to ([\d.]+) at the model's σ"),
         'L_K_16': ('L_K at σ_B,max 16 (bits/dim)', '.2g', r'and ([\d.]+) at 16'),
+    },
+    'analyses': {
+        f'{mode}_s': (f'--mode={mode} (s)', '.0f', rf'`{mode}` (?:took )?(\d+) s')
+        for mode in ANALYSES
+    },
+    'sigma0': {
+        'sigma0_wall_s': (
+            'σ = 0 model, training wall time',
+            'min',
+            r'0 model \(2000 steps, (\d+ min \d+ s)\)',
+        ),
     },
     'cache': {
         'cache_wall_s_1': ('launch 1, wall (s)', '.0f', r'took (\d+) s and \d+ s: the training'),
@@ -119,7 +150,7 @@ def measure_all(parts, quick, tmp):
         got['sample_wall_s'], _, commands['sample'] = run(base + ['--mode=sample'], tmp)
     for mode in ('psd', 'prior_overlap'):
         if mode in parts:
-            _, _, commands[mode] = run(base + [f'--mode={mode}'], tmp)
+            got[f'{mode}_s'], _, commands[mode] = run(base + [f'--mode={mode}'], tmp)
             with open(os.path.join(tmp, 'digits', 'analysis', mode, f'{mode}.json')) as fp:
                 result = json.load(fp)
             if mode == 'psd':
@@ -127,6 +158,17 @@ def measure_all(parts, quick, tmp):
             else:
                 for r in result['results']:
                     got[f'L_K_{r["blur_sigma_max"]:g}'] = r['L_K_bits_per_dim']
+    for mode, args in ANALYSES.items() if 'analyses' in parts else ():
+        got[f'{mode}_s'], _, commands[f'analyses: {mode}'] = run(
+            base + [f'--mode={mode}'] + args, tmp
+        )
+    if 'sigma0' in parts:
+        sigma0 = ['--config=configs/digits.py', f'--workdir={tmp}/digits_sigma0', *SIGMA0]
+        sigma0 += QUICK if quick else []
+        got['sigma0_wall_s'], _, commands['sigma0'] = run(sigma0, tmp)
+        gradients = ['--mode=trajectory_gradients', '--config.analysis.num_rows=2']
+        gradients += ['--config.analysis.gradient_linthresh=0.002']
+        _, _, commands['sigma0: trajectory_gradients'] = run(sigma0 + gradients, tmp)
     for i in (1, 2) if 'cache' in parts else ():
         args = ['--config=configs/digits.py', f'--workdir={tmp}/digits_{i}']
         args += ['--config.training.n_iters=20', f'--config.compilation_cache_dir={tmp}/cache']
@@ -142,8 +184,9 @@ def rows(readme, got, commands):
     steps = sorted({int(k[5:]) for k in [*readme, *got] if k.startswith('loss_')})
     losses = {f'loss_{s}': (f'loss at step {s}', '.4f') for s in steps}
     out = []
+    ran = {command.split(':')[0] for command in commands}
     for part, figures in {**FIGURES, 'train': {**FIGURES['train'], **losses}}.items():
-        for key, (figure, fmt, *regex) in figures.items() if part in commands else ():
+        for key, (figure, fmt, *regex) in figures.items() if part in ran else ():
             value = got.get(key)
             if value is not None and fmt == 'min':
                 value = '{} min {:02d} s'.format(*divmod(round(value), 60))
@@ -161,6 +204,7 @@ def _define_flags():
         parts=flags.DEFINE_list('parts', list(PARTS), f'What to run, of {",".join(PARTS)}.'),
         quick=flags.DEFINE_bool('quick', False, 'A short run to check the script: not comparable.'),
         json=flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).'),
+        keep=flags.DEFINE_string('keep', None, 'Run in this new folder and keep it.'),
     )
 
 
@@ -170,12 +214,18 @@ def main(argv, f):
     if unknown := set(f.parts.value) - set(PARTS):
         raise app.UsageError(f'--parts: unknown {sorted(unknown)}; choose from {PARTS}.')
     measure.check_new_file(f.json.value)
+    if f.keep.value and os.path.exists(f.keep.value):
+        raise app.UsageError(f'--keep={f.keep.value} exists; give a new folder.')
     info = measure.device_info()  # the CPU and its load average before the runs start
     info['devices'] = 'one per core'  # ihdm_jax.main's, not this process's one device
     with open(os.path.join(ROOT, 'README.md')) as fp:
         readme = readme_values(fp.read())
-    with tempfile.TemporaryDirectory(prefix='readme_figures_') as tmp:
-        got, commands = measure_all(f.parts.value, f.quick.value, tmp)
+    if f.keep.value:
+        os.makedirs(f.keep.value)
+        got, commands = measure_all(f.parts.value, f.quick.value, os.path.abspath(f.keep.value))
+    else:
+        with tempfile.TemporaryDirectory(prefix='readme_figures_') as tmp:
+            got, commands = measure_all(f.parts.value, f.quick.value, tmp)
     table = rows(readme, got, commands)
     print(measure.describe(info))
     if f.quick.value:

@@ -6,6 +6,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import loader
@@ -214,3 +215,63 @@ def test_restoration_benchmark_scores_its_rows_on_a_model(trained, tmp_path):
     assert (tmp_path / 'blur_1.png').stat().st_size > 0
     flat = np.full((1, 4, 4, 1), 0.25, np.float32)
     np.testing.assert_allclose(restoration_benchmark.bicubic(flat, 2), 0.25, atol=1e-6)
+
+
+def test_processes_benchmark_counts_checkerboards_and_reads_its_entries():
+    """A 0/255 checkerboard scores 255, a flat image 0 and a horizontal ramp of step 17 exactly
+    (17 · 3 · 4 horizontal pairs + 0 vertical) / 24 = 8.5; no real 16x16 digit reaches the
+    checkerboard threshold (measured maximum over the 1500 training digits: 34.94)."""
+    from absl import app
+
+    from benchmarks import processes
+    from configs import digits
+    from ihdm_jax import data
+
+    checkerboard = (np.indices((6, 6)).sum(0) % 2 * 255).astype(np.uint8)
+    flat = np.full((6, 6), 90, np.uint8)
+    ramp = np.tile(np.arange(4, dtype=np.uint8) * 17, (4, 1))
+    assert processes.neighbour_difference(np.stack([checkerboard, flat])[..., None]).tolist() == [
+        255.0,
+        0.0,
+    ]
+    assert processes.neighbour_difference(ramp[None, ..., None]).tolist() == [8.5]
+    config = digits.get_config()
+    source = data.make_source(config)
+    real = processes.neighbour_difference(source.load(np.arange(len(source))))
+    assert real.max() == pytest.approx(34.94, abs=0.005)
+    assert processes.parse_run('blurring:16') == ('blurring', 16)
+    for entry in ('blurring', 'vp:16', 'heat:0', 'heat:x'):
+        with pytest.raises(app.UsageError, match=repr(entry)):
+            processes.parse_run(entry)
+
+
+def test_processes_benchmark_reads_a_finished_workdir_without_running_it(tmp_path, monkeypatch):
+    """A workdir with processes_runs.json is scored from its outputs (no subprocess), and the
+    table and picture are written from the rows."""
+    import json
+
+    from benchmarks import processes
+
+    monkeypatch.setattr(processes, 'run_main', lambda args: pytest.fail(f'ran {args}'))
+    workdir = tmp_path / 'blurring_32groups'
+    (workdir / 'eval').mkdir(parents=True)
+    runs = {'process': 'blurring', 'config': 'configs/digits_blurring.py', 'groups': 32}
+    runs.update(commands=['python -m ihdm_jax.main ...'], train_wall_s=99.0)
+    (workdir / processes.RUNS_FILE).write_text(json.dumps(runs))
+    terms = dict(bits_per_dim=2.841, offset=0.0, L_K=0.0, sum_L_k=1.456, L_0=1.385)
+    (workdir / 'eval' / 'likelihood.json').write_text(json.dumps(terms))
+    (workdir / 'eval' / 'fid.json').write_text(
+        json.dumps(dict(step=2000, fid=194.8, num_samples=4))
+    )
+    checkerboard = (np.indices((8, 8)).sum(0) % 2 * 255).astype(np.uint8)
+    samples = np.stack([checkerboard, checkerboard, np.zeros((8, 8), np.uint8), checkerboard.T])
+    np.savez(workdir / 'eval' / 'fid_samples.npz', images=samples[..., None])
+    row, drawn = processes.measure_run('blurring', 32, str(tmp_path), 'stats.npz', quick=False)
+    assert row['checkerboards'] == 0.75 and row['fid'] == 194.8 and row['step'] == 2000
+    np.testing.assert_array_equal(drawn[..., 0], samples)
+    assert '| blurring | configs/digits_blurring.py | 32 | 2000 | 99 s |' in processes.markdown(
+        [row]
+    )
+    assert '| 194.80 | 75% |' in processes.markdown([row])
+    processes.save_figure(str(tmp_path / 'processes.png'), [row], [drawn], 'title')
+    assert (tmp_path / 'processes.png').stat().st_size > 0

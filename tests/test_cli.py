@@ -35,7 +35,7 @@ from ihdm_jax import validation
 MODES = {
     'sample': ['samples/samples.npz', 'samples/samples.png', 'samples/trajectory.gif'],
     'eval': ['eval/likelihood.json', 'eval/likelihood_levels.png'],
-    'fid': ['eval/fid.json', 'eval/fid_samples.png'],
+    'fid': ['eval/fid.json', 'eval/fid_samples.npz', 'eval/fid_samples.png'],
     'sweep_delta': ['eval/sweep_delta.json', 'eval/sweep_delta.md', 'eval/sweep_delta.png'],
     'same_init': [
         'analysis/same_init/same_init.npz',

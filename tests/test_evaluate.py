@@ -264,6 +264,9 @@ def test_fid_job_measures_the_ema_samples_against_the_training_set(
         .draw(ema_params, source, config.evaluation.fid_num_samples, rng.sample_key(config.seed))
         .images
     )
+    with np.load(workdir / 'eval' / 'fid_samples.npz') as saved_samples:
+        assert list(saved_samples) == ['images']
+        np.testing.assert_array_equal(saved_samples['images'], samples)
     features = frechet.InceptionFeatures(
         config.evaluation.inception_weights, config.evaluation.batch_size
     )

@@ -372,8 +372,9 @@ def likelihood(config, workdir: str):
 
 
 def fid(config, workdir: str):
-    """--mode=fid: eval/fid.json (with the reference and its statistics file) and
-    eval/fid_samples.png."""
+    """--mode=fid: eval/fid.json (with the reference and its statistics file), the samples behind
+    it as eval/fid_samples.npz (with their labels for a conditional model) and the first of them
+    as eval/fid_samples.png."""
     model = loading.restore(config, workdir)
     evaluator = FidEvaluator(config, workdir, model.mesh, data.make_source(config))
     labels = evaluator.labels()
@@ -413,8 +414,13 @@ def fid(config, workdir: str):
             **conditional,
         },
     )
+    storage.save_npz(
+        os.path.join(out, 'fid_samples.npz'),
+        images=samples,
+        **({} if labels is None else {'labels': labels}),
+    )
     images.save_grid(os.path.join(out, 'fid_samples.png'), samples[:GRID_SAMPLES])
-    logging.info('Written to %s (fid.json, fid_samples.png).', out)
+    logging.info('Written to %s (fid.json, fid_samples.npz, fid_samples.png).', out)
     return value
 
 
