@@ -93,7 +93,7 @@ def device_info() -> dict:
         jax=jax.__version__,
     )
     if info['platform'] == 'cpu':
-        info['cpu'] = _cpu_name()
+        info['cpu'] = cpu_name()
         info['cpu_cores'] = parallel.host_cpus()
         if hasattr(os, 'getloadavg'):  # other work on the machine slows CPU figures down
             # (taken before the benchmark starts working, so that it is not counted)
@@ -116,7 +116,7 @@ def command(module: str) -> str:
     return ' '.join(['python -m', module] + sys.argv[1:])
 
 
-def _cpu_name():
+def cpu_name():
     try:
         with open('/proc/cpuinfo') as fp:
             for line in fp:

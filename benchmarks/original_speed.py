@@ -177,18 +177,18 @@ def time_heat(repeats, sizes=(32, 64, 128)):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    unknown = set(speed._ROWS.value) - set(speed.ROWS)
+    unknown = set(speed.FLAG_ROWS.value) - set(speed.ROWS)
     if unknown:
         raise app.UsageError(
             f'Unknown rows {sorted(unknown)}; the rows are {", ".join(speed.ROWS)}.'
         )
-    if speed._PROFILE.value:
+    if speed.FLAG_PROFILE.value:
         raise app.UsageError("--profile is benchmarks.speed's only.")
     if not os.path.isdir(os.path.join(_ORIGINAL.value, 'model_code')):
         raise app.UsageError(f'{_ORIGINAL.value} is not a checkout of the original code.')
     from benchmarks import measure
 
-    measure.check_new_file(speed._JSON.value)
+    measure.check_new_file(speed.FLAG_JSON.value)
     load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None  # before any work
     sys.path.insert(0, os.path.abspath(_ORIGINAL.value))
     # On CPU the original's torch.cuda.amp (its GradScaler, CIFAR-10's autocast) turns itself off.
@@ -200,53 +200,33 @@ def main(argv):
     info = dict(
         torch=torch.__version__,
         original=os.path.abspath(_ORIGINAL.value),
-        cpu=measure._cpu_name(),
+        cpu=measure.cpu_name(),
         cpu_cores=parallel.host_cpus(),
         threads=torch.get_num_threads(),
         load_average_1min=load,
     )
-    repeats, rows = speed._REPEATS.value, {}
+    rows, table = speed.measure_rows(
+        speed.FLAG_ROWS.value,
+        speed.FLAG_REPEATS.value,
+        training=lambda ours, n: time_training(original_config(ours), n),
+        chain=lambda ours, n: time_chain(
+            original_config(ours), ours.sampling.batch_size, ours.sampling.delta, n
+        ),
+        heat=time_heat,
+    )
     lines = [
         f'original PyTorch code, torch {info["torch"]}, {info["cpu"]}, {info["cpu_cores"]} cores, '
         f'{info["threads"]} threads' + ('' if load is None else f', load average {load:.1f}'),
         '',
         '| work | original PyTorch code |',
         '|---|---:|',
+        *table,
     ]
-    for row in speed._ROWS.value:
-        if row in ('small', 'small_nodropout', 'cifar10'):
-            ours = (
-                speed.cifar10_config()
-                if row == 'cifar10'
-                else speed.small_config(0.1 if row == 'small' else 0.0)
-            )
-            ms, count = time_training(original_config(ours), repeats)
-            rows[row] = dict(step_ms=ms, parameters=count, batch=ours.training.batch_size)
-            lines.append(
-                f'| training step, {row}, {count:,} parameters, batch '
-                f'{ours.training.batch_size} | {ms:,.0f} ms |'
-            )
-        elif row == 'chain':
-            ours = speed.small_config()
-            seconds = time_chain(
-                original_config(ours),
-                ours.sampling.batch_size,
-                ours.sampling.delta,
-                max(1, repeats // 2),
-            )
-            rows[row] = dict(seconds=seconds)
-            lines.append(f'| 100-level sampling chain, 64 samples, small U-Net | {seconds:.1f} s |')
-        else:
-            rows[row] = time_heat(repeats)
-            lines.append(
-                '| heat operator F(t)u, batch 64 RGB, 32 / 64 / 128 px | '
-                + ' / '.join(f'{ms:.2f}' for ms in rows[row].values())
-                + ' ms |'
-            )
     print('\n'.join(lines))
-    if speed._JSON.value:
+    if speed.FLAG_JSON.value:
         measure.write_json(
-            speed._JSON.value, dict(**info, command=measure.command(__spec__.name), results=rows)
+            speed.FLAG_JSON.value,
+            dict(**info, command=measure.command(__spec__.name), results=rows),
         )
 
 

@@ -25,14 +25,14 @@ from absl import flags
 from ihdm_jax import parallel
 
 ROWS = ('small', 'small_nodropout', 'cifar10', 'chain', 'heat')
-_ROWS = flags.DEFINE_list('rows', list(ROWS), f'Rows of the table, of {", ".join(ROWS)}.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed windows per row; the median is reported.')
-_PROFILE = flags.DEFINE_bool(
+FLAG_ROWS = flags.DEFINE_list('rows', list(ROWS), f'Rows of the table, of {", ".join(ROWS)}.')
+FLAG_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed windows per row; the median is reported.')
+FLAG_PROFILE = flags.DEFINE_bool(
     'profile',
     False,
     'Also print the time of each part of a small training step and of one sampler level.',
 )
-_JSON = flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).')
+FLAG_JSON = flags.DEFINE_string('json', None, 'Write the results as JSON here (a new file).')
 
 
 def small_config(dropout=0.1):
@@ -177,47 +177,61 @@ def profiles(mesh):
     return train, per_level
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    unknown = set(_ROWS.value) - set(ROWS)
-    if unknown:
-        raise app.UsageError(f'Unknown rows {sorted(unknown)}; the rows are {", ".join(ROWS)}.')
-    parallel.use_cpu_cores([32, 8, 64])
-    from benchmarks import measure
-    from benchmarks import profile
-
-    measure.check_new_file(_JSON.value)
-    info = measure.device_info()
-    mesh = parallel.make_mesh()
-    repeats, rows = _REPEATS.value, {}
-    lines = [measure.describe(info), '', '| work | ihdm_jax |', '|---|---:|']
-    for row in _ROWS.value:
+def measure_rows(names, repeats, training, chain, heat):
+    """The rows `names` of the table, each measured by the given code: training(config, repeats)
+    -> (ms per step, parameters), chain(config, repeats) -> seconds, heat(repeats) -> {size: ms}.
+    Returns (the figures by row, the table's markdown lines without its header)."""
+    rows, lines = {}, []
+    for row in names:
         if row in ('small', 'small_nodropout', 'cifar10'):
             config = (
                 cifar10_config()
                 if row == 'cifar10'
                 else small_config(0.1 if row == 'small' else 0.0)
             )
-            ms, count = time_training(config, mesh, repeats)
+            ms, count = training(config, repeats)
             rows[row] = dict(step_ms=ms, parameters=count, batch=config.training.batch_size)
             lines.append(
                 f'| training step, {row}, {count:,} parameters, batch '
                 f'{config.training.batch_size} | {ms:,.0f} ms |'
             )
         elif row == 'chain':
-            seconds = time_chain(small_config(), mesh, max(1, repeats // 2))
+            seconds = chain(small_config(), max(1, repeats // 2))
             rows[row] = dict(seconds=seconds)
             lines.append(f'| 100-level sampling chain, 64 samples, small U-Net | {seconds:.1f} s |')
         else:
-            rows[row] = time_heat(repeats)
+            rows[row] = heat(repeats)
             lines.append(
                 '| heat operator F(t)u, batch 64 RGB, 32 / 64 / 128 px | '
                 + ' / '.join(f'{ms:.2f}' for ms in rows[row].values())
                 + ' ms |'
             )
+    return rows, lines
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    unknown = set(FLAG_ROWS.value) - set(ROWS)
+    if unknown:
+        raise app.UsageError(f'Unknown rows {sorted(unknown)}; the rows are {", ".join(ROWS)}.')
+    parallel.use_cpu_cores([32, 8, 64])
+    from benchmarks import measure
+    from benchmarks import profile
+
+    measure.check_new_file(FLAG_JSON.value)
+    info = measure.device_info()
+    mesh = parallel.make_mesh()
+    rows, table = measure_rows(
+        FLAG_ROWS.value,
+        FLAG_REPEATS.value,
+        training=lambda config, n: time_training(config, mesh, n),
+        chain=lambda config, n: time_chain(config, mesh, n),
+        heat=time_heat,
+    )
+    lines = [measure.describe(info), '', '| work | ihdm_jax |', '|---|---:|', *table]
     print('\n'.join(lines))
-    if _PROFILE.value:
+    if FLAG_PROFILE.value:
         train, level = profiles(mesh)
         rows['profile'] = {
             'train_step': {' '.join(k).strip(): v for k, v in train.items()},
@@ -225,9 +239,9 @@ def main(argv):
         }
         print('\nDevice time by part (ms; summed over devices), small U-Net\n')
         print(profile.markdown({'training step': train, 'one sampler level (of 100)': level}))
-    if _JSON.value:
+    if FLAG_JSON.value:
         measure.write_json(
-            _JSON.value, dict(**info, command=measure.command(__spec__.name), results=rows)
+            FLAG_JSON.value, dict(**info, command=measure.command(__spec__.name), results=rows)
         )
 
 

@@ -275,3 +275,28 @@ def test_processes_benchmark_reads_a_finished_workdir_without_running_it(tmp_pat
     assert '| 194.80 | 75% |' in processes.markdown([row])
     processes.save_figure(str(tmp_path / 'processes.png'), [row], [drawn], 'title')
     assert (tmp_path / 'processes.png').stat().st_size > 0
+
+
+def test_speed_rows_are_measured_by_the_given_code():
+    """benchmarks.speed and benchmarks.original_speed share the rows: each row's config reaches
+    the given measurement, and the chain gets half the windows."""
+    seen = []
+
+    def training(config, repeats):
+        seen.append((config.model.dropout, config.data.image_size, repeats))
+        return 12.5, 1000
+
+    rows, lines = speed.measure_rows(
+        ['small_nodropout', 'cifar10', 'chain', 'heat'],
+        4,
+        training=training,
+        chain=lambda config, repeats: float(config.model.K * repeats),
+        heat=lambda repeats: {32: 0.5, 64: 1.0, 128: 2.0},
+    )
+    assert seen == [(0.0, 28, 4), (0.1, 32, 4)]
+    assert rows['chain'] == {'seconds': 200.0}
+    assert rows['cifar10'] == {'step_ms': 12.5, 'parameters': 1000, 'batch': 8}
+    assert (
+        lines[-1]
+        == '| heat operator F(t)u, batch 64 RGB, 32 / 64 / 128 px | 0.50 / 1.00 / 2.00 ms |'
+    )
