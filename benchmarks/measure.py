@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -11,6 +12,8 @@ import numpy as np
 
 from ihdm_jax import parallel
 from ihdm_jax import storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Dense peak TFLOP/s per device by compute dtype, from the vendors' spec sheets, matched in order
 # against jax's device_kind. 'float32' is the rate of f32 convolutions and matmuls at JAX's default
@@ -114,6 +117,20 @@ def describe(info) -> str:
 def command(module: str) -> str:
     """The command line that ran the benchmark module `module`."""
     return ' '.join(['python -m', module] + sys.argv[1:])
+
+
+def run_main(args):
+    """Runs `python -m ihdm_jax.main ARGS` from the repository root, as a user would: (its wall
+    seconds, its output, the command line); a failed run raises with the end of its stderr."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, '-m', 'ihdm_jax.main', *args], cwd=ROOT, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - start
+    shown = ' '.join(['python -m ihdm_jax.main', *args])
+    if proc.returncode:
+        raise RuntimeError(f'{shown} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+    return seconds, proc.stdout + proc.stderr, shown
 
 
 def cpu_name():

@@ -20,9 +20,6 @@ processes.md and processes.png (the first 16 FID samples of each run, one row pe
 import functools
 import json
 import os
-import subprocess
-import sys
-import time
 import types
 
 import numpy as np
@@ -33,7 +30,6 @@ from benchmarks import measure
 from ihdm_jax import images
 from ihdm_jax import plots
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIFFUSION_STEPS = ['--config.sampling.steps=100']
 CONFIGS = {  # process: (config, its extra arguments)
     'heat': ('configs/digits.py', []),
@@ -73,18 +69,6 @@ def parse_run(entry: str):
     return process, int(groups)
 
 
-def run_main(args):
-    """Runs `python -m ihdm_jax.main ARGS`: (its wall seconds, the command shown)."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, '-m', 'ihdm_jax.main', *args], cwd=ROOT, capture_output=True, text=True
-    )
-    shown = ' '.join(['python -m ihdm_jax.main', *args])
-    if proc.returncode:
-        raise RuntimeError(f'{shown} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
-    return time.perf_counter() - start, shown
-
-
 def measure_run(process, groups, out, stats, quick):
     """Trains, evaluates and samples one run, or reads the runs of a workdir that has them
     (RUNS_FILE): its row (a dict) and its FID samples."""
@@ -100,7 +84,7 @@ def measure_run(process, groups, out, stats, quick):
         fid_args = [f'--config.evaluation.fid_train_stats={stats}']
         row = {'process': process, 'config': config, 'groups': groups, 'commands': []}
         for mode, more in (('train', []), ('eval', []), ('fid', fid_args)):
-            seconds, shown = run_main(args + [f'--mode={mode}'] + more)
+            seconds, _, shown = measure.run_main(args + [f'--mode={mode}'] + more)
             row[f'{mode}_wall_s'] = seconds
             row['commands'].append(shown)
         with open(done, 'w') as fp:

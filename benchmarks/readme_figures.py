@@ -19,10 +19,7 @@ import functools
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
-import time
 import types
 
 from absl import app
@@ -30,7 +27,6 @@ from absl import flags
 
 from benchmarks import measure
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ('summary', 'train', 'sample', 'psd', 'prior_overlap', 'analyses', 'sigma0', 'cache')
 ANALYSES = {  # the other analysis modes of README's table, with README's arguments
     'same_init': [],
@@ -124,16 +120,9 @@ def parse_train_log(log):
 
 
 def run(args, tmp):
-    """Runs `python -m ihdm_jax.main ARGS`: (its wall seconds, its output, the command shown)."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, '-m', 'ihdm_jax.main', *args], cwd=ROOT, capture_output=True, text=True
-    )
-    seconds = time.perf_counter() - start
-    shown = ' '.join(['python -m ihdm_jax.main', *args]).replace(tmp, '<tmp>')
-    if proc.returncode:
-        raise RuntimeError(f'{shown} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
-    return seconds, proc.stdout + proc.stderr, shown
+    """measure.run_main with the temporary folder shown as <tmp>."""
+    seconds, output, shown = measure.run_main(args)
+    return seconds, output, shown.replace(tmp, '<tmp>')
 
 
 def measure_all(parts, quick, tmp):
@@ -218,7 +207,7 @@ def main(argv, f):
         raise app.UsageError(f'--keep={f.keep.value} exists; give a new folder.')
     info = measure.device_info()  # the CPU and its load average before the runs start
     info['devices'] = 'one per core'  # ihdm_jax.main's, not this process's one device
-    with open(os.path.join(ROOT, 'README.md')) as fp:
+    with open(os.path.join(measure.ROOT, 'README.md')) as fp:
         readme = readme_values(fp.read())
     if f.keep.value:
         os.makedirs(f.keep.value)

@@ -141,7 +141,7 @@ def test_readme_figures_reads_a_training_log():
 
 
 def test_readme_figures_finds_every_figure_that_readme_quotes():
-    with open(os.path.join(readme_figures.ROOT, 'README.md')) as fp:
+    with open(os.path.join(measure.ROOT, 'README.md')) as fp:
         readme = readme_figures.readme_values(fp.read())
     keys = {key for figures in readme_figures.FIGURES.values() for key in figures}
     assert keys <= set(readme), f'README.md no longer matches: {sorted(keys - set(readme))}'
@@ -252,7 +252,7 @@ def test_processes_benchmark_reads_a_finished_workdir_without_running_it(tmp_pat
 
     from benchmarks import processes
 
-    monkeypatch.setattr(processes, 'run_main', lambda args: pytest.fail(f'ran {args}'))
+    monkeypatch.setattr(measure, 'run_main', lambda args: pytest.fail(f'ran {args}'))
     workdir = tmp_path / 'blurring_32groups'
     (workdir / 'eval').mkdir(parents=True)
     runs = {'process': 'blurring', 'config': 'configs/digits_blurring.py', 'groups': 32}
